@@ -1,0 +1,283 @@
+//! The disk tier: entries in sled, bounded by bytes. The only file that talks to sled.
+//!
+//! Two trees: `entries` (key -> encoded [`Entry`]) and `atime` (key -> last access, u64 BE),
+//! the latter for least-recently-used eviction. Point reads and writes run inline: sled answers
+//! them from its page cache and an in-memory log buffer that its own thread flushes, in about a
+//! microsecond. Everything that may take long — opening, flushing, eviction scans, export —
+//! runs on tokio's blocking pool so it never stalls the runtime's threads.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tracing::{debug, error, warn};
+
+use crate::entry::{Entry, UnixMillis};
+use crate::error::DiskError;
+use crate::key::CacheKey;
+
+/// Bookkeeping bytes per entry besides its encoded value (key twice, access time).
+const PER_ENTRY_OVERHEAD: u64 = 32 + 32 + 8;
+/// Eviction brings the tier down to this share of its bound, so it does not run on every write.
+const EVICT_TO_PERCENT: u64 = 90;
+/// How often sled writes its log buffer out: the most a crash of the process can lose.
+const FLUSH_EVERY_MS: u64 = 100;
+
+/// The sled-backed tier. Cheap to clone.
+#[derive(Clone)]
+pub struct DiskTier {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: sled::Db,
+    entries: sled::Tree,
+    atime: sled::Tree,
+    /// Sum of encoded entry sizes plus overhead; kept in step with every insert and removal.
+    bytes: AtomicU64,
+    max_bytes: u64,
+    /// Set while an eviction pass runs, so writes trigger at most one at a time.
+    evicting: AtomicBool,
+}
+
+/// What an eviction pass removed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Evicted {
+    pub expired: u64,
+    pub corrupt: u64,
+    pub least_recently_used: u64,
+}
+
+/// A stored entry as a scan sees it: decoded, or the reason it could not be.
+pub type Scanned = (CacheKey, Result<Entry, crate::entry::DecodeError>);
+
+impl DiskTier {
+    /// Opens (or creates, mode 0700) the tier in `dir`. A directory another process holds
+    /// gives [`DiskError::Locked`]; a database sled finds corrupt is moved aside and started anew,
+    /// since a cache can always be refilled.
+    pub async fn open(dir: impl Into<PathBuf>, max_bytes: u64) -> Result<DiskTier, DiskError> {
+        let dir = dir.into();
+        tokio::task::spawn_blocking(move || Self::open_blocking(&dir, max_bytes)).await?
+    }
+
+    fn open_blocking(dir: &Path, max_bytes: u64) -> Result<DiskTier, DiskError> {
+        create_private_dir(dir).map_err(|e| DiskError::Sled(e.into()))?;
+        let path = dir.join("db");
+        let db = match open_db(&path) {
+            Err(sled::Error::Corruption { .. }) => {
+                let aside = dir.join(format!("db.corrupt-{}", crate::entry::now_millis()));
+                error!(?path, ?aside, "disk cache is corrupt; moving it aside and starting empty");
+                std::fs::rename(&path, &aside).map_err(|e| DiskError::Sled(e.into()))?;
+                open_db(&path)
+            }
+            other => other,
+        }
+        .map_err(|e| match e {
+            sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
+                DiskError::Locked {
+                    dir: dir.display().to_string(),
+                }
+            }
+            other => DiskError::Sled(other),
+        })?;
+        let entries = db.open_tree("entries")?;
+        let atime = db.open_tree("atime")?;
+        let mut bytes = 0;
+        for item in entries.iter() {
+            let (_, value) = item?;
+            bytes += value.len() as u64 + PER_ENTRY_OVERHEAD;
+        }
+        debug!(?path, entries = entries.len(), bytes, "disk cache open");
+        Ok(DiskTier {
+            inner: Arc::new(Inner {
+                db,
+                entries,
+                atime,
+                bytes: AtomicU64::new(bytes),
+                max_bytes,
+                evicting: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// The entry under `key`, if it decodes. A corrupt entry is removed, logged, and a miss.
+    /// Records the access for LRU eviction.
+    pub fn get(&self, key: &CacheKey, now: UnixMillis) -> Result<Option<Entry>, DiskError> {
+        let Some(bytes) = self.inner.entries.get(key.as_bytes())? else {
+            return Ok(None);
+        };
+        match Entry::decode(&bytes) {
+            Ok(entry) => {
+                self.inner.atime.insert(key.as_bytes(), &now.to_be_bytes())?;
+                Ok(Some(entry))
+            }
+            Err(e) => {
+                warn!(%key, error = %e, "corrupt disk cache entry removed");
+                self.remove(key)?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Stores `entry`, then starts an eviction pass in the background if over the bound.
+    pub fn insert(&self, key: &CacheKey, entry: &Entry, now: UnixMillis) -> Result<(), DiskError> {
+        self.insert_raw(key, &entry.encode(), now)
+    }
+
+    /// Stores bytes as they are. Public for tests that stage corruption; use [`Self::insert`].
+    #[doc(hidden)]
+    pub fn insert_raw(&self, key: &CacheKey, bytes: &[u8], now: UnixMillis) -> Result<(), DiskError> {
+        let inner = &self.inner;
+        let old = inner.entries.insert(key.as_bytes(), bytes)?;
+        inner.atime.insert(key.as_bytes(), &now.to_be_bytes())?;
+        let added = bytes.len() as u64 + PER_ENTRY_OVERHEAD;
+        let removed = old.map_or(0, |v| v.len() as u64 + PER_ENTRY_OVERHEAD);
+        let total = inner.bytes.fetch_add(added, Ordering::Relaxed) + added;
+        inner.bytes.fetch_sub(removed, Ordering::Relaxed);
+        if total.saturating_sub(removed) > inner.max_bytes {
+            self.evict_in_background(now);
+        }
+        Ok(())
+    }
+
+    pub fn remove(&self, key: &CacheKey) -> Result<bool, DiskError> {
+        self.inner.atime.remove(key.as_bytes())?;
+        let old = self.inner.entries.remove(key.as_bytes())?;
+        if let Some(v) = &old {
+            self.inner
+                .bytes
+                .fetch_sub(v.len() as u64 + PER_ENTRY_OVERHEAD, Ordering::Relaxed);
+        }
+        Ok(old.is_some())
+    }
+
+    /// Entries and bytes held.
+    pub fn usage(&self) -> (u64, u64) {
+        (
+            self.inner.entries.len() as u64,
+            self.inner.bytes.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Writes everything to the files: after this, a crash loses nothing stored so far.
+    pub async fn flush(&self) -> Result<(), DiskError> {
+        self.inner.db.flush_async().await?;
+        Ok(())
+    }
+
+    fn evict_in_background(&self, now: UnixMillis) {
+        if self.inner.evicting.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let tier = self.clone();
+        let run = move || {
+            match tier.evict_blocking(now, tier.inner.max_bytes) {
+                Ok(evicted) => debug!(?evicted, "disk cache eviction"),
+                Err(e) => error!(error = %e, "disk cache eviction failed"),
+            }
+            tier.inner.evicting.store(false, Ordering::Release);
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => drop(handle.spawn_blocking(run)),
+            Err(_) => run(),
+        }
+    }
+
+    /// Removes expired and corrupt entries, then the least recently used until the tier holds at
+    /// most 90% of `max_bytes` (nothing more when already under `max_bytes`).
+    pub async fn evict(&self, now: UnixMillis, max_bytes: u64) -> Result<Evicted, DiskError> {
+        let tier = self.clone();
+        tokio::task::spawn_blocking(move || tier.evict_blocking(now, max_bytes)).await?
+    }
+
+    fn evict_blocking(&self, now: UnixMillis, max_bytes: u64) -> Result<Evicted, DiskError> {
+        let mut evicted = Evicted::default();
+        let mut live: Vec<(UnixMillis, CacheKey)> = Vec::new();
+        for item in self.inner.entries.iter() {
+            let (k, v) = item?;
+            let Ok(key_bytes) = <[u8; 32]>::try_from(k.as_ref()) else {
+                continue;
+            };
+            let key = CacheKey(key_bytes);
+            match Entry::decode(&v) {
+                Err(_) => {
+                    self.remove(&key)?;
+                    evicted.corrupt += 1;
+                }
+                Ok(entry) if entry.stale_until <= now => {
+                    self.remove(&key)?;
+                    evicted.expired += 1;
+                }
+                Ok(entry) => {
+                    let accessed = self
+                        .inner
+                        .atime
+                        .get(key.as_bytes())?
+                        .and_then(|a| a.as_ref().try_into().ok())
+                        .map_or(entry.stored_at, u64::from_be_bytes);
+                    live.push((accessed, key));
+                }
+            }
+        }
+        if self.inner.bytes.load(Ordering::Relaxed) <= max_bytes {
+            return Ok(evicted);
+        }
+        let target = max_bytes / 100 * EVICT_TO_PERCENT;
+        live.sort_unstable();
+        for (_, key) in live {
+            if self.inner.bytes.load(Ordering::Relaxed) <= target {
+                break;
+            }
+            self.remove(&key)?;
+            evicted.least_recently_used += 1;
+        }
+        Ok(evicted)
+    }
+
+    /// Every stored entry, decoded where it can be (for export, stats and purges).
+    pub async fn scan(&self) -> Result<Vec<Scanned>, DiskError> {
+        let tier = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            for item in tier.inner.entries.iter() {
+                let (k, v) = item?;
+                if let Ok(key) = <[u8; 32]>::try_from(k.as_ref()) {
+                    out.push((CacheKey(key), Entry::decode(&v)));
+                }
+            }
+            Ok(out)
+        })
+        .await?
+    }
+
+    /// Removes every entry.
+    pub async fn clear(&self) -> Result<(), DiskError> {
+        let tier = self.clone();
+        tokio::task::spawn_blocking(move || {
+            tier.inner.entries.clear()?;
+            tier.inner.atime.clear()?;
+            tier.inner.bytes.store(0, Ordering::Relaxed);
+            Ok(())
+        })
+        .await?
+    }
+}
+
+fn open_db(path: &Path) -> sled::Result<sled::Db> {
+    sled::Config::new()
+        .path(path)
+        .flush_every_ms(Some(FLUSH_EVERY_MS))
+        .open()
+}
+
+/// Creates `dir` (and parents) readable by its owner only: entries are users' conversations.
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    builder.create(dir)
+}

@@ -1,0 +1,148 @@
+//! The library's typed errors, and the Messages API's error shape that every front end speaks.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde_json::json;
+
+/// Everything that can go wrong in the library.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The upstream answered with an error, or could not be reached, and nothing could stand in.
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    /// The request itself is unusable (not JSON, no `model`, ...); it never reached the upstream.
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// `only-if-cached` was asked and the cache had no usable entry.
+    #[error("not in the cache and only-if-cached was asked")]
+    NotCached,
+    /// The disk tier failed (I/O, or the directory is held by another process).
+    #[error("disk cache: {0}")]
+    Disk(#[from] DiskError),
+    /// A setting is out of range; the message says which and why.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+/// Errors of the disk tier.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DiskError {
+    /// Another process has the cache directory open; sled holds an exclusive lock on it.
+    #[error(
+        "the cache directory {dir} is in use by another process (a running `fallthrough serve`?); \
+         send the requests through that server with `--server URL`, or use another `--cache-dir`"
+    )]
+    Locked { dir: String },
+    #[error("sled: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("the disk tier's worker thread failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// What kind of failure the upstream gave; decides retry, stale service and the breaker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum UpstreamErrorKind {
+    /// 529 `overloaded_error`.
+    Overloaded,
+    /// 429 that a wait can cure.
+    RateLimited,
+    /// 429 saying a spend limit was reached: waiting does not help.
+    SpendLimit,
+    /// 408, 500, 502, 503, 504 and other 5xx.
+    Server,
+    /// The request did not complete in time.
+    Timeout,
+    /// No connection, or it broke before an answer.
+    Connect,
+    /// Any other 4xx: the request is at fault and passes through unchanged.
+    Client,
+}
+
+/// An upstream failure, keeping the status and the error JSON so a proxy can pass it on as is.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("upstream {model}: {}", self.describe())]
+pub struct UpstreamError {
+    pub kind: UpstreamErrorKind,
+    /// The model whose call failed last.
+    pub model: String,
+    /// The HTTP status; for transport failures the one a proxy answers with (502 or 504).
+    pub status: u16,
+    /// The body as the upstream sent it, or an API-shaped body made here for transport failures.
+    pub body: Bytes,
+    /// How long the upstream (or the breaker) says to wait before trying again.
+    pub retry_after: Option<Duration>,
+    /// Upstream attempts made for the request before giving up.
+    pub attempts: u32,
+}
+
+impl UpstreamError {
+    /// Whether another attempt may succeed.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(
+            self.kind,
+            UpstreamErrorKind::Client | UpstreamErrorKind::SpendLimit
+        )
+    }
+
+    /// Whether a stale entry may stand in for this failure (SPEC: 529, 429, 5xx, timeout,
+    /// connection failure).
+    pub fn allows_stale(&self) -> bool {
+        matches!(
+            self.kind,
+            UpstreamErrorKind::Overloaded
+                | UpstreamErrorKind::RateLimited
+                | UpstreamErrorKind::Server
+                | UpstreamErrorKind::Timeout
+                | UpstreamErrorKind::Connect
+        )
+    }
+
+    /// Whether this failure counts against the model's circuit breaker.
+    pub fn trips_breaker(&self) -> bool {
+        matches!(
+            self.kind,
+            UpstreamErrorKind::Overloaded
+                | UpstreamErrorKind::Server
+                | UpstreamErrorKind::Timeout
+                | UpstreamErrorKind::Connect
+        )
+    }
+
+    fn describe(&self) -> String {
+        let message = serde_json::from_slice::<serde_json::Value>(&self.body)
+            .ok()
+            .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
+            .unwrap_or_default();
+        format!("{} {:?} {}", self.status, self.kind, message)
+    }
+}
+
+/// The `error.type` the Messages API uses for a status.
+pub fn error_type_for_status(status: u16) -> &'static str {
+    match status {
+        400 => "invalid_request_error",
+        401 => "authentication_error",
+        402 => "billing_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        409 => "conflict_error",
+        413 => "request_too_large",
+        429 => "rate_limit_error",
+        504 => "timeout_error",
+        529 => "overloaded_error",
+        _ => "api_error",
+    }
+}
+
+/// An error body in the Messages API's shape, so the official SDKs parse it.
+pub fn error_body(error_type: &str, message: &str) -> Bytes {
+    let body = json!({
+        "type": "error",
+        "error": { "type": error_type, "message": message },
+    });
+    Bytes::from(body.to_string())
+}

@@ -1,0 +1,408 @@
+//! The cache key: blake3 over a canonical form of everything that decides the answer.
+//!
+//! The canonical form is itself a JSON object (so `fallthrough key` can print it and diff two):
+//! `{"v":1,"path":…,"anthropic_version":…,"beta":[…],"namespace":…,"credential":…,"body":…}`,
+//! written with object keys sorted at every depth, no insignificant whitespace, and equal
+//! numbers written alike. `stream` and `metadata` are left out of the body: a streamed and a
+//! plain request share one entry, and `metadata` names an end user, not the output.
+
+use std::fmt;
+use std::io::Write;
+use std::str::FromStr;
+
+use serde_json::{Number, Value};
+
+/// Bumped whenever the canonical form changes, so old entries are never served under new rules.
+pub const KEY_FORMAT_VERSION: u64 = 1;
+
+/// Body fields that never affect the key.
+const IGNORED_BODY_FIELDS: [&str; 2] = ["stream", "metadata"];
+
+/// A 32-byte blake3 digest, shown as 64 lowercase hex characters.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CacheKey(pub [u8; 32]);
+
+impl CacheKey {
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl fmt::Display for CacheKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for CacheKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CacheKey({self})")
+    }
+}
+
+/// Why a string is not a key.
+#[derive(Debug, thiserror::Error)]
+#[error("a cache key is 64 hex characters")]
+pub struct ParseKeyError;
+
+impl FromStr for CacheKey {
+    type Err = ParseKeyError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.as_bytes();
+        if s.len() != 64 {
+            return Err(ParseKeyError);
+        }
+        let mut out = [0u8; 32];
+        for (i, pair) in s.chunks_exact(2).enumerate() {
+            let hi = hex_digit(pair[0]).ok_or(ParseKeyError)?;
+            let lo = hex_digit(pair[1]).ok_or(ParseKeyError)?;
+            out[i] = hi << 4 | lo;
+        }
+        Ok(CacheKey(out))
+    }
+}
+
+fn hex_digit(c: u8) -> Option<u8> {
+    match c {
+        b'0'..=b'9' => Some(c - b'0'),
+        b'a'..=b'f' => Some(c - b'a' + 10),
+        b'A'..=b'F' => Some(c - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// A one-way fingerprint of a credential: partitions the cache by API key without keeping it.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CredentialFingerprint([u8; 16]);
+
+impl CredentialFingerprint {
+    pub fn of(credential: &str) -> Self {
+        let mut hasher = blake3::Hasher::new_derive_key("fallthrough credential fingerprint v1");
+        hasher.update(credential.as_bytes());
+        let mut out = [0u8; 16];
+        out.copy_from_slice(&hasher.finalize().as_bytes()[..16]);
+        CredentialFingerprint(out)
+    }
+}
+
+impl fmt::Display for CredentialFingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for CredentialFingerprint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "CredentialFingerprint({self})")
+    }
+}
+
+/// Everything besides the body that goes into a key.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeyContext {
+    /// Endpoint path, e.g. `/v1/messages`.
+    pub path: String,
+    /// The `anthropic-version` header, if sent.
+    pub anthropic_version: Option<String>,
+    /// `anthropic-beta` values, split on commas, trimmed, sorted and deduplicated.
+    pub betas: Vec<String>,
+    /// `x-fallthrough-namespace`, or the configured default (empty by default).
+    pub namespace: String,
+    /// `None` when the cache is shared across credentials, or no credential is sent.
+    pub credential: Option<CredentialFingerprint>,
+}
+
+impl KeyContext {
+    /// A context for `path` with nothing else set.
+    pub fn new(path: impl Into<String>) -> Self {
+        KeyContext {
+            path: path.into(),
+            ..Default::default()
+        }
+    }
+
+    /// Adds `anthropic-beta` header values (each may be a comma-separated list).
+    pub fn with_betas<'a>(mut self, values: impl IntoIterator<Item = &'a str>) -> Self {
+        for value in values {
+            for beta in value.split(',').map(str::trim).filter(|b| !b.is_empty()) {
+                self.betas.push(beta.to_owned());
+            }
+        }
+        self.betas.sort();
+        self.betas.dedup();
+        self
+    }
+
+    /// The key of `body` (a Messages request) in this context.
+    pub fn key(&self, body: &Value) -> CacheKey {
+        let mut hasher = blake3::Hasher::new();
+        let mut writer = HashWriter(&mut hasher);
+        self.write_canonical(body, &mut writer)
+            .expect("hashing never fails");
+        CacheKey(*hasher.finalize().as_bytes())
+    }
+
+    /// The canonical form as a string: what the key hashes (for `fallthrough key`).
+    pub fn canonical_form(&self, body: &Value) -> String {
+        let mut out = Vec::with_capacity(256);
+        self.write_canonical(body, &mut out)
+            .expect("writing to a Vec never fails");
+        String::from_utf8(out).expect("canonical JSON is UTF-8")
+    }
+
+    /// The canonical form as a JSON value, for field-by-field comparison.
+    pub fn canonical_value(&self, body: &Value) -> Value {
+        serde_json::from_str(&self.canonical_form(body)).expect("canonical form is JSON")
+    }
+
+    fn write_canonical(&self, body: &Value, out: &mut impl Write) -> std::io::Result<()> {
+        // Fields in sorted order, so the whole form is canonical JSON too.
+        write!(out, "{{\"anthropic_version\":")?;
+        write_string_or_null(out, self.anthropic_version.as_deref())?;
+        write!(out, ",\"beta\":[")?;
+        for (i, beta) in self.betas.iter().enumerate() {
+            if i > 0 {
+                out.write_all(b",")?;
+            }
+            write_string(out, beta)?;
+        }
+        write!(out, "],\"body\":")?;
+        write_body(out, body)?;
+        write!(out, ",\"credential\":")?;
+        let fingerprint = self.credential.map(|c| c.to_string());
+        write_string_or_null(out, fingerprint.as_deref())?;
+        write!(out, ",\"namespace\":")?;
+        write_string(out, &self.namespace)?;
+        write!(out, ",\"path\":")?;
+        write_string(out, &self.path)?;
+        write!(out, ",\"v\":{KEY_FORMAT_VERSION}}}")
+    }
+}
+
+/// Writes the request body canonically, leaving out the top-level fields that never matter.
+fn write_body(out: &mut impl Write, body: &Value) -> std::io::Result<()> {
+    match body {
+        Value::Object(map) => {
+            let mut entries: Vec<(&String, &Value)> = map
+                .iter()
+                .filter(|(k, _)| !IGNORED_BODY_FIELDS.contains(&k.as_str()))
+                .collect();
+            entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            write_object(out, entries)
+        }
+        other => write_value(out, other),
+    }
+}
+
+fn write_value(out: &mut impl Write, value: &Value) -> std::io::Result<()> {
+    match value {
+        Value::Null => out.write_all(b"null"),
+        Value::Bool(true) => out.write_all(b"true"),
+        Value::Bool(false) => out.write_all(b"false"),
+        Value::Number(n) => write_number(out, n),
+        Value::String(s) => write_string(out, s),
+        Value::Array(items) => {
+            out.write_all(b"[")?;
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.write_all(b",")?;
+                }
+                write_value(out, item)?;
+            }
+            out.write_all(b"]")
+        }
+        Value::Object(map) => {
+            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+            entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            write_object(out, entries)
+        }
+    }
+}
+
+fn write_object(out: &mut impl Write, entries: Vec<(&String, &Value)>) -> std::io::Result<()> {
+    out.write_all(b"{")?;
+    for (i, (k, v)) in entries.into_iter().enumerate() {
+        if i > 0 {
+            out.write_all(b",")?;
+        }
+        write_string(out, k)?;
+        out.write_all(b":")?;
+        write_value(out, v)?;
+    }
+    out.write_all(b"}")
+}
+
+/// Equal numbers are written alike: an integral float is written as an integer (`1.0`, `1e0`
+/// and `1` are all `1`; `1e17` is `100000000000000000`); other floats use the shortest form
+/// that round-trips.
+fn write_number(out: &mut impl Write, n: &Number) -> std::io::Result<()> {
+    if let Some(i) = n.as_i64() {
+        return write!(out, "{i}");
+    }
+    if let Some(u) = n.as_u64() {
+        return write!(out, "{u}");
+    }
+    let f = n.as_f64().unwrap_or(f64::NAN);
+    if f.fract() == 0.0 && f.abs() < 1e38 {
+        return write!(out, "{}", f as i128);
+    }
+    serde_json::to_writer(&mut *out, &f).map_err(std::io::Error::other)
+}
+
+fn write_string(out: &mut impl Write, s: &str) -> std::io::Result<()> {
+    serde_json::to_writer(&mut *out, s).map_err(std::io::Error::other)
+}
+
+fn write_string_or_null(out: &mut impl Write, s: Option<&str>) -> std::io::Result<()> {
+    match s {
+        Some(s) => write_string(out, s),
+        None => out.write_all(b"null"),
+    }
+}
+
+struct HashWriter<'a>(&'a mut blake3::Hasher);
+
+impl Write for HashWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn ctx() -> KeyContext {
+        KeyContext {
+            anthropic_version: Some("2023-06-01".into()),
+            ..KeyContext::new("/v1/messages")
+        }
+    }
+
+    fn key_of(text: &str) -> CacheKey {
+        ctx().key(&serde_json::from_str(text).unwrap())
+    }
+
+    #[test]
+    fn key_order_and_whitespace_do_not_matter() {
+        let a = key_of(r#"{"model":"m","max_tokens":10,"messages":[{"role":"user","content":"hi"}]}"#);
+        let b = key_of(
+            r#"{ "messages" : [ { "content":"hi", "role":"user" } ], "max_tokens":10, "model":"m" }"#,
+        );
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn equal_numbers_are_one_number() {
+        let a = key_of(r#"{"model":"m","temperature":1,"max_tokens":10}"#);
+        let b = key_of(r#"{"model":"m","temperature":1.0,"max_tokens":10}"#);
+        let c = key_of(r#"{"model":"m","temperature":1e0,"max_tokens":1e1}"#);
+        assert_eq!(a, b);
+        assert_eq!(a, c);
+        let d = key_of(r#"{"model":"m","temperature":0.5,"max_tokens":10}"#);
+        let e = key_of(r#"{"model":"m","temperature":5e-1,"max_tokens":10}"#);
+        assert_eq!(d, e);
+        assert_ne!(a, d);
+    }
+
+    #[test]
+    fn stream_and_metadata_are_left_out() {
+        let a = key_of(r#"{"model":"m","messages":[]}"#);
+        let b = key_of(r#"{"model":"m","messages":[],"stream":true,"metadata":{"user_id":"u1"}}"#);
+        assert_eq!(a, b);
+        // Only at the top level: a nested `stream` field is content.
+        let c = key_of(r#"{"model":"m","messages":[],"tools":[{"stream":true}]}"#);
+        let d = key_of(r#"{"model":"m","messages":[],"tools":[{}]}"#);
+        assert_ne!(c, d);
+    }
+
+    #[test]
+    fn content_differences_give_different_keys() {
+        let base = key_of(r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#);
+        for other in [
+            r#"{"model":"n","messages":[{"role":"user","content":"hi"}]}"#,
+            r#"{"model":"m","messages":[{"role":"user","content":"hi "}]}"#,
+            r#"{"model":"m","messages":[{"role":"user","content":"hi"}],"temperature":0}"#,
+            r#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"hi"}]}]}"#,
+        ] {
+            assert_ne!(base, key_of(other), "{other}");
+        }
+        // Array order is significant.
+        let a = key_of(r#"{"model":"m","stop_sequences":["a","b"]}"#);
+        let b = key_of(r#"{"model":"m","stop_sequences":["b","a"]}"#);
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn context_fields_partition_keys() {
+        let body = json!({"model":"m","messages":[]});
+        let base = ctx().key(&body);
+        let mut other = ctx();
+        other.path = "/v1/messages/count_tokens".into();
+        assert_ne!(base, other.key(&body));
+        let mut other = ctx();
+        other.anthropic_version = Some("2024-01-01".into());
+        assert_ne!(base, other.key(&body));
+        let mut other = ctx();
+        other.namespace = "tenant-a".into();
+        assert_ne!(base, other.key(&body));
+        let mut other = ctx();
+        other.credential = Some(CredentialFingerprint::of("sk-ant-1"));
+        let with_one = other.key(&body);
+        assert_ne!(base, with_one);
+        other.credential = Some(CredentialFingerprint::of("sk-ant-2"));
+        assert_ne!(with_one, other.key(&body));
+        let other = ctx().with_betas(["tools-2024"]);
+        assert_ne!(base, other.key(&body));
+    }
+
+    #[test]
+    fn betas_are_sorted_and_deduplicated() {
+        let body = json!({"model":"m"});
+        let a = ctx().with_betas(["b-2, a-1"]).key(&body);
+        let b = ctx().with_betas(["a-1", "b-2", "a-1"]).key(&body);
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn canonical_form_never_holds_the_credential() {
+        let mut c = ctx();
+        c.credential = Some(CredentialFingerprint::of("sk-ant-secret-value"));
+        let form = c.canonical_form(&json!({"model":"m"}));
+        assert!(!form.contains("sk-ant-secret-value"));
+        assert!(form.contains(&c.credential.unwrap().to_string()));
+    }
+
+    #[test]
+    fn canonical_form_is_sorted_compact_json() {
+        let form = ctx().canonical_form(&json!({"z":1,"a":{"y":[1.5,{"b":1,"a":2}],"x":null}}));
+        assert_eq!(
+            form,
+            r#"{"anthropic_version":"2023-06-01","beta":[],"body":{"a":{"x":null,"y":[1.5,{"a":2,"b":1}]},"z":1},"credential":null,"namespace":"","path":"/v1/messages","v":1}"#
+        );
+    }
+
+    #[test]
+    fn key_round_trips_through_hex() {
+        let k = key_of(r#"{"model":"m"}"#);
+        let hex = k.to_string();
+        assert_eq!(hex.len(), 64);
+        assert!(hex.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)));
+        assert_eq!(hex.parse::<CacheKey>().unwrap(), k);
+        assert!("xyz".parse::<CacheKey>().is_err());
+        assert!(hex.replace('a', "g").parse::<CacheKey>().is_err() || !hex.contains('a'));
+    }
+}

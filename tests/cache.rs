@@ -1,0 +1,182 @@
+//! The two tiers through their public face: lookups, promotion, reopening, corruption, bounds.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use fallthrough::cache::{Cache, DiskTier, Tier};
+use fallthrough::entry::{now_millis, Entry, Freshness};
+use fallthrough::error::DiskError;
+use fallthrough::key::{CacheKey, KeyContext};
+use serde_json::json;
+
+const MIB: u64 = 1024 * 1024;
+const HOUR: Duration = Duration::from_secs(3600);
+
+fn key(n: usize) -> CacheKey {
+    KeyContext::new("/v1/messages").key(&json!({"model": "m", "n": n}))
+}
+
+fn entry(n: usize, now: u64) -> Entry {
+    let body = format!(r#"{{"type":"message","content":[{{"type":"text","text":"answer {n}"}}]}}"#);
+    Entry::new(Bytes::from(body), "m", now, HOUR, 24 * HOUR)
+}
+
+#[tokio::test]
+async fn miss_then_memory_hit() {
+    let cache = Cache::memory_only(MIB);
+    let now = now_millis();
+    assert!(cache.get(&key(1), now).await.is_none());
+    cache.insert(key(1), entry(1, now), now).await;
+    let hit = cache.get(&key(1), now).await.expect("hit");
+    assert_eq!(hit.tier, Tier::Memory);
+    assert_eq!(hit.entry.body, entry(1, now).body);
+    assert!(cache.get(&key(2), now).await.is_none());
+}
+
+#[tokio::test]
+async fn reopened_store_answers_from_disk_then_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = now_millis();
+    {
+        let cache = Cache::open(dir.path(), MIB, 64 * MIB).await.unwrap();
+        for n in 0..20 {
+            cache.insert(key(n), entry(n, now), now).await;
+        }
+        cache.flush().await.unwrap();
+    }
+    let cache = Cache::open(dir.path(), MIB, 64 * MIB).await.unwrap();
+    for n in 0..20 {
+        let hit = cache.get(&key(n), now).await.expect("disk hit");
+        assert_eq!(hit.tier, Tier::Disk, "entry {n}");
+        assert_eq!(*hit.entry, entry(n, now));
+        let again = cache.get(&key(n), now).await.expect("promoted");
+        assert_eq!(again.tier, Tier::Memory, "entry {n} was promoted");
+    }
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn cache_dir_is_created_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let parent = tempfile::tempdir().unwrap();
+    let dir = parent.path().join("a/b/cache");
+    let _cache = Cache::open(&dir, MIB, MIB).await.unwrap();
+    let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700);
+}
+
+#[tokio::test]
+async fn a_directory_in_use_gives_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let _held = DiskTier::open(dir.path(), MIB).await.unwrap();
+    let err = DiskTier::open(dir.path(), MIB).await.err().expect("locked");
+    assert!(matches!(err, DiskError::Locked { .. }), "{err:?}");
+    assert!(err.to_string().contains("--server"), "{err}");
+}
+
+#[tokio::test]
+async fn corrupt_entries_are_misses_and_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = now_millis();
+    let disk = DiskTier::open(dir.path(), 64 * MIB).await.unwrap();
+    let good = entry(1, now).encode();
+    let mut flipped = good.clone();
+    let last = flipped.len() - 3;
+    flipped[last] ^= 0x01; // inside the body: the JSON would still parse
+    disk.insert_raw(&key(1), &flipped, now).unwrap();
+    disk.insert_raw(&key(2), &good[..good.len() / 2], now).unwrap();
+    disk.insert_raw(&key(3), b"not an entry at all", now).unwrap();
+    disk.insert(&key(4), &entry(4, now), now).unwrap();
+    drop(disk);
+
+    let cache = Cache::open(dir.path(), MIB, 64 * MIB).await.unwrap();
+    for n in 1..=3 {
+        assert!(cache.get(&key(n), now).await.is_none(), "corrupt {n} served");
+    }
+    assert_eq!(cache.get(&key(4), now).await.unwrap().entry.body, entry(4, now).body);
+    // Removed, not just skipped.
+    assert_eq!(cache.usage().await.disk_entries, 1);
+}
+
+#[tokio::test]
+async fn stale_entries_are_found_and_expired_ones_are_gone() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache::open(dir.path(), MIB, 64 * MIB).await.unwrap();
+    let now = now_millis();
+    let ttl = Duration::from_millis(50);
+    let stale = Entry::new(Bytes::from_static(b"{}"), "m", now, ttl, HOUR);
+    let expired = Entry::new(Bytes::from_static(b"{}"), "m", now - 10_000, ttl, ttl);
+    cache.insert(key(1), stale, now).await;
+    cache.insert(key(2), expired, now).await;
+    let later = now + 1000;
+    let hit = cache.get(&key(1), later).await.expect("stale entry found");
+    assert_eq!(hit.entry.freshness(later, None), Freshness::Stale);
+    assert!(cache.get(&key(2), later).await.is_none());
+}
+
+#[tokio::test]
+async fn memory_tier_is_bounded_by_bytes() {
+    let cache = Cache::memory_only(64 * 1024);
+    let now = now_millis();
+    let big = Bytes::from(vec![b'x'; 4096]);
+    for n in 0..100 {
+        let e = Entry::new(big.clone(), "m", now, HOUR, HOUR);
+        cache.insert(key(n), e, now).await;
+    }
+    let usage = cache.usage().await;
+    assert!(usage.memory_bytes <= 64 * 1024, "{usage:?}");
+    assert!(usage.memory_entries < 100 && usage.memory_entries > 0, "{usage:?}");
+}
+
+#[tokio::test]
+async fn disk_eviction_takes_expired_first_then_least_recently_used() {
+    let dir = tempfile::tempdir().unwrap();
+    let body = Bytes::from(vec![b'x'; 1000]);
+    let now = now_millis();
+    // Opened with room to spare so writes start no pass of their own; each pass below is given
+    // a bound with room for about ten entries.
+    let disk = DiskTier::open(dir.path(), MIB).await.unwrap();
+    let fresh = |t: u64| Entry::new(body.clone(), "m", t, HOUR, HOUR);
+    let gone = Entry::new(body.clone(), "m", now - 10_000, Duration::ZERO, Duration::ZERO);
+    disk.insert_raw(&key(0), &gone.encode(), now).unwrap();
+    for n in 1..10 {
+        disk.insert(&key(n), &fresh(now), now + n as u64).unwrap();
+    }
+    // Entry 1 is used again, so 2 is now the least recently used.
+    disk.get(&key(1), now + 100).unwrap().unwrap();
+    let evicted = disk.evict(now + 200, 11_000).await.unwrap();
+    assert_eq!(evicted.expired, 1);
+    assert_eq!(evicted.least_recently_used, 0, "under the bound once expired went");
+
+    disk.insert(&key(10), &fresh(now), now + 300).unwrap();
+    disk.insert(&key(11), &fresh(now), now + 301).unwrap();
+    let evicted = disk.evict(now + 400, 11_000).await.unwrap();
+    assert!(evicted.least_recently_used >= 1, "{evicted:?}");
+    assert!(disk.get(&key(2), now + 500).unwrap().is_none(), "LRU entry kept");
+    assert!(disk.get(&key(1), now + 500).unwrap().is_some(), "recently used entry evicted");
+    assert!(disk.get(&key(11), now + 500).unwrap().is_some(), "newest entry evicted");
+    assert!(disk.usage().1 <= 11_000);
+}
+
+#[tokio::test]
+async fn writes_over_the_disk_bound_evict_by_themselves() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Cache::open(dir.path(), MIB, 50_000).await.unwrap();
+    let body = Bytes::from(vec![b'y'; 2000]);
+    let now = now_millis();
+    for n in 0..200 {
+        cache
+            .insert(key(n), Entry::new(body.clone(), "m", now, HOUR, HOUR), now)
+            .await;
+    }
+    // The background pass runs on the blocking pool; give it a moment.
+    for _ in 0..50 {
+        if cache.usage().await.disk_bytes <= 50_000 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let usage = cache.usage().await;
+    assert!(usage.disk_bytes <= 50_000, "{usage:?}");
+    assert!(usage.disk_entries > 0);
+}
