@@ -298,7 +298,8 @@ mod tests {
 
     #[test]
     fn key_order_and_whitespace_do_not_matter() {
-        let a = key_of(r#"{"model":"m","max_tokens":10,"messages":[{"role":"user","content":"hi"}]}"#);
+        let a =
+            key_of(r#"{"model":"m","max_tokens":10,"messages":[{"role":"user","content":"hi"}]}"#);
         let b = key_of(
             r#"{ "messages" : [ { "content":"hi", "role":"user" } ], "max_tokens":10, "model":"m" }"#,
         );
@@ -400,7 +401,9 @@ mod tests {
         let k = key_of(r#"{"model":"m"}"#);
         let hex = k.to_string();
         assert_eq!(hex.len(), 64);
-        assert!(hex.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)));
+        assert!(hex
+            .bytes()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)));
         assert_eq!(hex.parse::<CacheKey>().unwrap(), k);
         assert!("xyz".parse::<CacheKey>().is_err());
         assert!(hex.replace('a', "g").parse::<CacheKey>().is_err() || !hex.contains('a'));

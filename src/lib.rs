@@ -6,11 +6,27 @@
 //! - [`cache`]: the two tiers (memory in moka, disk in sled) and promotion between them.
 //! - [`sse`]: server-sent events: parsing, assembling a Message, replaying one.
 //! - [`mock`]: the fault-injecting fake of the Messages API.
+//! - [`client`]: [`Client`], the engine every front end shares: lookup, single flight, retries,
+//!   breaker, fallback chain, stale answers.
+//! - [`upstream`]: one HTTP attempt and its classification; retry policy, budget, breaker.
+//! - [`config`]: `fallthrough.toml` and its defaults.
+//! - [`metrics`]: Prometheus metrics.
+//! - [`outcome`]: how a request was answered (memory, disk, miss, stale, bypass).
 //! - [`error`]: the library's typed errors and the API's error shape.
 pub mod cache;
+pub mod client;
+pub mod config;
 pub mod entry;
 pub mod error;
 pub mod key;
+pub mod metrics;
 pub mod mock;
 pub mod outcome;
 pub mod sse;
+pub mod upstream;
+
+pub use client::{Client, ClientBuilder, Controls, Request, Response};
+pub use config::Config;
+pub use error::{Error, UpstreamError, UpstreamErrorKind};
+pub use key::CacheKey;
+pub use outcome::Outcome;

@@ -84,16 +84,24 @@ async fn corrupt_entries_are_misses_and_removed() {
     let last = flipped.len() - 3;
     flipped[last] ^= 0x01; // inside the body: the JSON would still parse
     disk.insert_raw(&key(1), &flipped, now).unwrap();
-    disk.insert_raw(&key(2), &good[..good.len() / 2], now).unwrap();
-    disk.insert_raw(&key(3), b"not an entry at all", now).unwrap();
+    disk.insert_raw(&key(2), &good[..good.len() / 2], now)
+        .unwrap();
+    disk.insert_raw(&key(3), b"not an entry at all", now)
+        .unwrap();
     disk.insert(&key(4), &entry(4, now), now).unwrap();
     drop(disk);
 
     let cache = Cache::open(dir.path(), MIB, 64 * MIB).await.unwrap();
     for n in 1..=3 {
-        assert!(cache.get(&key(n), now).await.is_none(), "corrupt {n} served");
+        assert!(
+            cache.get(&key(n), now).await.is_none(),
+            "corrupt {n} served"
+        );
     }
-    assert_eq!(cache.get(&key(4), now).await.unwrap().entry.body, entry(4, now).body);
+    assert_eq!(
+        cache.get(&key(4), now).await.unwrap().entry.body,
+        entry(4, now).body
+    );
     // Removed, not just skipped.
     assert_eq!(cache.usage().await.disk_entries, 1);
 }
@@ -125,7 +133,10 @@ async fn memory_tier_is_bounded_by_bytes() {
     }
     let usage = cache.usage().await;
     assert!(usage.memory_bytes <= 64 * 1024, "{usage:?}");
-    assert!(usage.memory_entries < 100 && usage.memory_entries > 0, "{usage:?}");
+    assert!(
+        usage.memory_entries < 100 && usage.memory_entries > 0,
+        "{usage:?}"
+    );
 }
 
 #[tokio::test]
@@ -137,7 +148,13 @@ async fn disk_eviction_takes_expired_first_then_least_recently_used() {
     // a bound with room for about ten entries.
     let disk = DiskTier::open(dir.path(), MIB).await.unwrap();
     let fresh = |t: u64| Entry::new(body.clone(), "m", t, HOUR, HOUR);
-    let gone = Entry::new(body.clone(), "m", now - 10_000, Duration::ZERO, Duration::ZERO);
+    let gone = Entry::new(
+        body.clone(),
+        "m",
+        now - 10_000,
+        Duration::ZERO,
+        Duration::ZERO,
+    );
     disk.insert_raw(&key(0), &gone.encode(), now).unwrap();
     for n in 1..10 {
         disk.insert(&key(n), &fresh(now), now + n as u64).unwrap();
@@ -146,15 +163,27 @@ async fn disk_eviction_takes_expired_first_then_least_recently_used() {
     disk.get(&key(1), now + 100).unwrap().unwrap();
     let evicted = disk.evict(now + 200, 11_000).await.unwrap();
     assert_eq!(evicted.expired, 1);
-    assert_eq!(evicted.least_recently_used, 0, "under the bound once expired went");
+    assert_eq!(
+        evicted.least_recently_used, 0,
+        "under the bound once expired went"
+    );
 
     disk.insert(&key(10), &fresh(now), now + 300).unwrap();
     disk.insert(&key(11), &fresh(now), now + 301).unwrap();
     let evicted = disk.evict(now + 400, 11_000).await.unwrap();
     assert!(evicted.least_recently_used >= 1, "{evicted:?}");
-    assert!(disk.get(&key(2), now + 500).unwrap().is_none(), "LRU entry kept");
-    assert!(disk.get(&key(1), now + 500).unwrap().is_some(), "recently used entry evicted");
-    assert!(disk.get(&key(11), now + 500).unwrap().is_some(), "newest entry evicted");
+    assert!(
+        disk.get(&key(2), now + 500).unwrap().is_none(),
+        "LRU entry kept"
+    );
+    assert!(
+        disk.get(&key(1), now + 500).unwrap().is_some(),
+        "recently used entry evicted"
+    );
+    assert!(
+        disk.get(&key(11), now + 500).unwrap().is_some(),
+        "newest entry evicted"
+    );
     assert!(disk.usage().1 <= 11_000);
 }
 

@@ -66,7 +66,11 @@ impl DiskTier {
         let db = match open_db(&path) {
             Err(sled::Error::Corruption { .. }) => {
                 let aside = dir.join(format!("db.corrupt-{}", crate::entry::now_millis()));
-                error!(?path, ?aside, "disk cache is corrupt; moving it aside and starting empty");
+                error!(
+                    ?path,
+                    ?aside,
+                    "disk cache is corrupt; moving it aside and starting empty"
+                );
                 std::fs::rename(&path, &aside).map_err(|e| DiskError::Sled(e.into()))?;
                 open_db(&path)
             }
@@ -108,7 +112,9 @@ impl DiskTier {
         };
         match Entry::decode(&bytes) {
             Ok(entry) => {
-                self.inner.atime.insert(key.as_bytes(), &now.to_be_bytes())?;
+                self.inner
+                    .atime
+                    .insert(key.as_bytes(), &now.to_be_bytes())?;
                 Ok(Some(entry))
             }
             Err(e) => {
@@ -126,7 +132,12 @@ impl DiskTier {
 
     /// Stores bytes as they are. Public for tests that stage corruption; use [`Self::insert`].
     #[doc(hidden)]
-    pub fn insert_raw(&self, key: &CacheKey, bytes: &[u8], now: UnixMillis) -> Result<(), DiskError> {
+    pub fn insert_raw(
+        &self,
+        key: &CacheKey,
+        bytes: &[u8],
+        now: UnixMillis,
+    ) -> Result<(), DiskError> {
         let inner = &self.inner;
         let old = inner.entries.insert(key.as_bytes(), bytes)?;
         inner.atime.insert(key.as_bytes(), &now.to_be_bytes())?;

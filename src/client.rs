@@ -1,0 +1,858 @@
+//! The engine every front end shares: [`Client`] looks a request up in the cache and, on a
+//! miss, goes upstream through the breaker, retries with backoff and budget, and the fallback
+//! chain, serving a stale entry when the upstream cannot answer.
+//!
+//! # Request path
+//! key -> memory -> disk (promote) -> single flight -> per model: breaker -> attempt ->
+//! retry (backoff or `retry-after`, budget, deadline) -> store -> [`Response`]. A failure that
+//! allows it, with a stale entry at hand, returns the stale entry at once.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue};
+use serde_json::Value;
+use tokio::sync::{watch, Semaphore};
+use tokio::time::Instant;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use crate::cache::{Cache, Lookup, Tier};
+use crate::config::Config;
+use crate::entry::{now_millis, Entry, Freshness};
+use crate::error::{error_body, Error, UpstreamError, UpstreamErrorKind};
+use crate::key::{CacheKey, CredentialFingerprint, KeyContext};
+use crate::metrics::Metrics;
+use crate::outcome::Outcome;
+use crate::upstream::breaker::{Admission, Breakers, Verdict};
+use crate::upstream::retry::{backoff, RetryBudget};
+use crate::upstream::{self, Upstream};
+
+/// Background refreshes of stale entries that may run at once; more are skipped, not queued.
+const MAX_REFRESHES: usize = 8;
+/// The `anthropic-version` sent when the caller sends none.
+pub const DEFAULT_ANTHROPIC_VERSION: &str = "2023-06-01";
+
+/// Per-request cache controls (the proxy maps `cache-control` onto these).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Controls {
+    /// Skip the lookup; fetch and store.
+    pub no_cache: bool,
+    /// Do not store the answer.
+    pub no_store: bool,
+    /// Accept only entries younger than this as fresh.
+    pub max_age: Option<Duration>,
+    /// Never call upstream; [`Error::NotCached`] when there is no fresh entry.
+    pub only_if_cached: bool,
+}
+
+/// One request to the Messages API.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// Endpoint path: `/v1/messages` or `/v1/messages/count_tokens`.
+    pub path: String,
+    /// The JSON body as the caller wrote it; sent upstream byte for byte for the primary model.
+    pub body: Bytes,
+    /// Headers forwarded upstream: `anthropic-version`, `anthropic-beta`, credentials, and any
+    /// others the caller sends. The client's own credential fills in when none is given.
+    pub headers: HeaderMap,
+    /// Overrides the configured namespace.
+    pub namespace: Option<String>,
+    pub controls: Controls,
+}
+
+impl Request {
+    /// A `POST /v1/messages` with `body`.
+    pub fn messages(body: impl Into<Bytes>) -> Self {
+        Request {
+            path: "/v1/messages".into(),
+            body: body.into(),
+            headers: HeaderMap::new(),
+            namespace: None,
+            controls: Controls::default(),
+        }
+    }
+
+    /// A `POST /v1/messages` with a JSON value.
+    pub fn json(body: &Value) -> Self {
+        Self::messages(body.to_string())
+    }
+
+    /// Adds a header; names and values that are not valid HTTP are ignored.
+    #[must_use]
+    pub fn header(mut self, name: &str, value: &str) -> Self {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(value),
+        ) {
+            self.headers.append(n, v);
+        }
+        self
+    }
+
+    #[must_use]
+    pub fn controls(mut self, controls: Controls) -> Self {
+        self.controls = controls;
+        self
+    }
+}
+
+/// An answer, and how it was obtained.
+#[derive(Debug, Clone)]
+pub struct Response {
+    /// The Message JSON (plain form).
+    pub body: Bytes,
+    pub outcome: Outcome,
+    /// The model that produced the body: a fallback's name when a fallback answered.
+    pub model: String,
+    /// Upstream attempts made for this request (0 for a hit).
+    pub attempts: u32,
+    /// Age of the cached entry; `None` for a fresh upstream answer.
+    pub age: Option<Duration>,
+    /// The key the request was looked up under.
+    pub key: CacheKey,
+}
+
+impl Response {
+    /// The body parsed as JSON.
+    pub fn json(&self) -> Result<Value, serde_json::Error> {
+        serde_json::from_slice(&self.body)
+    }
+}
+
+/// A caching, resilient client of the Messages API. Cheap to clone; clones share everything.
+#[derive(Clone)]
+pub struct Client {
+    engine: Arc<Engine>,
+}
+
+/// Builds a [`Client`]. Every setting defaults as in [`Config`].
+#[must_use]
+pub struct ClientBuilder {
+    config: Config,
+    credential: Option<String>,
+    cache: Option<Cache>,
+    memory_only: bool,
+    metrics: Option<Arc<Metrics>>,
+}
+
+impl ClientBuilder {
+    /// Starts from a whole configuration (as read from `fallthrough.toml`).
+    pub fn from_config(config: Config) -> Self {
+        ClientBuilder {
+            config,
+            credential: None,
+            cache: None,
+            memory_only: false,
+            metrics: None,
+        }
+    }
+
+    /// Where misses go. Default `https://api.anthropic.com`.
+    pub fn upstream(mut self, url: impl Into<String>) -> Self {
+        self.config.upstream = url.into();
+        self
+    }
+
+    /// The API key sent when a request carries no credential of its own. Default none.
+    pub fn credential(mut self, api_key: impl Into<String>) -> Self {
+        self.credential = Some(api_key.into());
+        self
+    }
+
+    /// The disk tier's directory. Default: the user cache directory's `fallthrough`.
+    pub fn cache_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.config.cache_dir = Some(dir.into());
+        self
+    }
+
+    /// Uses an already-open cache instead of opening one.
+    pub fn cache(mut self, cache: Cache) -> Self {
+        self.cache = Some(cache);
+        self
+    }
+
+    /// No disk tier: entries live as long as the process. Default off.
+    pub fn memory_only(mut self) -> Self {
+        self.memory_only = true;
+        self
+    }
+
+    /// Memory tier bound. Default 256 MiB.
+    pub fn memory_bytes(mut self, bytes: u64) -> Self {
+        self.config.cache.memory_bytes = bytesize::ByteSize(bytes);
+        self
+    }
+
+    /// Disk tier bound. Default 10 GiB.
+    pub fn disk_bytes(mut self, bytes: u64) -> Self {
+        self.config.cache.disk_bytes = bytesize::ByteSize(bytes);
+        self
+    }
+
+    /// Freshness and staleness periods. Default 24 h and 30 days.
+    pub fn ttl(mut self, ttl: Duration, stale_for: Duration) -> Self {
+        self.config.cache.ttl = ttl;
+        self.config.cache.stale_for = stale_for;
+        self
+    }
+
+    /// Retries per model and backoff. Default 4, 500 ms, 30 s.
+    pub fn retries(mut self, max_retries: u32, base_delay: Duration, max_delay: Duration) -> Self {
+        self.config.retry.max_retries = max_retries;
+        self.config.retry.base_delay = base_delay;
+        self.config.retry.max_delay = max_delay;
+        self
+    }
+
+    /// Longest `retry-after` waited out. Default 60 s.
+    pub fn max_retry_after(mut self, max: Duration) -> Self {
+        self.config.retry.max_retry_after = max;
+        self
+    }
+
+    /// Overall time for one request. Default 120 s.
+    pub fn deadline(mut self, deadline: Duration) -> Self {
+        self.config.retry.deadline = deadline;
+        self
+    }
+
+    /// Consecutive failures that open a model's breaker, and its cooldown. Default 5, 30 s.
+    pub fn breaker(mut self, failures: u32, cooldown: Duration) -> Self {
+        self.config.breaker.failures = failures;
+        self.config.breaker.cooldown = cooldown;
+        self
+    }
+
+    /// Models tried in turn when `model` cannot answer. Default none.
+    pub fn fallback<S: Into<String>>(
+        mut self,
+        model: impl Into<String>,
+        chain: impl IntoIterator<Item = S>,
+    ) -> Self {
+        let chain = chain.into_iter().map(Into::into).collect();
+        self.config.fallback.insert(model.into(), chain);
+        self
+    }
+
+    /// Upstream requests in flight at once. Default 64.
+    pub fn max_concurrency(mut self, n: usize) -> Self {
+        self.config.max_concurrency = n;
+        self
+    }
+
+    /// Shares the metrics registry of a server.
+    pub fn metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Validates the settings and opens the cache.
+    pub async fn build(self) -> Result<Client, Error> {
+        let config = self.config;
+        config.validate()?;
+        let upstream = Upstream::new(&config.upstream)
+            .map_err(|e| Error::Config(format!("upstream client: {e}")))?;
+        let cache = match self.cache {
+            Some(cache) => cache,
+            None if self.memory_only => Cache::memory_only(config.cache.memory_bytes.as_u64()),
+            None => {
+                Cache::open(
+                    config.cache_dir(),
+                    config.cache.memory_bytes.as_u64(),
+                    config.cache.disk_bytes.as_u64(),
+                )
+                .await?
+            }
+        };
+        let credential = self.credential.as_deref().and_then(upstream::sensitive);
+        Ok(Client {
+            engine: Arc::new(Engine {
+                breakers: Breakers::new(config.breaker.failures, config.breaker.cooldown),
+                budget: RetryBudget::new(config.retry.budget_ratio, config.retry.budget_floor),
+                permits: Semaphore::new(config.max_concurrency),
+                refreshes: Arc::new(Semaphore::new(MAX_REFRESHES)),
+                flights: Mutex::new(HashMap::new()),
+                metrics: self.metrics.unwrap_or_default(),
+                credential,
+                upstream,
+                cache,
+                config,
+            }),
+        })
+    }
+}
+
+type FlightResult = Result<Answer, UpstreamError>;
+
+/// What a flight (one upstream fetch shared by identical requests) produced.
+#[derive(Debug, Clone)]
+struct Answer {
+    body: Bytes,
+    model: String,
+    outcome: Outcome,
+    attempts: u32,
+    age: Option<Duration>,
+}
+
+struct Engine {
+    config: Config,
+    upstream: Upstream,
+    cache: Cache,
+    breakers: Breakers,
+    budget: RetryBudget,
+    /// Bounds upstream requests in flight; the rest wait here.
+    permits: Semaphore,
+    /// Bounds background refreshes of stale entries.
+    refreshes: Arc<Semaphore>,
+    /// In-flight fetches by key. A std mutex: held for one map operation, never across an await.
+    flights: Mutex<HashMap<CacheKey, watch::Receiver<Option<FlightResult>>>>,
+    metrics: Arc<Metrics>,
+    /// Sent as `x-api-key` when a request has no credential; marked sensitive so it is never
+    /// printed.
+    credential: Option<HeaderValue>,
+}
+
+/// A request after parsing: what every step below needs.
+struct Prepared {
+    path: String,
+    body: Bytes,
+    json: Value,
+    model: String,
+    ctx: KeyContext,
+    key: CacheKey,
+    headers: HeaderMap,
+    controls: Controls,
+}
+
+impl Client {
+    pub fn builder() -> ClientBuilder {
+        ClientBuilder::from_config(Config::default())
+    }
+
+    /// Sends a Messages request body (JSON) with default headers and controls.
+    pub async fn send(&self, body: &Value) -> Result<Response, Error> {
+        self.execute(Request::json(body)).await
+    }
+
+    /// Answers `request` from the cache or the upstream.
+    pub async fn execute(&self, request: Request) -> Result<Response, Error> {
+        let started = Instant::now();
+        let prepared = self.engine.prepare(request)?;
+        let span = info_span!(
+            "request",
+            key = %prepared.key,
+            model = %prepared.model,
+            outcome = tracing::field::Empty,
+            answered_by = tracing::field::Empty,
+            attempts = tracing::field::Empty,
+        );
+        let result = self
+            .engine
+            .clone()
+            .answer(prepared)
+            .instrument(span.clone())
+            .await;
+        match &result {
+            Ok(r) => {
+                span.record("outcome", r.outcome.as_str());
+                span.record("answered_by", r.model.as_str());
+                span.record("attempts", r.attempts);
+                self.engine.metrics.request(r.outcome, started.elapsed());
+            }
+            Err(e) => {
+                debug!(parent: &span, error = %e, "request failed");
+                self.engine.metrics.request_failed(started.elapsed());
+            }
+        }
+        result
+    }
+
+    /// The key `request` is cached under, without looking it up.
+    pub fn key(&self, request: &Request) -> Result<CacheKey, Error> {
+        Ok(self.engine.prepare(request.clone())?.key)
+    }
+
+    /// The cache behind this client.
+    pub fn cache(&self) -> &Cache {
+        &self.engine.cache
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.engine.config
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.engine.metrics
+    }
+
+    /// The breaker state of every model seen so far.
+    pub fn breaker_states(&self) -> Vec<(String, crate::upstream::breaker::BreakerState)> {
+        self.engine.breakers.states()
+    }
+
+    /// The HTTP client of the upstream, for paths passed through uncached.
+    pub fn upstream(&self) -> &Upstream {
+        &self.engine.upstream
+    }
+
+    /// Fills in the client's credential when `headers` carry none.
+    pub fn add_credential(&self, headers: &mut HeaderMap) {
+        self.engine.add_defaults(headers);
+    }
+
+    /// Writes the disk tier out (on shutdown).
+    pub async fn flush(&self) -> Result<(), Error> {
+        Ok(self.engine.cache.flush().await?)
+    }
+}
+
+impl Engine {
+    fn prepare(&self, request: Request) -> Result<Prepared, Error> {
+        let json: Value = serde_json::from_slice(&request.body)
+            .map_err(|e| Error::InvalidRequest(format!("the body is not valid JSON: {e}")))?;
+        let Some(model) = json.get("model").and_then(Value::as_str) else {
+            return Err(Error::InvalidRequest(if json.is_object() {
+                "model: field required".into()
+            } else {
+                "the body must be a JSON object".into()
+            }));
+        };
+        let model = model.to_owned();
+        let mut headers = request.headers;
+        self.add_defaults(&mut headers);
+        let ctx = self.key_context(&request.path, &headers, request.namespace);
+        let key = ctx.key(&json);
+        Ok(Prepared {
+            path: request.path,
+            body: request.body,
+            json,
+            model,
+            ctx,
+            key,
+            headers,
+            controls: request.controls,
+        })
+    }
+
+    fn add_defaults(&self, headers: &mut HeaderMap) {
+        let has_credential =
+            headers.contains_key("x-api-key") || headers.contains_key(http::header::AUTHORIZATION);
+        if let (false, Some(credential)) = (has_credential, &self.credential) {
+            headers.insert("x-api-key", credential.clone());
+        }
+        if !headers.contains_key("anthropic-version") {
+            headers.insert(
+                "anthropic-version",
+                HeaderValue::from_static(DEFAULT_ANTHROPIC_VERSION),
+            );
+        }
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+    }
+
+    fn key_context(
+        &self,
+        path: &str,
+        headers: &HeaderMap,
+        namespace: Option<String>,
+    ) -> KeyContext {
+        let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        let credential = if self.config.shared_across_credentials {
+            None
+        } else {
+            text("x-api-key")
+                .or_else(|| text("authorization"))
+                .map(CredentialFingerprint::of)
+        };
+        KeyContext {
+            path: path.to_owned(),
+            anthropic_version: text("anthropic-version").map(str::to_owned),
+            betas: Vec::new(),
+            namespace: namespace.unwrap_or_else(|| self.config.namespace.clone()),
+            credential,
+        }
+        .with_betas(
+            headers
+                .get_all("anthropic-beta")
+                .iter()
+                .filter_map(|v| v.to_str().ok()),
+        )
+    }
+
+    /// The whole path of one request after parsing.
+    async fn answer(self: Arc<Self>, p: Prepared) -> Result<Response, Error> {
+        let now = now_millis();
+        let cached = match p.controls.no_cache {
+            true => None,
+            false => self.cache.get(&p.key, now).await,
+        };
+        if let Some(hit) = &cached {
+            if hit.entry.freshness(now, p.controls.max_age) == Freshness::Fresh {
+                return Ok(hit_response(hit, &p.key, now));
+            }
+        }
+        if p.controls.only_if_cached {
+            return Err(Error::NotCached);
+        }
+        let stale = cached; // anything found and not fresh is stale: the cache drops expired ones
+        let p = Arc::new(p);
+        let result = if p.controls.no_cache || p.controls.no_store {
+            let (tx, rx) = watch::channel(None);
+            tokio::spawn(self.clone().fly(p.clone(), stale.is_some(), tx));
+            wait(rx).await
+        } else {
+            self.join_or_start_flight(&p, stale.is_some()).await
+        };
+        match (result, stale) {
+            (Ok(a), _) => Ok(Response {
+                body: a.body,
+                outcome: a.outcome,
+                model: a.model,
+                attempts: a.attempts,
+                age: a.age,
+                key: p.key,
+            }),
+            (Err(e), Some(stale)) if e.allows_stale() => {
+                info!(status = e.status, "upstream cannot answer; serving stale");
+                let mut r = hit_response(&stale, &p.key, now_millis());
+                r.outcome = Outcome::Stale;
+                r.attempts = e.attempts;
+                Ok(r)
+            }
+            (Err(e), _) => Err(Error::Upstream(e)),
+        }
+    }
+
+    /// Single flight: identical concurrent misses share one upstream fetch.
+    async fn join_or_start_flight(
+        self: &Arc<Self>,
+        p: &Arc<Prepared>,
+        has_stale: bool,
+    ) -> FlightResult {
+        let rx = {
+            let mut flights = self.flights.lock().expect("flights lock");
+            match flights.get(&p.key) {
+                Some(rx) => rx.clone(),
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    flights.insert(p.key, rx.clone());
+                    let engine = self.clone();
+                    let p = p.clone();
+                    // Spawned, so the fetch completes and is stored even if every caller goes away.
+                    tokio::spawn(async move {
+                        engine.clone().fly(p.clone(), has_stale, tx).await;
+                        engine.flights.lock().expect("flights lock").remove(&p.key);
+                    });
+                    rx
+                }
+            }
+        };
+        wait(rx).await
+    }
+
+    /// One fetch: the primary model, then the fallback chain; the result goes to `tx` as soon
+    /// as it is known. With a stale entry at hand, the first failure is the result (callers
+    /// serve the stale entry), and a bounded background refresh carries on.
+    async fn fly(
+        self: Arc<Self>,
+        p: Arc<Prepared>,
+        has_stale: bool,
+        tx: watch::Sender<Option<FlightResult>>,
+    ) {
+        let deadline = Instant::now() + self.config.retry.deadline;
+        let mut attempts = 0;
+        let store = !p.controls.no_store;
+        let primary = self
+            .call_model(
+                &p,
+                &p.model,
+                p.body.clone(),
+                deadline,
+                has_stale,
+                &mut attempts,
+            )
+            .await;
+        let mut last = match primary {
+            Ok(body) => {
+                let answer = self.store(&p.key, body, &p.model, attempts, store).await;
+                tx.send_replace(Some(Ok(answer)));
+                return;
+            }
+            Err(e) if has_stale && e.allows_stale() => {
+                tx.send_replace(Some(Err(with_attempts(e, attempts))));
+                self.refresh(&p, deadline).await;
+                return;
+            }
+            Err(e) if !e.allows_stale() => {
+                tx.send_replace(Some(Err(with_attempts(e, attempts))));
+                return;
+            }
+            Err(e) => e,
+        };
+        for model in self.config.fallback.get(&p.model).into_iter().flatten() {
+            let mut json = p.json.clone();
+            json["model"] = Value::String(model.clone());
+            let key = p.ctx.key(&json);
+            let now = now_millis();
+            if let Some(hit) = self.cache.get(&key, now).await {
+                if hit.entry.freshness(now, p.controls.max_age) == Freshness::Fresh {
+                    let mut answer = hit_answer(&hit, now);
+                    answer.attempts = attempts;
+                    tx.send_replace(Some(Ok(answer)));
+                    return;
+                }
+            }
+            let body = Bytes::from(json.to_string());
+            match self
+                .call_model(&p, model, body, deadline, false, &mut attempts)
+                .await
+            {
+                Ok(body) => {
+                    let answer = self.store(&key, body, model, attempts, store).await;
+                    tx.send_replace(Some(Ok(answer)));
+                    return;
+                }
+                Err(e) if !e.allows_stale() => {
+                    tx.send_replace(Some(Err(with_attempts(e, attempts))));
+                    return;
+                }
+                Err(e) => last = e,
+            }
+        }
+        last.retry_after = Some(
+            last.retry_after
+                .unwrap_or_default()
+                .max(Duration::from_secs(1)),
+        );
+        tx.send_replace(Some(Err(with_attempts(last, attempts))));
+    }
+
+    /// Retries the primary in the background after a stale entry was served, at most
+    /// [`MAX_REFRESHES`] at once.
+    async fn refresh(&self, p: &Prepared, deadline: Instant) {
+        let Ok(_permit) = self.refreshes.clone().try_acquire_owned() else {
+            return;
+        };
+        let mut attempts = 0;
+        if let Ok(body) = self
+            .call_model(p, &p.model, p.body.clone(), deadline, false, &mut attempts)
+            .await
+        {
+            debug!(key = %p.key, "stale entry refreshed");
+            self.store(&p.key, body, &p.model, attempts, !p.controls.no_store)
+                .await;
+        }
+    }
+
+    async fn store(
+        &self,
+        key: &CacheKey,
+        body: Bytes,
+        model: &str,
+        attempts: u32,
+        store: bool,
+    ) -> Answer {
+        if store && is_complete_message(&body) {
+            let now = now_millis();
+            let c = &self.config.cache;
+            let entry = Entry::new(body.clone(), model, now, c.ttl, c.stale_for);
+            self.cache.insert(*key, entry, now).await;
+        }
+        Answer {
+            body,
+            model: model.to_owned(),
+            outcome: Outcome::Miss,
+            attempts,
+            age: None,
+        }
+    }
+
+    /// Calls one model: breaker, attempt, and retries as the policy, the budget and the deadline
+    /// allow. `first_failure_ends` stops at the first failure (a stale entry stands by).
+    async fn call_model(
+        &self,
+        p: &Prepared,
+        model: &str,
+        body: Bytes,
+        deadline: Instant,
+        first_failure_ends: bool,
+        attempts: &mut u32,
+    ) -> Result<Bytes, UpstreamError> {
+        let policy = &self.config.retry;
+        let mut retry = 0;
+        loop {
+            if let Admission::Reject { retry_in } = self.breakers.admit(model) {
+                debug!(model, ?retry_in, "breaker blocks the model");
+                return Err(breaker_error(model, retry_in));
+            }
+            if retry == 0 {
+                self.budget.deposit();
+            }
+            *attempts += 1;
+            let result = self.attempt(p, model, body.clone(), deadline).await;
+            let error = match result {
+                Ok(body) => {
+                    self.breakers.record(model, Verdict::Answered);
+                    return Ok(body);
+                }
+                Err(e) => e,
+            };
+            self.breakers.record(model, verdict(&error));
+            if !error.is_retryable() || first_failure_ends || retry >= policy.max_retries {
+                return Err(error);
+            }
+            let delay = match error.retry_after {
+                Some(wait) if wait > policy.max_retry_after => {
+                    info!(
+                        model,
+                        status = error.status,
+                        ?wait,
+                        "retry-after too long; not waiting"
+                    );
+                    return Err(error);
+                }
+                Some(wait) => wait,
+                None => backoff(policy.base_delay, policy.max_delay, retry),
+            };
+            if Instant::now() + delay >= deadline {
+                return Err(error);
+            }
+            if !self.budget.try_withdraw() {
+                info!(
+                    model,
+                    status = error.status,
+                    "retry budget spent; not retrying"
+                );
+                return Err(error);
+            }
+            retry += 1;
+            info!(
+                model,
+                status = error.status,
+                delay_ms = delay.as_millis() as u64,
+                retry,
+                "retrying"
+            );
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// One upstream attempt, holding a concurrency permit; the whole body is read.
+    async fn attempt(
+        &self,
+        p: &Prepared,
+        model: &str,
+        body: Bytes,
+        deadline: Instant,
+    ) -> Result<Bytes, UpstreamError> {
+        let _permit = match tokio::time::timeout_at(deadline, self.permits.acquire()).await {
+            Ok(permit) => permit.expect("the semaphore is never closed"),
+            Err(_) => return Err(upstream::transport_error(UpstreamErrorKind::Timeout, model)),
+        };
+        let result = async {
+            let response = self
+                .upstream
+                .send(
+                    http::Method::POST,
+                    &p.path,
+                    p.headers.clone(),
+                    body,
+                    model,
+                    deadline,
+                )
+                .await?;
+            upstream::read_body(response, model, deadline).await
+        }
+        .await;
+        let status = match &result {
+            Ok(_) => 200,
+            Err(e) => e.status,
+        };
+        self.metrics.attempt(model, status);
+        result
+    }
+}
+
+async fn wait(mut rx: watch::Receiver<Option<FlightResult>>) -> FlightResult {
+    match rx.wait_for(Option::is_some).await {
+        Ok(result) => result.clone().expect("waited for Some"),
+        // The flight's task ended without a result: only if it panicked.
+        Err(_) => Err(upstream::transport_error(UpstreamErrorKind::Connect, "")),
+    }
+}
+
+fn verdict(error: &UpstreamError) -> Verdict {
+    if error.trips_breaker() {
+        Verdict::Failed
+    } else if matches!(error.kind, UpstreamErrorKind::RateLimited) {
+        Verdict::Neutral
+    } else {
+        Verdict::Answered
+    }
+}
+
+fn with_attempts(mut e: UpstreamError, attempts: u32) -> UpstreamError {
+    e.attempts = attempts;
+    e
+}
+
+/// What a caller gets while a model's breaker blocks it: the API's 529, saying when to retry.
+fn breaker_error(model: &str, retry_in: Duration) -> UpstreamError {
+    let secs = retry_in.as_secs_f64().ceil().max(1.0);
+    let message =
+        format!("{model} is overloaded: fallthrough's circuit breaker holds requests for {secs} s");
+    UpstreamError {
+        kind: UpstreamErrorKind::Overloaded,
+        model: model.to_owned(),
+        status: 529,
+        body: error_body("overloaded_error", &message),
+        retry_after: Some(Duration::from_secs_f64(secs)),
+        attempts: 0,
+    }
+}
+
+fn hit_answer(hit: &Lookup, now: u64) -> Answer {
+    Answer {
+        body: hit.entry.body.clone(),
+        model: hit.entry.model.clone(),
+        outcome: match hit.tier {
+            Tier::Memory => Outcome::Memory,
+            Tier::Disk => Outcome::Disk,
+        },
+        attempts: 0,
+        age: Some(hit.entry.age(now)),
+    }
+}
+
+fn hit_response(hit: &Lookup, key: &CacheKey, now: u64) -> Response {
+    let a = hit_answer(hit, now);
+    Response {
+        body: a.body,
+        outcome: a.outcome,
+        model: a.model,
+        attempts: 0,
+        age: a.age,
+        key: *key,
+    }
+}
+
+/// Only a complete answer is stored: a Message with content and a stop reason, or a
+/// `count_tokens` answer. Anything else (a refusal in the shape of success, a cut body) is
+/// passed on but never cached.
+fn is_complete_message(body: &[u8]) -> bool {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(v) => {
+            (v["type"] == "message" && v["content"].is_array() && !v["stop_reason"].is_null())
+                || v["input_tokens"].is_u64() && v.as_object().is_some_and(|o| o.len() <= 2)
+        }
+        Err(_) => {
+            warn!("upstream sent a 200 whose body is not JSON; not storing it");
+            false
+        }
+    }
+}

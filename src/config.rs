@@ -1,0 +1,278 @@
+//! Settings, as read from `fallthrough.toml`: every field documents its default, and
+//! [`Config::validate`] refuses settings that cannot work, naming the one at fault.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use serde::Deserialize;
+
+use crate::error::Error;
+
+/// The whole configuration file. Every table and field is optional.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where misses go. Default `https://api.anthropic.com` (or `FALLTHROUGH_UPSTREAM`).
+    pub upstream: String,
+    /// The proxy's address. Default `127.0.0.1:8787`.
+    pub listen: String,
+    /// The disk tier's directory. Default: the user cache directory's `fallthrough`.
+    pub cache_dir: Option<PathBuf>,
+    /// Namespace for requests that send no `x-fallthrough-namespace`. Default empty.
+    pub namespace: String,
+    /// Let different credentials share entries. Default false: each API key has its own.
+    pub shared_across_credentials: bool,
+    /// Largest request body the proxy accepts. Default 32 MiB, as the API itself.
+    pub max_body_bytes: ByteSize,
+    /// Most upstream requests in flight at once; the rest queue. Default 64.
+    pub max_concurrency: usize,
+    pub cache: CacheConfig,
+    pub retry: RetryConfig,
+    pub breaker: BreakerConfig,
+    /// Model -> models to try in turn when it cannot answer. Default none.
+    pub fallback: HashMap<String, Vec<String>>,
+}
+
+/// `[cache]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CacheConfig {
+    /// Bound of the memory tier. Default 256 MiB.
+    pub memory_bytes: ByteSize,
+    /// Bound of the disk tier. Default 10 GiB.
+    pub disk_bytes: ByteSize,
+    /// How long an entry is fresh. Default 24 h.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// How long after that it may still stand in when the upstream fails. Default 30 days.
+    #[serde(with = "humantime_serde")]
+    pub stale_for: Duration,
+}
+
+/// `[retry]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Retries after the first attempt, per model. Default 4.
+    pub max_retries: u32,
+    /// Backoff before the first retry (full jitter below it). Default 500 ms.
+    #[serde(with = "humantime_serde")]
+    pub base_delay: Duration,
+    /// Cap of the backoff. Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub max_delay: Duration,
+    /// Longest `retry-after` waited out; a longer one ends the retries. Default 60 s.
+    #[serde(with = "humantime_serde")]
+    pub max_retry_after: Duration,
+    /// Overall time for one request, retries and fallbacks included. Default 120 s.
+    #[serde(with = "humantime_serde")]
+    pub deadline: Duration,
+    /// Share of first attempts that may be retried over a sliding 10 s window. Default 0.2.
+    pub budget_ratio: f64,
+    /// Retries allowed per window whatever the ratio, so a quiet client can still retry.
+    /// Default 10.
+    pub budget_floor: u32,
+}
+
+/// `[breaker]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BreakerConfig {
+    /// Consecutive failures (529, 5xx, timeouts) that open a model's breaker. Default 5.
+    pub failures: u32,
+    /// How long it stays open before one probe may pass. Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub cooldown: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            upstream: "https://api.anthropic.com".into(),
+            listen: "127.0.0.1:8787".into(),
+            cache_dir: None,
+            namespace: String::new(),
+            shared_across_credentials: false,
+            max_body_bytes: ByteSize::mib(32),
+            max_concurrency: 64,
+            cache: CacheConfig::default(),
+            retry: RetryConfig::default(),
+            breaker: BreakerConfig::default(),
+            fallback: HashMap::new(),
+        }
+    }
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            memory_bytes: ByteSize::mib(256),
+            disk_bytes: ByteSize::gib(10),
+            ttl: Duration::from_secs(24 * 3600),
+            stale_for: Duration::from_secs(30 * 24 * 3600),
+        }
+    }
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            max_retries: 4,
+            base_delay: Duration::from_millis(500),
+            max_delay: Duration::from_secs(30),
+            max_retry_after: Duration::from_secs(60),
+            deadline: Duration::from_secs(120),
+            budget_ratio: 0.2,
+            budget_floor: 10,
+        }
+    }
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        BreakerConfig {
+            failures: 5,
+            cooldown: Duration::from_secs(30),
+        }
+    }
+}
+
+impl Config {
+    /// Reads a TOML file.
+    pub fn from_file(path: &Path) -> Result<Config, Error> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
+        Self::from_toml(&text).map_err(|e| match e {
+            Error::Config(m) => Error::Config(format!("{}: {m}", path.display())),
+            other => other,
+        })
+    }
+
+    /// Parses TOML text and validates it.
+    pub fn from_toml(text: &str) -> Result<Config, Error> {
+        let config: Config = toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Refuses settings that cannot work.
+    pub fn validate(&self) -> Result<(), Error> {
+        let bad = |m: &str| Err(Error::Config(m.to_owned()));
+        if !(self.upstream.starts_with("http://") || self.upstream.starts_with("https://")) {
+            return bad("upstream must be an http:// or https:// URL");
+        }
+        if self.upstream.trim_end_matches('/').ends_with("/v1") {
+            return bad("upstream must not end in /v1: paths such as /v1/messages are appended");
+        }
+        if self.max_concurrency == 0 {
+            return bad("max_concurrency must be at least 1");
+        }
+        let r = &self.retry;
+        if r.max_delay < r.base_delay {
+            return bad("retry.max_delay must not be less than retry.base_delay");
+        }
+        if r.deadline.is_zero() {
+            return bad("retry.deadline must be more than zero");
+        }
+        if !(0.0..=10.0).contains(&r.budget_ratio) {
+            return bad("retry.budget_ratio must be between 0 and 10");
+        }
+        if self.breaker.failures == 0 {
+            return bad("breaker.failures must be at least 1");
+        }
+        if self.cache.ttl.is_zero() {
+            return bad("cache.ttl must be more than zero");
+        }
+        for (model, chain) in &self.fallback {
+            if chain.iter().any(|m| m == model) {
+                return Err(Error::Config(format!(
+                    "fallback for {model} names {model} itself"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The cache directory to use: the configured one, else the platform's user cache directory.
+    pub fn cache_dir(&self) -> PathBuf {
+        self.cache_dir.clone().unwrap_or_else(default_cache_dir)
+    }
+}
+
+/// `~/.cache/fallthrough` on Linux, the platform's equivalent elsewhere.
+pub fn default_cache_dir() -> PathBuf {
+    dirs::cache_dir()
+        .unwrap_or_else(std::env::temp_dir)
+        .join("fallthrough")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spec_example_parses() {
+        let config = Config::from_toml(
+            r#"
+upstream = "https://api.anthropic.com"
+listen = "127.0.0.1:8787"
+
+[cache]
+memory_bytes = "256MiB"
+disk_bytes = "10GiB"
+ttl = "24h"
+stale_for = "30d"
+
+[retry]
+max_retries = 4
+base_delay = "500ms"
+max_delay = "30s"
+max_retry_after = "60s"
+deadline = "120s"
+
+[breaker]
+failures = 5
+cooldown = "30s"
+
+[fallback]
+"claude-opus-4-1" = ["claude-sonnet-4-5", "claude-haiku-4-5"]
+"claude-sonnet-4-5" = ["claude-haiku-4-5"]
+"#,
+        )
+        .unwrap();
+        assert_eq!(config.cache.memory_bytes, ByteSize::mib(256));
+        assert_eq!(config.cache.stale_for, Duration::from_secs(30 * 86400));
+        assert_eq!(config.retry.base_delay, Duration::from_millis(500));
+        assert_eq!(config.fallback["claude-opus-4-1"].len(), 2);
+    }
+
+    #[test]
+    fn empty_file_gives_the_defaults() {
+        let c = Config::from_toml("").unwrap();
+        assert_eq!(c.cache.ttl, Duration::from_secs(86400));
+        assert_eq!(c.retry.max_retries, 4);
+        assert_eq!(c.breaker.failures, 5);
+        assert_eq!(c.max_concurrency, 64);
+        assert_eq!(c.listen, "127.0.0.1:8787");
+    }
+
+    #[test]
+    fn bad_settings_are_named() {
+        for (text, needle) in [
+            (
+                "[retry]\nbase_delay = \"5s\"\nmax_delay = \"1s\"",
+                "max_delay",
+            ),
+            ("upstream = \"ftp://x\"", "upstream"),
+            ("upstream = \"https://api.anthropic.com/v1\"", "/v1"),
+            ("[breaker]\nfailures = 0", "breaker.failures"),
+            ("[cache]\nttll = \"1h\"", "ttll"),
+            ("[fallback]\na = [\"a\"]", "itself"),
+        ] {
+            let err = Config::from_toml(text).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text}: {err}");
+        }
+    }
+}

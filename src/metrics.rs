@@ -1,0 +1,167 @@
+//! Prometheus metrics: requests by outcome, upstream attempts by model and status, latency
+//! histograms, breaker state by model, entries and bytes per tier.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::cache::Usage;
+use crate::outcome::Outcome;
+use crate::upstream::breaker::BreakerState;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+enum OutcomeValue {
+    memory,
+    disk,
+    miss,
+    stale,
+    bypass,
+    error,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: OutcomeValue,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AttemptLabels {
+    model: String,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelLabel {
+    model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TierLabel {
+    tier: &'static str,
+}
+
+type HistogramFamily = Family<OutcomeLabel, Histogram, fn() -> Histogram>;
+
+/// The registry and the handles the engine updates.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<OutcomeLabel, Counter>,
+    latency: HistogramFamily,
+    attempts: Family<AttemptLabels, Counter>,
+    breaker: Family<ModelLabel, Gauge>,
+    entries: Family<TierLabel, Gauge>,
+    bytes: Family<TierLabel, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("fallthrough");
+        let requests = Family::<OutcomeLabel, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests answered, by outcome",
+            requests.clone(),
+        );
+        let latency: HistogramFamily =
+            Family::new_with_constructor(|| Histogram::new(exponential_buckets(0.000_05, 2.5, 16)));
+        registry.register(
+            "request_duration_seconds",
+            "Time to answer a request, by outcome",
+            latency.clone(),
+        );
+        let attempts = Family::<AttemptLabels, Counter>::default();
+        registry.register(
+            "upstream_attempts",
+            "Upstream attempts, by model and HTTP status (502/504 for transport failures)",
+            attempts.clone(),
+        );
+        let breaker = Family::<ModelLabel, Gauge>::default();
+        registry.register(
+            "breaker_state",
+            "Circuit breaker per model: 0 passing (closed), 1 blocking (open), 2 probing (half-open)",
+            breaker.clone(),
+        );
+        let entries = Family::<TierLabel, Gauge>::default();
+        registry.register("cache_entries", "Entries held, by tier", entries.clone());
+        let bytes = Family::<TierLabel, Gauge>::default();
+        registry.register("cache_bytes", "Bytes held, by tier", bytes.clone());
+        Metrics {
+            registry,
+            requests,
+            latency,
+            attempts,
+            breaker,
+            entries,
+            bytes,
+        }
+    }
+}
+
+impl Metrics {
+    pub fn request(&self, outcome: Outcome, elapsed: Duration) {
+        let label = OutcomeLabel {
+            outcome: match outcome {
+                Outcome::Memory => OutcomeValue::memory,
+                Outcome::Disk => OutcomeValue::disk,
+                Outcome::Miss => OutcomeValue::miss,
+                Outcome::Stale => OutcomeValue::stale,
+                Outcome::Bypass => OutcomeValue::bypass,
+            },
+        };
+        self.observe(label, elapsed);
+    }
+
+    pub fn request_failed(&self, elapsed: Duration) {
+        self.observe(
+            OutcomeLabel {
+                outcome: OutcomeValue::error,
+            },
+            elapsed,
+        );
+    }
+
+    fn observe(&self, label: OutcomeLabel, elapsed: Duration) {
+        self.latency
+            .get_or_create(&label)
+            .observe(elapsed.as_secs_f64());
+        self.requests.get_or_create(&label).inc();
+    }
+
+    pub fn attempt(&self, model: &str, status: u16) {
+        self.attempts
+            .get_or_create(&AttemptLabels {
+                model: model.to_owned(),
+                status,
+            })
+            .inc();
+    }
+
+    /// The text exposition, with gauges read at this moment.
+    pub fn render(&self, breakers: &[(String, BreakerState)], usage: Usage) -> String {
+        for (model, state) in breakers {
+            self.breaker
+                .get_or_create(&ModelLabel {
+                    model: model.clone(),
+                })
+                .set(state.as_gauge());
+        }
+        for (tier, entries, bytes) in [
+            ("memory", usage.memory_entries, usage.memory_bytes),
+            ("disk", usage.disk_entries, usage.disk_bytes),
+        ] {
+            let label = TierLabel { tier };
+            self.entries.get_or_create(&label).set(entries as i64);
+            self.bytes.get_or_create(&label).set(bytes as i64);
+        }
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String never fails");
+        out
+    }
+}

