@@ -15,9 +15,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use serde_json::Value;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
-use tracing::{debug, info, info_span, warn, Instrument};
+use tracing::{debug, info, info_span, warn, Instrument, Span};
 
 use crate::cache::{Cache, Lookup, Tier};
 use crate::config::Config;
@@ -29,6 +29,9 @@ use crate::outcome::Outcome;
 use crate::upstream::breaker::{Admission, Breakers, Verdict};
 use crate::upstream::retry::{backoff, RetryBudget};
 use crate::upstream::{self, Upstream};
+
+mod stream;
+pub use stream::{EventStream, Reply, StreamResponse};
 
 /// Background refreshes of stale entries that may run at once; more are skipped, not queued.
 const MAX_REFRESHES: usize = 8;
@@ -272,7 +275,7 @@ impl ClientBuilder {
             engine: Arc::new(Engine {
                 breakers: Breakers::new(config.breaker.failures, config.breaker.cooldown),
                 budget: RetryBudget::new(config.retry.budget_ratio, config.retry.budget_floor),
-                permits: Semaphore::new(config.max_concurrency),
+                permits: Arc::new(Semaphore::new(config.max_concurrency)),
                 refreshes: Arc::new(Semaphore::new(MAX_REFRESHES)),
                 flights: Mutex::new(HashMap::new()),
                 metrics: self.metrics.unwrap_or_default(),
@@ -297,14 +300,15 @@ struct Answer {
     age: Option<Duration>,
 }
 
-struct Engine {
+pub(crate) struct Engine {
     config: Config,
     upstream: Upstream,
     cache: Cache,
     breakers: Breakers,
     budget: RetryBudget,
-    /// Bounds upstream requests in flight; the rest wait here.
-    permits: Semaphore,
+    /// Bounds upstream requests in flight; the rest wait here. A streamed answer holds its
+    /// permit until the stream ends.
+    permits: Arc<Semaphore>,
     /// Bounds background refreshes of stale entries.
     refreshes: Arc<Semaphore>,
     /// In-flight fetches by key. A std mutex: held for one map operation, never across an await.
@@ -315,16 +319,34 @@ struct Engine {
     credential: Option<HeaderValue>,
 }
 
+/// One span per request: key, model asked for, and, once known, outcome, model that answered
+/// and upstream attempts.
+fn request_span(p: &Prepared) -> Span {
+    info_span!(
+        "request",
+        key = %p.key,
+        model = %p.model,
+        outcome = tracing::field::Empty,
+        answered_by = tracing::field::Empty,
+        attempts = tracing::field::Empty,
+    )
+}
+
 /// A request after parsing: what every step below needs.
-struct Prepared {
+pub(crate) struct Prepared {
     path: String,
+    /// The body as the caller sent it.
     body: Bytes,
+    /// The body without `stream`: what plain fetches and background refreshes send.
+    plain_body: Bytes,
     json: Value,
     model: String,
     ctx: KeyContext,
     key: CacheKey,
     headers: HeaderMap,
     controls: Controls,
+    /// The body asks for `"stream": true`.
+    stream: bool,
 }
 
 impl Client {
@@ -341,33 +363,35 @@ impl Client {
     pub async fn execute(&self, request: Request) -> Result<Response, Error> {
         let started = Instant::now();
         let prepared = self.engine.prepare(request)?;
-        let span = info_span!(
-            "request",
-            key = %prepared.key,
-            model = %prepared.model,
-            outcome = tracing::field::Empty,
-            answered_by = tracing::field::Empty,
-            attempts = tracing::field::Empty,
-        );
-        let result = self
-            .engine
-            .clone()
-            .answer(prepared)
-            .instrument(span.clone())
-            .await;
-        match &result {
-            Ok(r) => {
-                span.record("outcome", r.outcome.as_str());
-                span.record("answered_by", r.model.as_str());
-                span.record("attempts", r.attempts);
-                self.engine.metrics.request(r.outcome, started.elapsed());
+        self.execute_prepared(prepared, started).await
+    }
+
+    async fn execute_prepared(&self, p: Prepared, started: Instant) -> Result<Response, Error> {
+        let span = request_span(&p);
+        let result = self.engine.clone().answer(p).instrument(span.clone()).await;
+        let summary = result
+            .as_ref()
+            .map(|r| (r.outcome, r.model.as_str(), r.attempts));
+        self.finish(&span, summary, started);
+        result
+    }
+
+    /// Records a request's end in its span and the metrics.
+    fn finish(&self, span: &Span, result: Result<(Outcome, &str, u32), &Error>, started: Instant) {
+        let elapsed = started.elapsed();
+        match result {
+            Ok((outcome, model, attempts)) => {
+                span.record("outcome", outcome.as_str());
+                span.record("answered_by", model);
+                span.record("attempts", attempts);
+                self.engine.metrics.request(outcome, elapsed);
             }
             Err(e) => {
-                debug!(parent: &span, error = %e, "request failed");
-                self.engine.metrics.request_failed(started.elapsed());
+                span.record("outcome", "error");
+                debug!(parent: span, error = %e, "request failed");
+                self.engine.metrics.request_failed(elapsed);
             }
         }
-        result
     }
 
     /// The key `request` is cached under, without looking it up.
@@ -421,6 +445,15 @@ impl Engine {
             }));
         };
         let model = model.to_owned();
+        let stream = json.get("stream") == Some(&Value::Bool(true));
+        let plain_body = match stream {
+            true => {
+                let mut plain = json.clone();
+                plain.as_object_mut().map(|o| o.remove("stream"));
+                Bytes::from(plain.to_string())
+            }
+            false => request.body.clone(),
+        };
         let mut headers = request.headers;
         self.add_defaults(&mut headers);
         let ctx = self.key_context(&request.path, &headers, request.namespace);
@@ -428,12 +461,14 @@ impl Engine {
         Ok(Prepared {
             path: request.path,
             body: request.body,
+            plain_body,
             json,
             model,
             ctx,
             key,
             headers,
             controls: request.controls,
+            stream,
         })
     }
 
@@ -511,7 +546,10 @@ impl Engine {
         match (result, stale) {
             (Ok(a), _) => Ok(Response {
                 body: a.body,
-                outcome: a.outcome,
+                outcome: match (a.outcome, p.controls.no_cache) {
+                    (Outcome::Miss, true) => Outcome::Bypass,
+                    (outcome, _) => outcome,
+                },
                 model: a.model,
                 attempts: a.attempts,
                 age: a.age,
@@ -568,10 +606,10 @@ impl Engine {
         let mut attempts = 0;
         let store = !p.controls.no_store;
         let primary = self
-            .call_model(
+            .call_plain(
                 &p,
                 &p.model,
-                p.body.clone(),
+                p.plain_body.clone(),
                 deadline,
                 has_stale,
                 &mut attempts,
@@ -595,9 +633,9 @@ impl Engine {
             Err(e) => e,
         };
         for model in self.config.fallback.get(&p.model).into_iter().flatten() {
-            let mut json = p.json.clone();
-            json["model"] = Value::String(model.clone());
-            let key = p.ctx.key(&json);
+            let (key, mut json) = p.for_model(model);
+            json.as_object_mut().map(|o| o.remove("stream"));
+            let body = Bytes::from(json.to_string());
             let now = now_millis();
             if let Some(hit) = self.cache.get(&key, now).await {
                 if hit.entry.freshness(now, p.controls.max_age) == Freshness::Fresh {
@@ -607,9 +645,8 @@ impl Engine {
                     return;
                 }
             }
-            let body = Bytes::from(json.to_string());
             match self
-                .call_model(&p, model, body, deadline, false, &mut attempts)
+                .call_plain(&p, model, body, deadline, false, &mut attempts)
                 .await
             {
                 Ok(body) => {
@@ -624,12 +661,7 @@ impl Engine {
                 Err(e) => last = e,
             }
         }
-        last.retry_after = Some(
-            last.retry_after
-                .unwrap_or_default()
-                .max(Duration::from_secs(1)),
-        );
-        tx.send_replace(Some(Err(with_attempts(last, attempts))));
+        tx.send_replace(Some(Err(stream::exhausted(last, attempts))));
     }
 
     /// Retries the primary in the background after a stale entry was served, at most
@@ -640,7 +672,14 @@ impl Engine {
         };
         let mut attempts = 0;
         if let Ok(body) = self
-            .call_model(p, &p.model, p.body.clone(), deadline, false, &mut attempts)
+            .call_plain(
+                p,
+                &p.model,
+                p.plain_body.clone(),
+                deadline,
+                false,
+                &mut attempts,
+            )
             .await
         {
             debug!(key = %p.key, "stale entry refreshed");
@@ -672,9 +711,8 @@ impl Engine {
         }
     }
 
-    /// Calls one model: breaker, attempt, and retries as the policy, the budget and the deadline
-    /// allow. `first_failure_ends` stops at the first failure (a stale entry stands by).
-    async fn call_model(
+    /// [`Self::call_model`] for a whole body.
+    async fn call_plain(
         &self,
         p: &Prepared,
         model: &str,
@@ -683,6 +721,35 @@ impl Engine {
         first_failure_ends: bool,
         attempts: &mut u32,
     ) -> Result<Bytes, UpstreamError> {
+        let call = Call {
+            model,
+            body,
+            deadline,
+            stream: false,
+            first_failure_ends,
+        };
+        match self.call_model(p, call, attempts).await? {
+            Fetched::Body(body) => Ok(body),
+            Fetched::Stream(..) => unreachable!("a plain call reads its body"),
+        }
+    }
+
+    /// Calls one model: breaker, attempt, and retries as the policy, the budget and the deadline
+    /// allow. A stream is returned once its head has arrived: retries happen only before the
+    /// first byte reaches the caller.
+    pub(crate) async fn call_model(
+        &self,
+        p: &Prepared,
+        call: Call<'_>,
+        attempts: &mut u32,
+    ) -> Result<Fetched, UpstreamError> {
+        let Call {
+            model,
+            body,
+            deadline,
+            stream,
+            first_failure_ends,
+        } = call;
         let policy = &self.config.retry;
         let mut retry = 0;
         loop {
@@ -694,7 +761,7 @@ impl Engine {
                 self.budget.deposit();
             }
             *attempts += 1;
-            let result = self.attempt(p, model, body.clone(), deadline).await;
+            let result = self.attempt(p, model, body.clone(), deadline, stream).await;
             let error = match result {
                 Ok(body) => {
                     self.breakers.record(model, Verdict::Answered);
@@ -742,19 +809,22 @@ impl Engine {
         }
     }
 
-    /// One upstream attempt, holding a concurrency permit; the whole body is read.
+    /// One upstream attempt, holding a concurrency permit; a plain body is read whole, so a
+    /// body that breaks off is a failed attempt like any other.
     async fn attempt(
         &self,
         p: &Prepared,
         model: &str,
         body: Bytes,
         deadline: Instant,
-    ) -> Result<Bytes, UpstreamError> {
-        let _permit = match tokio::time::timeout_at(deadline, self.permits.acquire()).await {
-            Ok(permit) => permit.expect("the semaphore is never closed"),
-            Err(_) => return Err(upstream::transport_error(UpstreamErrorKind::Timeout, model)),
-        };
-        let result = async {
+        stream: bool,
+    ) -> Result<Fetched, UpstreamError> {
+        let permit =
+            match tokio::time::timeout_at(deadline, self.permits.clone().acquire_owned()).await {
+                Ok(permit) => permit.expect("the semaphore is never closed"),
+                Err(_) => return Err(upstream::transport_error(UpstreamErrorKind::Timeout, model)),
+            };
+        let result: Result<Fetched, UpstreamError> = async {
             let response = self
                 .upstream
                 .send(
@@ -766,7 +836,11 @@ impl Engine {
                     deadline,
                 )
                 .await?;
-            upstream::read_body(response, model, deadline).await
+            if stream {
+                return Ok(Fetched::Stream(response, permit));
+            }
+            let body = upstream::read_body(response, model, deadline).await?;
+            Ok(Fetched::Body(body))
         }
         .await;
         let status = match &result {
@@ -775,6 +849,33 @@ impl Engine {
         };
         self.metrics.attempt(model, status);
         result
+    }
+}
+
+/// One model's call, as [`Engine::call_model`] makes it.
+pub(crate) struct Call<'a> {
+    pub model: &'a str,
+    pub body: Bytes,
+    pub deadline: Instant,
+    /// Return the response once its head arrives, for relaying as a stream.
+    pub stream: bool,
+    /// Stop at the first failure: a stale entry stands by.
+    pub first_failure_ends: bool,
+}
+
+/// A successful upstream answer.
+pub(crate) enum Fetched {
+    Body(Bytes),
+    /// A streamed answer, holding its concurrency permit until the stream ends.
+    Stream(reqwest::Response, OwnedSemaphorePermit),
+}
+
+impl Prepared {
+    /// The key and body of this request sent to `model` instead (a fallback).
+    fn for_model(&self, model: &str) -> (CacheKey, Value) {
+        let mut json = self.json.clone();
+        json["model"] = Value::String(model.to_owned());
+        (self.ctx.key(&json), json)
     }
 }
 

@@ -21,6 +21,9 @@ pub enum Error {
     /// The disk tier failed (I/O, or the directory is held by another process).
     #[error("disk cache: {0}")]
     Disk(#[from] DiskError),
+    /// Something that should not happen did; the message says what.
+    #[error("internal error: {0}")]
+    Internal(String),
     /// A setting is out of range; the message says which and why.
     #[error("invalid configuration: {0}")]
     Config(String),

@@ -9,6 +9,7 @@
 //! - [`client`]: [`Client`], the engine every front end shares: lookup, single flight, retries,
 //!   breaker, fallback chain, stale answers.
 //! - [`upstream`]: one HTTP attempt and its classification; retry policy, budget, breaker.
+//! - [`server`]: the proxy, `fallthrough serve`: HTTP in front of a [`Client`].
 //! - [`config`]: `fallthrough.toml` and its defaults.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`outcome`]: how a request was answered (memory, disk, miss, stale, bypass).
@@ -22,6 +23,7 @@ pub mod key;
 pub mod metrics;
 pub mod mock;
 pub mod outcome;
+pub mod server;
 pub mod sse;
 pub mod upstream;
 

@@ -1,1 +1,209 @@
-fn main() {}
+//! The `fallthrough` binary: parses arguments, sets up logging, calls the library, and prints
+//! an error chain once.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use tokio::net::TcpListener;
+use tracing_subscriber::EnvFilter;
+
+use fallthrough::mock::{self, MockConfig};
+use fallthrough::{Client, ClientBuilder, Config};
+
+/// A response cache with resilient fallthrough for LLM APIs.
+///
+/// Requests are looked up in memory, then on disk; only a miss reaches the API, through
+/// backoff, a per-model circuit breaker, a retry budget and a model-fallback chain. When the
+/// API is overloaded, a stale answer is served instead of an error.
+#[derive(Parser)]
+#[command(name = "fallthrough", version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the caching proxy: point an SDK's base URL at it.
+    Serve(ServeArgs),
+    /// Run a fault-injecting fake of the Messages API, for tests and demos.
+    Mock(MockArgs),
+}
+
+/// Settings shared by every command that uses the cache.
+#[derive(Args, Clone)]
+struct CommonArgs {
+    /// Configuration file (TOML). Flags override it.
+    #[arg(long, env = "FALLTHROUGH_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Where misses go.
+    #[arg(long, env = "FALLTHROUGH_UPSTREAM", value_name = "URL")]
+    upstream: Option<String>,
+    /// The disk cache's directory [default: the user cache directory's `fallthrough`].
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Address to listen on [default: 127.0.0.1:8787].
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+}
+
+#[derive(Args)]
+struct MockArgs {
+    /// Address to listen on; port 0 picks a free one (printed on stdout).
+    #[arg(long, default_value = "127.0.0.1:8788", value_name = "ADDR")]
+    listen: String,
+    /// Share of requests answered 529 overloaded_error.
+    #[arg(long, default_value_t = 0.0, value_name = "P")]
+    overload_rate: f64,
+    /// Models that always answer 529.
+    #[arg(long, value_delimiter = ',', value_name = "A,B")]
+    overloaded_models: Vec<String>,
+    /// Share of requests answered 429 rate_limit_error.
+    #[arg(long, default_value_t = 0.0, value_name = "P")]
+    rate_limit_rate: f64,
+    /// Share of requests answered 500 api_error.
+    #[arg(long, default_value_t = 0.0, value_name = "P")]
+    server_error_rate: f64,
+    /// `retry-after` seconds sent with 429 and 529.
+    #[arg(long, value_name = "SECONDS")]
+    retry_after: Option<u64>,
+    /// Added before every answer.
+    #[arg(long, default_value_t = 0, value_name = "MS")]
+    latency: u64,
+    /// Seed of the fault injection, for reproducible runs.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Mock(args) => run_mock(args).await,
+    }
+}
+
+/// The configuration: file, then environment and flags over it.
+fn load_config(common: &CommonArgs) -> Result<Config> {
+    let mut config = match &common.config {
+        Some(path) => Config::from_file(path)?,
+        None => Config::default(),
+    };
+    if let Some(upstream) = &common.upstream {
+        config.upstream = upstream.clone();
+    }
+    if let Some(dir) = &common.cache_dir {
+        config.cache_dir = Some(dir.clone());
+    }
+    config.validate()?;
+    Ok(config)
+}
+
+/// A client over the configured cache, with `ANTHROPIC_API_KEY` as the default credential.
+async fn build_client(config: Config) -> Result<Client> {
+    let dir = config.cache_dir();
+    let mut builder = ClientBuilder::from_config(config);
+    if let Ok(key) = std::env::var("ANTHROPIC_API_KEY") {
+        if !key.is_empty() {
+            builder = builder.credential(key);
+        }
+    }
+    builder
+        .build()
+        .await
+        .with_context(|| format!("opening the cache in {}", dir.display()))
+}
+
+async fn serve(args: ServeArgs) -> Result<ExitCode> {
+    let mut config = load_config(&args.common)?;
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    let listen = config.listen.clone();
+    let upstream = config.upstream.clone();
+    let client = build_client(config).await?;
+    let listener = TcpListener::bind(&listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, %upstream, "fallthrough serving");
+    println!("fallthrough listening on http://{addr}");
+    fallthrough::server::serve(listener, client, shutdown_signal()).await?;
+    tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_mock(args: MockArgs) -> Result<ExitCode> {
+    let config = MockConfig {
+        overload_rate: args.overload_rate,
+        overloaded_models: args.overloaded_models,
+        rate_limit_rate: args.rate_limit_rate,
+        server_error_rate: args.server_error_rate,
+        retry_after: args.retry_after,
+        latency_ms: args.latency,
+        seed: args.seed,
+        ..MockConfig::default()
+    };
+    let listener = TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    println!("mock listening on http://{}", listener.local_addr()?);
+    mock::serve(listener, config, shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutdown signal received; draining");
+}

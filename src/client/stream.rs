@@ -1,0 +1,337 @@
+//! Streamed calls (`"stream": true`): a hit is replayed as an event stream; a miss relays the
+//! upstream's events as they arrive and stores the assembled Message when `message_stop`
+//! comes. Retries, the breaker, stale answers and fallbacks apply until the first byte reaches
+//! the caller; after that the stream is the caller's, errors included.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use serde_json::Value;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tracing::{debug, info, warn, Instrument};
+
+use super::{wait, with_attempts, Call, Engine, Fetched, Prepared, Request, Response};
+use crate::cache::Lookup;
+use crate::entry::{now_millis, Freshness};
+use crate::error::{Error, UpstreamError};
+use crate::key::CacheKey;
+use crate::outcome::Outcome;
+use crate::sse::{self, Assembler, FrameParser};
+
+/// The bytes of an event stream, as they become available.
+pub type EventStream = Pin<Box<dyn Stream<Item = Result<Bytes, std::io::Error>> + Send>>;
+
+/// A streamed answer and how it was obtained.
+pub struct StreamResponse {
+    /// `text/event-stream` bytes: replayed for hits, relayed for misses.
+    pub events: EventStream,
+    pub outcome: Outcome,
+    /// The model that produces the stream.
+    pub model: String,
+    pub attempts: u32,
+    /// Age of the cached entry replayed; `None` for a live stream.
+    pub age: Option<Duration>,
+    pub key: CacheKey,
+}
+
+impl std::fmt::Debug for StreamResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamResponse")
+            .field("outcome", &self.outcome)
+            .field("model", &self.model)
+            .field("attempts", &self.attempts)
+            .field("age", &self.age)
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An answer in the form the request asked for.
+#[derive(Debug)]
+pub enum Reply {
+    Plain(Response),
+    Stream(StreamResponse),
+}
+
+impl super::Client {
+    /// Answers `request` as an event stream, whatever its body says about `stream`.
+    pub async fn stream(&self, request: Request) -> Result<StreamResponse, Error> {
+        let started = Instant::now();
+        let prepared = self.engine.prepare(request)?;
+        self.stream_prepared(prepared, started).await
+    }
+
+    /// Answers `request` plainly or as a stream, as its body's `"stream": true` asks.
+    pub async fn call(&self, request: Request) -> Result<Reply, Error> {
+        let started = Instant::now();
+        let prepared = self.engine.prepare(request)?;
+        if !prepared.stream {
+            return self
+                .execute_prepared(prepared, started)
+                .await
+                .map(Reply::Plain);
+        }
+        self.stream_prepared(prepared, started)
+            .await
+            .map(Reply::Stream)
+    }
+
+    async fn stream_prepared(
+        &self,
+        p: Prepared,
+        started: Instant,
+    ) -> Result<StreamResponse, Error> {
+        let span = super::request_span(&p);
+        let result = self
+            .engine
+            .clone()
+            .answer_stream(p)
+            .instrument(span.clone())
+            .await;
+        let summary = result
+            .as_ref()
+            .map(|r| (r.outcome, r.model.as_str(), r.attempts));
+        self.finish(&span, summary, started);
+        result
+    }
+}
+
+impl Engine {
+    async fn answer_stream(self: Arc<Self>, p: Prepared) -> Result<StreamResponse, Error> {
+        let now = now_millis();
+        let cached = match p.controls.no_cache {
+            true => None,
+            false => self.cache.get(&p.key, now).await,
+        };
+        if let Some(hit) = &cached {
+            if hit.entry.freshness(now, p.controls.max_age) == Freshness::Fresh {
+                return replay_hit(hit, p.key, now, None);
+            }
+        }
+        if p.controls.only_if_cached {
+            return Err(Error::NotCached);
+        }
+        let p = Arc::new(p);
+        // A plain fetch of the same request is under way: share it rather than call again.
+        let shared = match p.controls.no_cache || p.controls.no_store {
+            true => None,
+            false => self
+                .flights
+                .lock()
+                .expect("flights lock")
+                .get(&p.key)
+                .cloned(),
+        };
+        if let Some(rx) = shared {
+            return match (wait(rx).await, cached) {
+                (Ok(answer), _) => {
+                    let message = parse(&answer.body)?;
+                    Ok(StreamResponse {
+                        events: once(sse::replay(&message).map_err(invalid)?),
+                        outcome: answer.outcome,
+                        model: answer.model,
+                        attempts: answer.attempts,
+                        age: answer.age,
+                        key: p.key,
+                    })
+                }
+                (Err(e), Some(stale)) if e.allows_stale() => {
+                    replay_hit(&stale, p.key, now_millis(), Some(e.attempts))
+                }
+                (Err(e), _) => Err(Error::Upstream(e)),
+            };
+        }
+        self.fetch_stream(p, cached).await
+    }
+
+    /// The miss path of a stream: primary, then fallbacks, each retried until its head arrives.
+    async fn fetch_stream(
+        self: Arc<Self>,
+        p: Arc<Prepared>,
+        stale: Option<Lookup>,
+    ) -> Result<StreamResponse, Error> {
+        let deadline = Instant::now() + self.config.retry.deadline;
+        let mut attempts = 0;
+        let call = Call {
+            model: &p.model,
+            body: p.body.clone(),
+            deadline,
+            stream: true,
+            first_failure_ends: stale.is_some(),
+        };
+        let mut last = match self.call_model(&p, call, &mut attempts).await {
+            Ok(fetched) => return Ok(self.relay(fetched, &p, p.key, &p.model, attempts)),
+            Err(e) if e.allows_stale() && stale.is_some() => {
+                info!(status = e.status, "upstream cannot answer; replaying stale");
+                let engine = self.clone();
+                let refresh = p.clone();
+                tokio::spawn(async move { engine.refresh(&refresh, deadline).await });
+                let stale = stale.expect("checked");
+                return replay_hit(&stale, p.key, now_millis(), Some(attempts));
+            }
+            Err(e) if !e.allows_stale() => return Err(Error::Upstream(with_attempts(e, attempts))),
+            Err(e) => e,
+        };
+        for model in self.config.fallback.get(&p.model).into_iter().flatten() {
+            let (key, mut json) = p.for_model(model);
+            let now = now_millis();
+            if let Some(hit) = self.cache.get(&key, now).await {
+                if hit.entry.freshness(now, p.controls.max_age) == Freshness::Fresh {
+                    return replay_hit(&hit, key, now, Some(attempts));
+                }
+            }
+            json["stream"] = Value::Bool(true);
+            let call = Call {
+                model,
+                body: Bytes::from(json.to_string()),
+                deadline,
+                stream: true,
+                first_failure_ends: false,
+            };
+            match self.call_model(&p, call, &mut attempts).await {
+                Ok(fetched) => return Ok(self.relay(fetched, &p, key, model, attempts)),
+                Err(e) if !e.allows_stale() => {
+                    return Err(Error::Upstream(with_attempts(e, attempts)))
+                }
+                Err(e) => last = e,
+            }
+        }
+        Err(Error::Upstream(exhausted(last, attempts)))
+    }
+
+    /// Relays a live upstream stream to the caller through a spawned task, which assembles the
+    /// Message on the way and stores it at `message_stop`. The task reads to the end even if
+    /// the caller goes away, so an answer already paid for is kept.
+    fn relay(
+        self: &Arc<Self>,
+        fetched: Fetched,
+        p: &Prepared,
+        key: CacheKey,
+        model: &str,
+        attempts: u32,
+    ) -> StreamResponse {
+        let Fetched::Stream(response, permit) = fetched else {
+            unreachable!("a stream call returns a stream");
+        };
+        let (tx, rx) = mpsc::channel(64);
+        let store = !p.controls.no_store;
+        let engine = self.clone();
+        let model_name = model.to_owned();
+        tokio::spawn(async move {
+            let message = pump(response, permit, tx).await;
+            if let (Some(message), true) = (message, store) {
+                let body = Bytes::from(message.to_string());
+                engine.store(&key, body, &model_name, attempts, true).await;
+            }
+        });
+        StreamResponse {
+            events: Box::pin(ReceiverStream::new(rx)),
+            outcome: if p.controls.no_cache {
+                Outcome::Bypass
+            } else {
+                Outcome::Miss
+            },
+            model: model.to_owned(),
+            attempts,
+            age: None,
+            key,
+        }
+    }
+}
+
+/// Copies the upstream's bytes to `tx`, assembling the Message as they pass. Returns it only
+/// when the stream ended properly: an `error` event, a malformed stream or a cut gives `None`.
+async fn pump(
+    response: reqwest::Response,
+    _permit: OwnedSemaphorePermit,
+    tx: mpsc::Sender<Result<Bytes, std::io::Error>>,
+) -> Option<Value> {
+    let mut body = response.bytes_stream();
+    let mut parser = FrameParser::new();
+    let mut assembler = Assembler::new();
+    let mut message = None;
+    let mut broken = false;
+    let mut listening = true;
+    while let Some(chunk) = body.next().await {
+        let chunk = match chunk {
+            Ok(chunk) => chunk,
+            Err(e) => {
+                warn!(error = %e, "upstream stream broke off; nothing stored");
+                if listening {
+                    let _ = tx.send(Err(std::io::Error::other(e))).await;
+                }
+                return None;
+            }
+        };
+        if !broken && message.is_none() {
+            for frame in parser.push(&chunk) {
+                match assembler.feed(&frame) {
+                    Ok(Some(done)) => message = Some(done),
+                    Ok(None) => {}
+                    Err(e) => {
+                        debug!(error = %e, "stream will not be stored");
+                        broken = true;
+                        break;
+                    }
+                }
+            }
+        }
+        if listening && tx.send(Ok(chunk)).await.is_err() {
+            listening = false;
+        }
+    }
+    if message.is_none() && !broken {
+        warn!("upstream stream ended before message_stop; nothing stored");
+    }
+    message.filter(|_| !broken)
+}
+
+fn replay_hit(
+    hit: &Lookup,
+    key: CacheKey,
+    now: u64,
+    stale_attempts: Option<u32>,
+) -> Result<StreamResponse, Error> {
+    let message = parse(&hit.entry.body)?;
+    let answer = super::hit_answer(hit, now);
+    Ok(StreamResponse {
+        events: once(sse::replay(&message).map_err(invalid)?),
+        outcome: if stale_attempts.is_some() {
+            Outcome::Stale
+        } else {
+            answer.outcome
+        },
+        model: answer.model,
+        attempts: stale_attempts.unwrap_or(0),
+        age: answer.age,
+        key,
+    })
+}
+
+/// The error a caller gets when every model is exhausted: the last upstream error, saying when
+/// trying again makes sense (at least a second).
+pub(super) fn exhausted(mut last: UpstreamError, attempts: u32) -> UpstreamError {
+    last.retry_after = Some(
+        last.retry_after
+            .unwrap_or_default()
+            .max(Duration::from_secs(1)),
+    );
+    with_attempts(last, attempts)
+}
+
+fn once(bytes: Bytes) -> EventStream {
+    Box::pin(futures_util::stream::once(async move { Ok(bytes) }))
+}
+
+fn parse(body: &[u8]) -> Result<Value, Error> {
+    serde_json::from_slice(body).map_err(|e| Error::Internal(format!("stored body: {e}")))
+}
+
+fn invalid(e: sse::SseError) -> Error {
+    Error::Internal(format!("stored body cannot be replayed as a stream: {e}"))
+}
