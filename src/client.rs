@@ -394,6 +394,13 @@ impl Client {
         }
     }
 
+    /// The key `request` is cached under and the canonical form it hashes, without looking it
+    /// up (for `fallthrough key`).
+    pub fn canonical(&self, request: &Request) -> Result<(CacheKey, Value), Error> {
+        let p = self.engine.prepare(request.clone())?;
+        Ok((p.key, p.ctx.canonical_value(&p.json)))
+    }
+
     /// The key `request` is cached under, without looking it up.
     pub fn key(&self, request: &Request) -> Result<CacheKey, Error> {
         Ok(self.engine.prepare(request.clone())?.key)

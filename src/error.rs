@@ -41,6 +41,8 @@ pub enum DiskError {
     Locked { dir: String },
     #[error("sled: {0}")]
     Sled(#[from] sled::Error),
+    #[error("{0}")]
+    Io(std::io::Error),
     #[error("the disk tier's worker thread failed: {0}")]
     Join(#[from] tokio::task::JoinError),
 }

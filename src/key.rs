@@ -267,6 +267,57 @@ fn write_string_or_null(out: &mut impl Write, s: Option<&str>) -> std::io::Resul
     }
 }
 
+/// One place where two canonical forms differ.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Difference {
+    /// Where, e.g. `body.messages[0].content` or `anthropic_version`.
+    pub path: String,
+    /// The value on each side; `None` where the field is absent.
+    pub left: Option<Value>,
+    pub right: Option<Value>,
+}
+
+/// Every field that differs between two canonical forms (as [`KeyContext::canonical_value`]
+/// gives them): the answer to "why did this miss?".
+pub fn diff(left: &Value, right: &Value) -> Vec<Difference> {
+    let mut out = Vec::new();
+    diff_at(String::new(), left, right, &mut out);
+    out
+}
+
+fn diff_at(path: String, left: &Value, right: &Value, out: &mut Vec<Difference>) {
+    let join = |key: &str| match path.is_empty() {
+        true => key.to_owned(),
+        false => format!("{path}.{key}"),
+    };
+    match (left, right) {
+        (Value::Object(l), Value::Object(r)) => {
+            let keys: std::collections::BTreeSet<&String> = l.keys().chain(r.keys()).collect();
+            for key in keys {
+                match (l.get(key), r.get(key)) {
+                    (Some(a), Some(b)) => diff_at(join(key), a, b, out),
+                    (a, b) => out.push(Difference {
+                        path: join(key),
+                        left: a.cloned(),
+                        right: b.cloned(),
+                    }),
+                }
+            }
+        }
+        (Value::Array(l), Value::Array(r)) if l.len() == r.len() => {
+            for (i, (a, b)) in l.iter().zip(r).enumerate() {
+                diff_at(format!("{path}[{i}]"), a, b, out);
+            }
+        }
+        (a, b) if a != b => out.push(Difference {
+            path,
+            left: Some(a.clone()),
+            right: Some(b.clone()),
+        }),
+        _ => {}
+    }
+}
+
 struct HashWriter<'a>(&'a mut blake3::Hasher);
 
 impl Write for HashWriter<'_> {
@@ -394,6 +445,23 @@ mod tests {
             form,
             r#"{"anthropic_version":"2023-06-01","beta":[],"body":{"a":{"x":null,"y":[1.5,{"a":2,"b":1}]},"z":1},"credential":null,"namespace":"","path":"/v1/messages","v":1}"#
         );
+    }
+
+    #[test]
+    fn diff_names_the_fields_that_differ() {
+        let a = ctx()
+            .canonical_value(&json!({"model":"m","temperature":1,"messages":[{"content":"a"}]}));
+        let mut other = ctx();
+        other.namespace = "x".into();
+        let b = other.canonical_value(
+            &json!({"model":"m","temperature":1.0,"messages":[{"content":"b"}],"top_k":5}),
+        );
+        let paths: Vec<String> = diff(&a, &b).into_iter().map(|d| d.path).collect();
+        assert_eq!(
+            paths,
+            ["body.messages[0].content", "body.top_k", "namespace"]
+        );
+        assert!(diff(&a, &a).is_empty());
     }
 
     #[test]

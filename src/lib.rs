@@ -4,6 +4,7 @@
 //! - [`key`]: the cache key, blake3 over a canonical form of the request.
 //! - [`entry`]: a stored answer, its freshness, and its versioned, checksummed encoding.
 //! - [`cache`]: the two tiers (memory in moka, disk in sled) and promotion between them.
+//! - [`admin`]: stats, get, purge, export and import over the disk tier.
 //! - [`sse`]: server-sent events: parsing, assembling a Message, replaying one.
 //! - [`mock`]: the fault-injecting fake of the Messages API.
 //! - [`client`]: [`Client`], the engine every front end shares: lookup, single flight, retries,
@@ -14,6 +15,7 @@
 //! - [`metrics`]: Prometheus metrics.
 //! - [`outcome`]: how a request was answered (memory, disk, miss, stale, bypass).
 //! - [`error`]: the library's typed errors and the API's error shape.
+pub mod admin;
 pub mod cache;
 pub mod client;
 pub mod config;

@@ -10,7 +10,10 @@ use clap::{Args, Parser, Subcommand};
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
+use fallthrough::cache::DiskTier;
 use fallthrough::mock::{self, MockConfig};
+
+mod cmd;
 use fallthrough::{Client, ClientBuilder, Config};
 
 /// A response cache with resilient fallthrough for LLM APIs.
@@ -31,6 +34,20 @@ enum Command {
     Serve(ServeArgs),
     /// Run a fault-injecting fake of the Messages API, for tests and demos.
     Mock(MockArgs),
+    /// Inspect and manage the disk cache.
+    Cache {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[command(subcommand)]
+        command: cmd::cache::CacheCommand,
+    },
+    /// Print a request's canonical form and key; with --diff, why two requests' keys differ.
+    Key {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[command(flatten)]
+        args: cmd::key::KeyArgs,
+    },
 }
 
 /// Settings shared by every command that uses the cache.
@@ -113,6 +130,22 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Serve(args) => serve(args).await,
         Command::Mock(args) => run_mock(args).await,
+        Command::Cache { common, command } => {
+            let config = load_config(&common)?;
+            let dir = config.cache_dir();
+            let disk = DiskTier::open(&dir, config.cache.disk_bytes.as_u64())
+                .await
+                .with_context(|| format!("opening the cache in {}", dir.display()))?;
+            cmd::cache::run(command, disk).await
+        }
+        Command::Key { common, args } => {
+            let config = load_config(&common)?;
+            let client = with_credential(ClientBuilder::from_config(config))
+                .memory_only()
+                .build()
+                .await?;
+            cmd::key::run(args, client).await
+        }
     }
 }
 
@@ -135,16 +168,18 @@ fn load_config(common: &CommonArgs) -> Result<Config> {
 /// A client over the configured cache, with `ANTHROPIC_API_KEY` as the default credential.
 async fn build_client(config: Config) -> Result<Client> {
     let dir = config.cache_dir();
-    let mut builder = ClientBuilder::from_config(config);
-    if let Ok(key) = std::env::var("ANTHROPIC_API_KEY") {
-        if !key.is_empty() {
-            builder = builder.credential(key);
-        }
-    }
-    builder
+    with_credential(ClientBuilder::from_config(config))
         .build()
         .await
         .with_context(|| format!("opening the cache in {}", dir.display()))
+}
+
+/// `ANTHROPIC_API_KEY` as the credential for requests that carry none.
+fn with_credential(builder: ClientBuilder) -> ClientBuilder {
+    match std::env::var("ANTHROPIC_API_KEY") {
+        Ok(key) if !key.is_empty() => builder.credential(key),
+        _ => builder,
+    }
 }
 
 async fn serve(args: ServeArgs) -> Result<ExitCode> {

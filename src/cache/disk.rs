@@ -245,18 +245,35 @@ impl DiskTier {
         Ok(evicted)
     }
 
-    /// Every stored entry, decoded where it can be (for export, stats and purges).
+    /// Every stored entry, decoded where it can be (for stats and purges of small caches).
     pub async fn scan(&self) -> Result<Vec<Scanned>, DiskError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.visit(move |key, entry| {
+            let _ = tx.send((key, entry));
+            Ok(())
+        })
+        .await?;
+        Ok(rx.try_iter().collect())
+    }
+
+    /// Calls `f` with every stored entry, decoded where it can be, on the blocking pool, one at
+    /// a time (so an export of a large cache never holds it all in memory). Stops at `f`'s
+    /// first error.
+    pub async fn visit<F>(&self, mut f: F) -> Result<(), DiskError>
+    where
+        F: FnMut(CacheKey, Result<Entry, crate::entry::DecodeError>) -> std::io::Result<()>
+            + Send
+            + 'static,
+    {
         let tier = self.clone();
         tokio::task::spawn_blocking(move || {
-            let mut out = Vec::new();
             for item in tier.inner.entries.iter() {
                 let (k, v) = item?;
                 if let Ok(key) = <[u8; 32]>::try_from(k.as_ref()) {
-                    out.push((CacheKey(key), Entry::decode(&v)));
+                    f(CacheKey(key), Entry::decode(&v)).map_err(DiskError::Io)?;
                 }
             }
-            Ok(out)
+            Ok(())
         })
         .await?
     }

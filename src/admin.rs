@@ -1,0 +1,193 @@
+//! Cache administration over the disk tier: stats, get, purge, and export/import as JSONL so
+//! entries can move between machines.
+//!
+//! An exported line is `{"key":…,"model":…,"stored_at":…,"fresh_until":…,"stale_until":…,
+//! "body":<the Message JSON, verbatim>}` with times in Unix milliseconds. Import keeps the
+//! times, so an entry is exactly as fresh on the new machine as it was on the old one.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, Write};
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use crate::cache::DiskTier;
+use crate::entry::{Entry, Freshness, UnixMillis};
+use crate::error::DiskError;
+use crate::key::CacheKey;
+
+/// What the disk tier holds.
+#[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
+pub struct Stats {
+    pub entries: u64,
+    pub bytes: u64,
+    pub fresh: u64,
+    pub stale: u64,
+    pub expired: u64,
+    pub corrupt: u64,
+    /// Entries by the model that produced them.
+    pub by_model: BTreeMap<String, u64>,
+    /// `stored_at` of the oldest and newest entry.
+    pub oldest: Option<UnixMillis>,
+    pub newest: Option<UnixMillis>,
+}
+
+/// Which entries a purge removes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purge {
+    /// Past their stale period (and corrupt ones).
+    Expired,
+    /// Stored longer ago than this.
+    OlderThan(Duration),
+    All,
+}
+
+/// How an import went.
+#[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
+pub struct Imported {
+    pub imported: u64,
+    /// Already expired: not worth storing.
+    pub expired: u64,
+    /// Line numbers (from 1) that are not valid export lines.
+    pub invalid_lines: Vec<u64>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Line<'a> {
+    key: String,
+    model: String,
+    stored_at: UnixMillis,
+    fresh_until: UnixMillis,
+    stale_until: UnixMillis,
+    #[serde(borrow)]
+    body: &'a RawValue,
+}
+
+pub async fn stats(disk: &DiskTier, now: UnixMillis) -> Result<Stats, DiskError> {
+    let (_, bytes) = disk.usage();
+    let mut stats = Stats {
+        bytes,
+        ..Stats::default()
+    };
+    for (_, entry) in disk.scan().await? {
+        stats.entries += 1;
+        let Ok(entry) = entry else {
+            stats.corrupt += 1;
+            continue;
+        };
+        match entry.freshness(now, None) {
+            Freshness::Fresh => stats.fresh += 1,
+            Freshness::Stale => stats.stale += 1,
+            Freshness::Expired => stats.expired += 1,
+        }
+        *stats.by_model.entry(entry.model.clone()).or_default() += 1;
+        stats.oldest = Some(
+            stats
+                .oldest
+                .map_or(entry.stored_at, |o| o.min(entry.stored_at)),
+        );
+        stats.newest = Some(
+            stats
+                .newest
+                .map_or(entry.stored_at, |n| n.max(entry.stored_at)),
+        );
+    }
+    Ok(stats)
+}
+
+/// Removes what `purge` selects; returns how many entries went.
+pub async fn purge(disk: &DiskTier, purge: Purge, now: UnixMillis) -> Result<u64, DiskError> {
+    if purge == Purge::All {
+        let (entries, _) = disk.usage();
+        disk.clear().await?;
+        return Ok(entries);
+    }
+    let mut removed = 0;
+    for (key, entry) in disk.scan().await? {
+        let goes = match (&entry, purge) {
+            (Err(_), _) => true,
+            (Ok(e), Purge::Expired) => e.freshness(now, None) == Freshness::Expired,
+            (Ok(e), Purge::OlderThan(age)) => e.age(now) > age,
+            (Ok(_), Purge::All) => true,
+        };
+        if goes && disk.remove(&key)? {
+            removed += 1;
+        }
+    }
+    disk.flush().await?;
+    Ok(removed)
+}
+
+/// Writes every entry that decodes as one JSONL line; returns how many were written.
+pub async fn export(disk: &DiskTier, out: impl Write + Send + 'static) -> Result<u64, DiskError> {
+    let mut out = std::io::BufWriter::new(out);
+    let (tx, rx) = std::sync::mpsc::channel();
+    disk.visit(move |key, entry| {
+        let Ok(entry) = entry else { return Ok(()) };
+        // Stored bodies are JSON; one that is not (it cannot pass the checksum otherwise) is
+        // left out rather than exported broken.
+        let Ok(text) = String::from_utf8(entry.body.to_vec()) else {
+            return Ok(());
+        };
+        let Ok(body) = RawValue::from_string(text) else {
+            return Ok(());
+        };
+        let line = Line {
+            key: key.to_string(),
+            model: entry.model,
+            stored_at: entry.stored_at,
+            fresh_until: entry.fresh_until,
+            stale_until: entry.stale_until,
+            body: &body,
+        };
+        serde_json::to_writer(&mut out, &line)?;
+        out.write_all(b"\n")?;
+        let _ = tx.send(());
+        Ok(())
+    })
+    .await?;
+    Ok(rx.try_iter().count() as u64)
+}
+
+/// Reads JSONL made by [`export`]; invalid lines are reported, not fatal.
+pub async fn import(
+    disk: &DiskTier,
+    input: impl BufRead,
+    now: UnixMillis,
+) -> Result<Imported, DiskError> {
+    let mut report = Imported::default();
+    for (n, line) in input.lines().enumerate() {
+        let line = line.map_err(DiskError::Io)?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let Some((key, entry)) = parse_line(&line) else {
+            report.invalid_lines.push(n as u64 + 1);
+            continue;
+        };
+        if entry.freshness(now, None) == Freshness::Expired {
+            report.expired += 1;
+            continue;
+        }
+        disk.insert(&key, &entry, now)?;
+        report.imported += 1;
+    }
+    disk.flush().await?;
+    Ok(report)
+}
+
+fn parse_line(line: &str) -> Option<(CacheKey, Entry)> {
+    let line: Line = serde_json::from_str(line).ok()?;
+    let key = line.key.parse().ok()?;
+    let entry = Entry {
+        body: Bytes::copy_from_slice(line.body.get().as_bytes()),
+        model: line.model,
+        stored_at: line.stored_at,
+        fresh_until: line.fresh_until,
+        stale_until: line.stale_until,
+    };
+    (entry.stored_at <= entry.fresh_until && entry.fresh_until <= entry.stale_until)
+        .then_some((key, entry))
+}

@@ -1,0 +1,4 @@
+//! The subcommands' front ends: arguments in, library calls, output for people or `--json`.
+
+pub mod cache;
+pub mod key;
