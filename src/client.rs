@@ -49,6 +49,8 @@ pub struct Controls {
     pub max_age: Option<Duration>,
     /// Never call upstream; [`Error::NotCached`] when there is no fresh entry.
     pub only_if_cached: bool,
+    /// Use the requested model only, never its fallbacks (prewarm fills that model's entries).
+    pub no_fallback: bool,
 }
 
 /// One request to the Messages API.
@@ -207,6 +209,12 @@ impl ClientBuilder {
         self.config.retry.max_retries = max_retries;
         self.config.retry.base_delay = base_delay;
         self.config.retry.max_delay = max_delay;
+        self
+    }
+
+    /// Retries of a model before its fallback is asked. Default 0 (see [`crate::config::RetryConfig`]).
+    pub fn retries_before_fallback(mut self, n: u32) -> Self {
+        self.config.retry.retries_before_fallback = n;
         self
     }
 
@@ -618,7 +626,7 @@ impl Engine {
                 &p.model,
                 p.plain_body.clone(),
                 deadline,
-                has_stale,
+                self.retries(&p, 0, has_stale),
                 &mut attempts,
             )
             .await;
@@ -639,7 +647,7 @@ impl Engine {
             }
             Err(e) => e,
         };
-        for model in self.config.fallback.get(&p.model).into_iter().flatten() {
+        for (i, model) in self.chain(&p).iter().enumerate() {
             let (key, mut json) = p.for_model(model);
             json.as_object_mut().map(|o| o.remove("stream"));
             let body = Bytes::from(json.to_string());
@@ -653,7 +661,14 @@ impl Engine {
                 }
             }
             match self
-                .call_plain(&p, model, body, deadline, false, &mut attempts)
+                .call_plain(
+                    &p,
+                    model,
+                    body,
+                    deadline,
+                    self.retries(&p, i + 1, false),
+                    &mut attempts,
+                )
                 .await
             {
                 Ok(body) => {
@@ -671,6 +686,33 @@ impl Engine {
         tx.send_replace(Some(Err(stream::exhausted(last, attempts))));
     }
 
+    /// The fallback models of the request's model, unless the request wants its model only.
+    fn chain<'a>(&'a self, p: &Prepared) -> &'a [String] {
+        match p.controls.no_fallback {
+            true => &[],
+            false => self
+                .config
+                .fallback
+                .get(&p.model)
+                .map_or(&[], Vec::as_slice),
+        }
+    }
+
+    /// Retries allowed for the `position`th model of the request's chain (0: the primary).
+    /// With a stale entry at hand, none: the entry answers at once. A model with a fallback
+    /// after it gets `retries_before_fallback`: asking the next model answers sooner than a
+    /// backoff, and spares the model that is overloaded. The last model gets `max_retries`.
+    fn retries(&self, p: &Prepared, position: usize, has_stale: bool) -> u32 {
+        let policy = &self.config.retry;
+        if has_stale && position == 0 {
+            0
+        } else if position < self.chain(p).len() {
+            policy.retries_before_fallback
+        } else {
+            policy.max_retries
+        }
+    }
+
     /// Retries the primary in the background after a stale entry was served, at most
     /// [`MAX_REFRESHES`] at once.
     async fn refresh(&self, p: &Prepared, deadline: Instant) {
@@ -684,7 +726,7 @@ impl Engine {
                 &p.model,
                 p.plain_body.clone(),
                 deadline,
-                false,
+                self.config.retry.max_retries,
                 &mut attempts,
             )
             .await
@@ -725,7 +767,7 @@ impl Engine {
         model: &str,
         body: Bytes,
         deadline: Instant,
-        first_failure_ends: bool,
+        max_retries: u32,
         attempts: &mut u32,
     ) -> Result<Bytes, UpstreamError> {
         let call = Call {
@@ -733,7 +775,7 @@ impl Engine {
             body,
             deadline,
             stream: false,
-            first_failure_ends,
+            max_retries,
         };
         match self.call_model(p, call, attempts).await? {
             Fetched::Body(body) => Ok(body),
@@ -755,7 +797,7 @@ impl Engine {
             body,
             deadline,
             stream,
-            first_failure_ends,
+            max_retries,
         } = call;
         let policy = &self.config.retry;
         let mut retry = 0;
@@ -777,7 +819,7 @@ impl Engine {
                 Err(e) => e,
             };
             self.breakers.record(model, verdict(&error));
-            if !error.is_retryable() || first_failure_ends || retry >= policy.max_retries {
+            if !error.is_retryable() || retry >= max_retries {
                 return Err(error);
             }
             let delay = match error.retry_after {
@@ -866,8 +908,8 @@ pub(crate) struct Call<'a> {
     pub deadline: Instant,
     /// Return the response once its head arrives, for relaying as a stream.
     pub stream: bool,
-    /// Stop at the first failure: a stale entry stands by.
-    pub first_failure_ends: bool,
+    /// Retries allowed after the first attempt.
+    pub max_retries: u32,
 }
 
 /// A successful upstream answer.

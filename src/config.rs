@@ -74,6 +74,11 @@ pub struct RetryConfig {
     /// Retries allowed per window whatever the ratio, so a quiet client can still retry.
     /// Default 10.
     pub budget_floor: u32,
+    /// Retries of a model that has a fallback after it, before the fallback is asked. Default
+    /// 0: the next model answers sooner than a backoff would, and the overloaded model is
+    /// spared the extra load. The last model of a chain (or a model without one) gets
+    /// `max_retries`.
+    pub retries_before_fallback: u32,
 }
 
 /// `[breaker]`
@@ -126,6 +131,7 @@ impl Default for RetryConfig {
             deadline: Duration::from_secs(120),
             budget_ratio: 0.2,
             budget_floor: 10,
+            retries_before_fallback: 0,
         }
     }
 }

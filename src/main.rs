@@ -34,6 +34,13 @@ enum Command {
     Serve(ServeArgs),
     /// Run a fault-injecting fake of the Messages API, for tests and demos.
     Mock(MockArgs),
+    /// Replay a workload through the full client and report hit rates, savings and latency.
+    Bench {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[command(flatten)]
+        args: cmd::bench::BenchArgs,
+    },
     /// Inspect and manage the disk cache.
     Cache {
         #[command(flatten)]
@@ -52,16 +59,16 @@ enum Command {
 
 /// Settings shared by every command that uses the cache.
 #[derive(Args, Clone)]
-struct CommonArgs {
+pub struct CommonArgs {
     /// Configuration file (TOML). Flags override it.
     #[arg(long, env = "FALLTHROUGH_CONFIG", value_name = "FILE")]
-    config: Option<PathBuf>,
+    pub config: Option<PathBuf>,
     /// Where misses go.
     #[arg(long, env = "FALLTHROUGH_UPSTREAM", value_name = "URL")]
-    upstream: Option<String>,
+    pub upstream: Option<String>,
     /// The disk cache's directory [default: the user cache directory's `fallthrough`].
     #[arg(long, value_name = "DIR")]
-    cache_dir: Option<PathBuf>,
+    pub cache_dir: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -130,6 +137,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Serve(args) => serve(args).await,
         Command::Mock(args) => run_mock(args).await,
+        Command::Bench { common, args } => cmd::bench::run(args, common).await,
         Command::Cache { common, command } => {
             let config = load_config(&common)?;
             let dir = config.cache_dir();
@@ -150,7 +158,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 /// The configuration: file, then environment and flags over it.
-fn load_config(common: &CommonArgs) -> Result<Config> {
+pub fn load_config(common: &CommonArgs) -> Result<Config> {
     let mut config = match &common.config {
         Some(path) => Config::from_file(path)?,
         None => Config::default(),
@@ -175,7 +183,7 @@ async fn build_client(config: Config) -> Result<Client> {
 }
 
 /// `ANTHROPIC_API_KEY` as the credential for requests that carry none.
-fn with_credential(builder: ClientBuilder) -> ClientBuilder {
+pub fn with_credential(builder: ClientBuilder) -> ClientBuilder {
     match std::env::var("ANTHROPIC_API_KEY") {
         Ok(key) if !key.is_empty() => builder.credential(key),
         _ => builder,

@@ -25,7 +25,7 @@ use crate::outcome::Outcome;
 /// Request headers never forwarded upstream: hop-by-hop, those the HTTP client sets itself,
 /// and the proxy's own controls. `accept-encoding` goes too: a compressed body would be stored
 /// as it came.
-const NOT_FORWARDED: [&str; 13] = [
+const NOT_FORWARDED: [&str; 14] = [
     "host",
     "connection",
     "keep-alive",
@@ -39,6 +39,7 @@ const NOT_FORWARDED: [&str; 13] = [
     "accept-encoding",
     "cache-control",
     "x-fallthrough-namespace",
+    "x-fallthrough-fallback",
 ];
 
 /// Response headers of the upstream never passed back (hop-by-hop and length, which the
@@ -215,9 +216,13 @@ fn api_error(status: u16, message: &str) -> HttpResponse {
     out
 }
 
-/// `cache-control` request directives, as SPEC lists them.
+/// `cache-control` request directives, as SPEC lists them, and `x-fallthrough-fallback: off`.
 fn controls(headers: &HeaderMap) -> Controls {
-    let mut c = Controls::default();
+    let mut c = Controls {
+        no_fallback: header_text(headers, "x-fallthrough-fallback")
+            .is_some_and(|v| v.eq_ignore_ascii_case("off")),
+        ..Controls::default()
+    };
     for value in headers.get_all("cache-control") {
         let Ok(value) = value.to_str() else { continue };
         for directive in value.split(',').map(str::trim) {

@@ -162,7 +162,7 @@ impl Engine {
             body: p.body.clone(),
             deadline,
             stream: true,
-            first_failure_ends: stale.is_some(),
+            max_retries: self.retries(&p, 0, stale.is_some()),
         };
         let mut last = match self.call_model(&p, call, &mut attempts).await {
             Ok(fetched) => return Ok(self.relay(fetched, &p, p.key, &p.model, attempts)),
@@ -177,7 +177,7 @@ impl Engine {
             Err(e) if !e.allows_stale() => return Err(Error::Upstream(with_attempts(e, attempts))),
             Err(e) => e,
         };
-        for model in self.config.fallback.get(&p.model).into_iter().flatten() {
+        for (i, model) in self.chain(&p).iter().enumerate() {
             let (key, mut json) = p.for_model(model);
             let now = now_millis();
             if let Some(hit) = self.cache.get(&key, now).await {
@@ -191,7 +191,7 @@ impl Engine {
                 body: Bytes::from(json.to_string()),
                 deadline,
                 stream: true,
-                first_failure_ends: false,
+                max_retries: self.retries(&p, i + 1, false),
             };
             match self.call_model(&p, call, &mut attempts).await {
                 Ok(fetched) => return Ok(self.relay(fetched, &p, key, model, attempts)),
