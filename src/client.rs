@@ -396,7 +396,7 @@ impl Client {
             }
             Err(e) => {
                 span.record("outcome", "error");
-                debug!(parent: span, error = %e, "request failed");
+                debug!(parent: span, error = %crate::error::report(e), "request failed");
                 self.engine.metrics.request_failed(elapsed);
             }
         }

@@ -19,7 +19,7 @@ pub enum Error {
     #[error("not in the cache and only-if-cached was asked")]
     NotCached,
     /// The disk tier failed (I/O, or the directory is held by another process).
-    #[error("disk cache: {0}")]
+    #[error("disk cache")]
     Disk(#[from] DiskError),
     /// Something that should not happen did; the message says what.
     #[error("internal error: {0}")]
@@ -39,11 +39,11 @@ pub enum DiskError {
          send the requests through that server with `--server URL`, or use another `--cache-dir`"
     )]
     Locked { dir: String },
-    #[error("sled: {0}")]
+    #[error("sled")]
     Sled(#[from] sled::Error),
-    #[error("{0}")]
-    Io(std::io::Error),
-    #[error("the disk tier's worker thread failed: {0}")]
+    #[error("I/O")]
+    Io(#[source] std::io::Error),
+    #[error("the disk tier's worker thread failed")]
     Join(#[from] tokio::task::JoinError),
 }
 
@@ -124,6 +124,19 @@ impl UpstreamError {
             .unwrap_or_default();
         format!("{} {:?} {}", self.status, self.kind, message)
     }
+}
+
+/// An error and its sources, joined by `: `, for logs and messages (each level names only
+/// itself, so nothing repeats).
+pub fn report(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
 }
 
 /// The `error.type` the Messages API uses for a status.

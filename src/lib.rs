@@ -5,17 +5,20 @@
 //! - [`entry`]: a stored answer, its freshness, and its versioned, checksummed encoding.
 //! - [`cache`]: the two tiers (memory in moka, disk in sled) and promotion between them.
 //! - [`admin`]: stats, get, purge, export and import over the disk tier.
+//! - [`prewarm`]: filling the cache from a JSONL file of requests.
 //! - [`sse`]: server-sent events: parsing, assembling a Message, replaying one.
 //! - [`mock`]: the fault-injecting fake of the Messages API.
 //! - [`client`]: [`Client`], the engine every front end shares: lookup, single flight, retries,
 //!   breaker, fallback chain, stale answers.
 //! - [`upstream`]: one HTTP attempt and its classification; retry policy, budget, breaker.
+//! - [`bench`]: replaying a workload through a [`Client`] and reporting hits, savings, latency.
 //! - [`server`]: the proxy, `fallthrough serve`: HTTP in front of a [`Client`].
 //! - [`config`]: `fallthrough.toml` and its defaults.
 //! - [`metrics`]: Prometheus metrics.
 //! - [`outcome`]: how a request was answered (memory, disk, miss, stale, bypass).
 //! - [`error`]: the library's typed errors and the API's error shape.
 pub mod admin;
+pub mod bench;
 pub mod cache;
 pub mod client;
 pub mod config;
@@ -25,6 +28,7 @@ pub mod key;
 pub mod metrics;
 pub mod mock;
 pub mod outcome;
+pub mod prewarm;
 pub mod server;
 pub mod sse;
 pub mod upstream;

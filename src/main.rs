@@ -34,6 +34,13 @@ enum Command {
     Serve(ServeArgs),
     /// Run a fault-injecting fake of the Messages API, for tests and demos.
     Mock(MockArgs),
+    /// Fill the cache from a JSONL file of Messages requests (a rerun resumes).
+    Prewarm {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[command(flatten)]
+        args: cmd::prewarm::PrewarmArgs,
+    },
     /// Replay a workload through the full client and report hit rates, savings and latency.
     Bench {
         #[command(flatten)]
@@ -137,6 +144,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Serve(args) => serve(args).await,
         Command::Mock(args) => run_mock(args).await,
+        Command::Prewarm { common, args } => cmd::prewarm::run(args, common).await,
         Command::Bench { common, args } => cmd::bench::run(args, common).await,
         Command::Cache { common, command } => {
             let config = load_config(&common)?;

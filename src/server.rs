@@ -197,8 +197,9 @@ fn error_response(e: Error) -> HttpResponse {
             "not in the cache, and the request said cache-control: only-if-cached",
         ),
         other => {
-            warn!(error = %other, "request failed inside the proxy");
-            api_error(500, &other.to_string())
+            let message = crate::error::report(&other);
+            warn!(error = %message, "request failed inside the proxy");
+            api_error(500, &message)
         }
     };
     out.headers_mut()

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use tracing::{debug, error, warn};
 
 use crate::entry::{Entry, UnixMillis};
-use crate::error::DiskError;
+use crate::error::{report, DiskError};
 use crate::key::CacheKey;
 
 /// Bookkeeping bytes per entry besides its encoded value (key twice, access time).
@@ -184,7 +184,7 @@ impl DiskTier {
         let run = move || {
             match tier.evict_blocking(now, tier.inner.max_bytes) {
                 Ok(evicted) => debug!(?evicted, "disk cache eviction"),
-                Err(e) => error!(error = %e, "disk cache eviction failed"),
+                Err(e) => error!(error = %report(&e), "disk cache eviction failed"),
             }
             tier.inner.evicting.store(false, Ordering::Release);
         };

@@ -14,7 +14,7 @@ pub use disk::{DiskTier, Evicted, Scanned};
 pub use memory::MemoryTier;
 
 use crate::entry::{Entry, Freshness, UnixMillis};
-use crate::error::DiskError;
+use crate::error::{report, DiskError};
 use crate::key::CacheKey;
 
 /// Which tier answered a lookup.
@@ -94,7 +94,7 @@ impl Cache {
             }
             Ok(None) => None,
             Err(e) => {
-                warn!(%key, error = %e, "disk cache read failed; treating as a miss");
+                warn!(%key, error = %report(&e), "disk cache read failed; treating as a miss");
                 None
             }
         }
@@ -154,7 +154,7 @@ impl Cache {
 
     fn log_disk_error(&self, result: Result<(), DiskError>) {
         if let Err(e) = result {
-            warn!(error = %e, "disk cache write failed");
+            warn!(error = %report(&e), "disk cache write failed");
         }
     }
 }

@@ -1,13 +1,358 @@
 //! `fallthrough bench FILE.jsonl [--concurrency N] [--repeat N] [--json] [--mock ...]`
 
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use fallthrough::bench::{self, Options, Report, Workload};
+use fallthrough::mock::{MockConfig, MockServer};
+use fallthrough::ClientBuilder;
+
+/// The model the `--mock` demo falls back to when the configuration names no fallback.
+const DEMO_FALLBACK: &str = "claude-haiku-4-5";
+/// Runs shorter than this get no progress bar.
+const PROGRESS_FROM: usize = 300;
+/// The credential sent to the in-process fake (never the real key).
+const MOCK_KEY: &str = "sk-fallthrough-bench-mock";
 
 #[derive(Args)]
-pub struct BenchArgs {}
+pub struct BenchArgs {
+    /// The workload: one Messages request body (JSON) a line.
+    #[arg(value_name = "FILE.jsonl")]
+    file: PathBuf,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 8, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    concurrency: u32,
+    /// Passes over the workload.
+    #[arg(long, default_value_t = 1, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=1_000))]
+    repeat: u32,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    json: bool,
+    /// Fallback chain for a model, `MODEL=A,B` (repeatable); replaces the configured one.
+    #[arg(long, value_name = "MODEL=A,B", value_parser = parse_fallback)]
+    fallback: Vec<(String, Vec<String>)>,
+    /// Freshness period of stored answers (e.g. `10m`, `24h`) [default: the configuration's].
+    #[arg(long, value_name = "DUR", value_parser = humantime::parse_duration)]
+    ttl: Option<Duration>,
 
-pub async fn run(_args: BenchArgs, _common: crate::CommonArgs) -> Result<ExitCode> {
-    anyhow::bail!("bench is being built")
+    /// Run against an in-process fake of the API (no key needed). Without --cache-dir it uses
+    /// a fresh temporary cache, and without a configured fallback every model of the workload
+    /// falls back to claude-haiku-4-5.
+    #[arg(long, help_heading = "Fake API (--mock)")]
+    mock: bool,
+    /// Share of requests the fake answers 529 overloaded_error.
+    #[arg(long, requires = "mock", value_name = "P", value_parser = probability,
+          help_heading = "Fake API (--mock)")]
+    overload_rate: Option<f64>,
+    /// Models the fake always answers 529.
+    #[arg(
+        long,
+        requires = "mock",
+        value_delimiter = ',',
+        value_name = "A,B",
+        help_heading = "Fake API (--mock)"
+    )]
+    overloaded_models: Vec<String>,
+    /// Share of requests the fake answers 429 rate_limit_error.
+    #[arg(long, requires = "mock", value_name = "P", value_parser = probability,
+          help_heading = "Fake API (--mock)")]
+    rate_limit_rate: Option<f64>,
+    /// Share of requests the fake answers 500 api_error.
+    #[arg(long, requires = "mock", value_name = "P", value_parser = probability,
+          help_heading = "Fake API (--mock)")]
+    server_error_rate: Option<f64>,
+    /// `retry-after` seconds the fake sends with 429 and 529.
+    #[arg(
+        long,
+        requires = "mock",
+        value_name = "SECONDS",
+        help_heading = "Fake API (--mock)"
+    )]
+    retry_after: Option<u64>,
+    /// Delay before each of the fake's answers, so misses cost something [default: 20].
+    #[arg(
+        long,
+        requires = "mock",
+        value_name = "MS",
+        help_heading = "Fake API (--mock)"
+    )]
+    latency: Option<u64>,
+    /// Seed of the fake's fault injection, for reproducible runs.
+    #[arg(
+        long,
+        requires = "mock",
+        value_name = "N",
+        help_heading = "Fake API (--mock)"
+    )]
+    seed: Option<u64>,
+}
+
+fn probability(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(p) if (0.0..=1.0).contains(&p) => Ok(p),
+        Ok(_) => Err("must be between 0 and 1".into()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+fn parse_fallback(s: &str) -> Result<(String, Vec<String>), String> {
+    let (model, chain) = s
+        .split_once('=')
+        .ok_or("expected MODEL=A,B (a model, `=`, and the models to try in turn)")?;
+    let chain: Vec<String> = chain
+        .split(',')
+        .map(str::trim)
+        .filter(|m| !m.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if model.trim().is_empty() || chain.is_empty() {
+        return Err("expected MODEL=A,B with a model on each side".into());
+    }
+    Ok((model.trim().to_owned(), chain))
+}
+
+pub async fn run(args: BenchArgs, common: crate::CommonArgs) -> Result<ExitCode> {
+    let workload = Workload::read(&args.file)?;
+    let mut config = crate::load_config(&common)?;
+    if let Some(ttl) = args.ttl {
+        config.cache.ttl = ttl;
+    }
+    for (model, chain) in &args.fallback {
+        config.fallback.insert(model.clone(), chain.clone());
+    }
+    let mut temp_dir = None;
+    let mut mock = None;
+    let builder = if args.mock {
+        if config.fallback.is_empty() {
+            for model in workload.models() {
+                if model != DEMO_FALLBACK {
+                    config
+                        .fallback
+                        .insert(model, vec![DEMO_FALLBACK.to_owned()]);
+                }
+            }
+        }
+        if common.cache_dir.is_none() {
+            let dir = fresh_temp_dir()?;
+            config.cache_dir = Some(dir.clone());
+            temp_dir = Some(TempDir(dir));
+        }
+        let server = MockServer::start(MockConfig {
+            overload_rate: args.overload_rate.unwrap_or(0.0),
+            overloaded_models: args.overloaded_models.clone(),
+            rate_limit_rate: args.rate_limit_rate.unwrap_or(0.0),
+            server_error_rate: args.server_error_rate.unwrap_or(0.0),
+            retry_after: args.retry_after,
+            latency_ms: args.latency.unwrap_or(20),
+            seed: args.seed.unwrap_or(0),
+            ..MockConfig::default()
+        })
+        .await
+        .context("starting the fake API")?;
+        let url = server.url();
+        mock = Some(server);
+        ClientBuilder::from_config(config.clone())
+            .upstream(url)
+            .credential(MOCK_KEY)
+    } else {
+        if std::env::var_os("ANTHROPIC_API_KEY").is_none() {
+            eprintln!(
+                "warning: ANTHROPIC_API_KEY is not set; requests go to {} without a key \
+                 (use --mock to try bench without one)",
+                config.upstream
+            );
+        }
+        crate::with_credential(ClientBuilder::from_config(config.clone()))
+    };
+    let dir = config.cache_dir();
+    let client = builder
+        .build()
+        .await
+        .with_context(|| format!("opening the cache in {}", dir.display()))?;
+
+    let options = Options {
+        concurrency: args.concurrency as usize,
+        repeat: args.repeat as usize,
+    };
+    let total = workload.lines.len() * options.repeat;
+    let bar = (std::io::stderr().is_terminal() && total >= PROGRESS_FROM).then(|| progress(total));
+    let mut report = bench::run(&client, &workload, &options, |done| {
+        if let Some(bar) = &bar {
+            bar.set_position(done);
+        }
+    })
+    .await;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    report.file = Some(args.file.display().to_string());
+    if let Some(mock) = &mock {
+        report.set_mock_stats(&mock.stats());
+    }
+    if temp_dir.is_none() {
+        client.flush().await.context("writing the cache out")?;
+    }
+    drop(client);
+    if let Some(mock) = mock {
+        mock.shutdown().await;
+    }
+    drop(temp_dir);
+
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_report(&report, args.mock);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn progress(total: usize) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(Some(total as u64), ProgressDrawTarget::stderr());
+    if let Ok(style) =
+        ProgressStyle::with_template("{bar:40} {pos}/{len} requests  {per_sec}  eta {eta}")
+    {
+        bar.set_style(style);
+    }
+    bar
+}
+
+/// A directory under the system's temp dir, removed when dropped: `--mock` starts cold.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn fresh_temp_dir() -> Result<PathBuf> {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let dir = std::env::temp_dir().join(format!(
+        "fallthrough-bench-{}-{nanos:09}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("creating a temporary cache in {}", dir.display()))?;
+    Ok(dir)
+}
+
+fn print_report(r: &Report, mock: bool) {
+    let file = r.file.as_deref().map(Path::new).map(Path::display);
+    if let Some(file) = file {
+        println!(
+            "workload     {file}: {} lines x {} = {} requests ({} distinct, {} streamed), \
+             concurrency {}",
+            r.lines, r.repeat, r.requests, r.distinct_requests, r.streamed, r.concurrency
+        );
+    }
+    if !r.invalid_lines.is_empty() {
+        println!(
+            "invalid      {} lines skipped: {}",
+            r.invalid_lines.len(),
+            bench::line_list(&r.invalid_lines)
+        );
+    }
+    println!(
+        "wall time    {:.2} s, {:.1} req/s",
+        r.wall_time_s, r.throughput_rps
+    );
+    println!();
+    println!(
+        "{:<8} {:>7} {:>7} {:>9} {:>9} {:>9} {:>9}",
+        "outcome", "count", "share", "p50", "p95", "p99", "max"
+    );
+    let rows = [
+        ("memory", r.memory),
+        ("disk", r.disk),
+        ("stale", r.stale),
+        ("miss", r.misses),
+        ("bypass", r.bypass),
+        ("error", r.errors),
+    ];
+    for (name, count) in rows {
+        let latency = r.latency_us.get(name).cloned().unwrap_or_default();
+        let share = match r.requests {
+            0 => 0.0,
+            n => count as f64 * 100.0 / n as f64,
+        };
+        println!(
+            "{:<8} {:>7} {:>6.1}% {:>9} {:>9} {:>9} {:>9}",
+            name,
+            count,
+            share,
+            micros(latency.p50),
+            micros(latency.p95),
+            micros(latency.p99),
+            micros(latency.max)
+        );
+    }
+    println!("{:<8} {:>7} {:>6.1}%", "total", r.requests, 100.0);
+    println!();
+    println!(
+        "hit rate           {:.1}%  (memory {:.1}%, disk {:.1}%, stale {:.1}%)",
+        r.hit_rate * 100.0,
+        r.memory_rate * 100.0,
+        r.disk_rate * 100.0,
+        r.stale_rate * 100.0
+    );
+    println!("answered           {} of {}", r.answered, r.requests);
+    let errors = match r.errors {
+        0 => "0".to_owned(),
+        n => format!("{n} ({})", counts(&r.errors_by_status)),
+    };
+    println!("errors             {errors}");
+    println!(
+        "upstream attempts  {} (summed over requests; retries and fallbacks included)",
+        r.upstream_attempts
+    );
+    if let (true, Some(n)) = (mock, r.mock_requests) {
+        let by_status = r.mock_by_status.as_ref().map(counts).unwrap_or_default();
+        println!("fake API received  {n} ({by_status})");
+    }
+    println!("calls saved        {}", r.calls_saved);
+    println!("tokens saved       {}", thousands(r.tokens_saved));
+    println!(
+        "fallback answers   {} (answered by another model than asked)",
+        r.fallback_answers
+    );
+}
+
+/// `529: 3, 429: 1`
+fn counts(map: &std::collections::BTreeMap<String, u64>) -> String {
+    map.iter()
+        .map(|(k, v)| format!("{k}: {v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// A latency in µs for people: `850µs`, `23.4ms`, `1.25s`; `-` when there is none.
+fn micros(us: Option<u64>) -> String {
+    match us {
+        None => "-".to_owned(),
+        Some(us) if us < 1_000 => format!("{us}µs"),
+        Some(us) if us < 1_000_000 => format!("{:.1}ms", us as f64 / 1e3),
+        Some(us) => format!("{:.2}s", us as f64 / 1e6),
+    }
+}
+
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }

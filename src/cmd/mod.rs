@@ -3,3 +3,4 @@
 pub mod bench;
 pub mod cache;
 pub mod key;
+pub mod prewarm;

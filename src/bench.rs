@@ -1,0 +1,556 @@
+//! Replaying a workload through a [`Client`] and measuring what the cache did
+//! (`fallthrough bench`).
+//!
+//! It owns the replay and its [`Report`]: a workload is a JSONL file of Messages request bodies
+//! ([`Workload`]); [`run`] sends them, `repeat` times over, through [`Client::call`], with
+//! `concurrency` requests in flight, started in file order so that a repeat later in the file
+//! can hit what an earlier line stored. Streamed requests are drained to the end, as a caller
+//! would, so their latency covers the whole answer. Printing belongs to the binary.
+//!
+//! ```no_run
+//! # async fn demo(client: fallthrough::Client) -> Result<(), fallthrough::bench::BenchError> {
+//! use fallthrough::bench::{self, Options, Workload};
+//!
+//! let workload = Workload::read("examples/workload.jsonl".as_ref())?;
+//! let report = bench::run(&client, &workload, &Options::default(), |_done| {}).await;
+//! println!("hit rate {:.1}%", report.hit_rate * 100.0);
+//! # Ok(()) }
+//! ```
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::client::Reply;
+use crate::error::Error;
+use crate::mock::MockStats;
+use crate::outcome::Outcome;
+use crate::{Client, Request};
+
+/// Errors that stop a bench before it starts; failed requests are not errors, they are counted
+/// in the [`Report`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BenchError {
+    #[error("bench: cannot read the workload {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "bench: the workload {} has no valid request lines{}",
+        path.display(),
+        invalid_note(invalid_lines)
+    )]
+    NoRequests {
+        path: PathBuf,
+        /// 1-based numbers of the lines that were not request bodies.
+        invalid_lines: Vec<usize>,
+    },
+}
+
+fn invalid_note(lines: &[usize]) -> String {
+    match lines {
+        [] => " (it is empty)".to_owned(),
+        lines => format!(" (invalid lines: {})", line_list(lines)),
+    }
+}
+
+/// `1, 4, 9`, shortened after 20 numbers.
+pub fn line_list(lines: &[usize]) -> String {
+    let mut text = lines
+        .iter()
+        .take(20)
+        .map(usize::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    if lines.len() > 20 {
+        text.push_str(&format!(", ... ({} in all)", lines.len()));
+    }
+    text
+}
+
+/// One request of a workload.
+#[derive(Debug, Clone)]
+pub struct Line {
+    /// 1-based line number in the file.
+    pub number: usize,
+    /// The body, byte for byte as in the file.
+    pub body: Bytes,
+    /// The `model` the body asks for: an answer from another model is a fallback's.
+    pub model: String,
+    /// The body asks for `"stream": true`.
+    pub stream: bool,
+}
+
+/// A parsed workload: the usable lines, and the numbers of those that were not.
+#[derive(Debug, Clone, Default)]
+pub struct Workload {
+    pub lines: Vec<Line>,
+    /// 1-based numbers of lines that are not a JSON object with a string `model`; they are
+    /// skipped. Blank lines are neither requests nor invalid.
+    pub invalid_lines: Vec<usize>,
+}
+
+impl Workload {
+    /// Parses JSONL text: one Messages request body a line.
+    pub fn parse(text: &str) -> Workload {
+        let mut workload = Workload::default();
+        for (i, raw) in text.lines().enumerate() {
+            let raw = raw.trim();
+            if raw.is_empty() {
+                continue;
+            }
+            let number = i + 1;
+            let parsed = serde_json::from_str::<Value>(raw).ok();
+            let model = parsed
+                .as_ref()
+                .and_then(|v| v.get("model"))
+                .and_then(Value::as_str);
+            match (parsed.as_ref(), model) {
+                (Some(json), Some(model)) if !model.is_empty() => workload.lines.push(Line {
+                    number,
+                    body: Bytes::copy_from_slice(raw.as_bytes()),
+                    model: model.to_owned(),
+                    stream: json.get("stream") == Some(&Value::Bool(true)),
+                }),
+                _ => workload.invalid_lines.push(number),
+            }
+        }
+        workload
+    }
+
+    /// Reads and parses `path`; a workload without a single valid line is an error.
+    pub fn read(path: &Path) -> Result<Workload, BenchError> {
+        let text = std::fs::read_to_string(path).map_err(|source| BenchError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let workload = Workload::parse(&text);
+        if workload.lines.is_empty() {
+            return Err(BenchError::NoRequests {
+                path: path.to_owned(),
+                invalid_lines: workload.invalid_lines,
+            });
+        }
+        Ok(workload)
+    }
+
+    /// The models the workload asks for, each once, in order of first appearance.
+    pub fn models(&self) -> Vec<String> {
+        let mut seen = HashSet::new();
+        self.lines
+            .iter()
+            .filter(|l| seen.insert(l.model.as_str()))
+            .map(|l| l.model.clone())
+            .collect()
+    }
+}
+
+/// How to replay a workload.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// Requests in flight at once (at least 1). Default 8.
+    pub concurrency: usize,
+    /// Passes over the workload (at least 1). Default 1.
+    pub repeat: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            concurrency: 8,
+            repeat: 1,
+        }
+    }
+}
+
+/// Latency of one outcome, in microseconds; the percentiles are `null` when no request had
+/// that outcome.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Latency {
+    pub count: u64,
+    pub p50: Option<u64>,
+    pub p95: Option<u64>,
+    pub p99: Option<u64>,
+    pub max: Option<u64>,
+    pub mean: Option<f64>,
+}
+
+impl Latency {
+    fn of(h: &Histogram<u64>) -> Latency {
+        if h.is_empty() {
+            return Latency::default();
+        }
+        Latency {
+            count: h.len(),
+            p50: Some(h.value_at_quantile(0.50)),
+            p95: Some(h.value_at_quantile(0.95)),
+            p99: Some(h.value_at_quantile(0.99)),
+            max: Some(h.max()),
+            mean: Some(h.mean()),
+        }
+    }
+}
+
+/// The result of a bench run; `--json` prints it as one object with these fields.
+///
+/// Counts of requests (a request is one line sent once; `requests = lines × repeat`):
+/// - `requests`, `answered` (an answer, from anywhere), `errors` (no answer);
+///   `errors_by_status`: errors by the upstream's HTTP status (`"529"`, `"429"`, ...), or
+///   `"stream"` (a stream that broke off before `message_stop`), `"invalid"` (the client refused
+///   the body), `"internal"`, `"disk"`.
+/// - by outcome: `memory`, `disk` (fresh hits of each tier; `hits` is their sum), `stale` (a
+///   stale entry stood in for a failed upstream), `misses` (the upstream answered), `bypass`.
+///   `hits + stale + misses + bypass + errors == requests`.
+/// - rates over `requests`: `hit_rate` (memory + disk + stale: answered from the cache),
+///   `memory_rate`, `disk_rate`, `stale_rate`, `miss_rate`, `error_rate`.
+///
+/// Savings and the upstream:
+/// - `upstream_attempts`: the sum of the attempts each request reports (failed ones, retries
+///   and fallbacks included). Requests that shared one fetch (single flight) each count it,
+///   and background refreshes are not counted; `mock_requests` is the exact count when known.
+/// - `mock_requests`, `mock_by_status` (status -> count): what the in-process fake received
+///   (`--mock`); `null` otherwise.
+/// - `calls_saved`: answers from the cache (`hit_rate`'s numerator), each a paid call not made.
+/// - `tokens_saved`: `usage.input_tokens + usage.output_tokens` summed over those answers.
+/// - `fallback_answers`: answers from a model other than the one asked for.
+///
+/// The workload and the run: `file` (when set by the caller), `lines` (valid lines),
+/// `invalid_lines` (their 1-based numbers), `distinct_requests` (distinct cache keys among the
+/// lines), `streamed` (requests sent with `"stream": true`), `repeat`, `concurrency`,
+/// `wall_time_s`, `throughput_rps` (requests per second of wall time).
+///
+/// `latency_us`: for each of `memory`, `disk`, `stale`, `miss`, `bypass`, `error`: `count`,
+/// `p50`, `p95`, `p99`, `max` and `mean`, in microseconds from the call to the end of the
+/// answer (a stream's last byte).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Report {
+    pub file: Option<String>,
+    pub lines: usize,
+    pub invalid_lines: Vec<usize>,
+    pub distinct_requests: usize,
+    pub repeat: usize,
+    pub concurrency: usize,
+    pub requests: u64,
+    pub streamed: u64,
+    pub answered: u64,
+    pub errors: u64,
+    pub errors_by_status: BTreeMap<String, u64>,
+    pub hits: u64,
+    pub memory: u64,
+    pub disk: u64,
+    pub stale: u64,
+    pub misses: u64,
+    pub bypass: u64,
+    pub hit_rate: f64,
+    pub memory_rate: f64,
+    pub disk_rate: f64,
+    pub stale_rate: f64,
+    pub miss_rate: f64,
+    pub error_rate: f64,
+    pub upstream_attempts: u64,
+    pub mock_requests: Option<u64>,
+    pub mock_by_status: Option<BTreeMap<String, u64>>,
+    pub calls_saved: u64,
+    pub tokens_saved: u64,
+    pub fallback_answers: u64,
+    pub wall_time_s: f64,
+    pub throughput_rps: f64,
+    pub latency_us: BTreeMap<String, Latency>,
+}
+
+impl Report {
+    /// Adds what the in-process fake saw (`--mock`).
+    pub fn set_mock_stats(&mut self, stats: &MockStats) {
+        let mut by_status = BTreeMap::new();
+        for statuses in stats.by_model.values() {
+            for (status, n) in statuses {
+                *by_status.entry(status.to_string()).or_default() += n;
+            }
+        }
+        self.mock_requests = Some(stats.requests);
+        self.mock_by_status = Some(by_status);
+    }
+}
+
+/// The name of an outcome in the report, errors included.
+const ERROR: &str = "error";
+
+/// What one request came to.
+struct Sample {
+    /// `Ok(outcome)`, or `Err(label)` for `errors_by_status`.
+    result: Result<Outcome, String>,
+    latency: Duration,
+    attempts: u32,
+    /// `usage` input + output tokens of the answer.
+    tokens: u64,
+    fallback: bool,
+    streamed: bool,
+}
+
+/// Replays `workload` through `client` as `options` say and reports what happened.
+/// `progress` is called with the number of requests finished after each one.
+///
+/// Requests start in file order (pass after pass), at most `options.concurrency` at once; each
+/// runs in its own task, so a slow one does not hold up the measurement of the others.
+pub async fn run(
+    client: &Client,
+    workload: &Workload,
+    options: &Options,
+    mut progress: impl FnMut(u64),
+) -> Report {
+    let concurrency = options.concurrency.max(1);
+    let repeat = options.repeat.max(1);
+    let distinct = workload
+        .lines
+        .iter()
+        .filter_map(|l| client.key(&Request::messages(l.body.clone())).ok())
+        .collect::<HashSet<_>>()
+        .len();
+    let mut tally = Tally::new();
+    let started = Instant::now();
+    let jobs = (0..repeat).flat_map(|_| workload.lines.iter().cloned());
+    let mut finished = futures_util::stream::iter(jobs)
+        .map(|line| {
+            let client = client.clone();
+            tokio::spawn(async move { replay(&client, &line).await })
+        })
+        .buffer_unordered(concurrency);
+    let mut done = 0;
+    while let Some(joined) = finished.next().await {
+        let sample = joined.unwrap_or_else(|_| Sample {
+            result: Err("internal".into()),
+            latency: Duration::ZERO,
+            attempts: 0,
+            tokens: 0,
+            fallback: false,
+            streamed: false,
+        });
+        tally.add(sample);
+        done += 1;
+        progress(done);
+    }
+    let mut report = tally.report(started.elapsed());
+    report.lines = workload.lines.len();
+    report.invalid_lines = workload.invalid_lines.clone();
+    report.distinct_requests = distinct;
+    report.repeat = repeat;
+    report.concurrency = concurrency;
+    report
+}
+
+/// Sends one line and reads its whole answer.
+async fn replay(client: &Client, line: &Line) -> Sample {
+    let started = Instant::now();
+    let mut sample = Sample {
+        result: Err(ERROR.into()),
+        latency: Duration::ZERO,
+        attempts: 0,
+        tokens: 0,
+        fallback: false,
+        streamed: line.stream,
+    };
+    let answer = match client.call(Request::messages(line.body.clone())).await {
+        Ok(Reply::Plain(r)) => {
+            sample.attempts = r.attempts;
+            Ok((
+                r.outcome,
+                r.model,
+                serde_json::from_slice::<Value>(&r.body).ok(),
+            ))
+        }
+        Ok(Reply::Stream(mut s)) => {
+            sample.attempts = s.attempts;
+            let mut bytes = Vec::new();
+            let mut broken = false;
+            while let Some(chunk) = s.events.next().await {
+                match chunk {
+                    Ok(chunk) => bytes.extend_from_slice(&chunk),
+                    Err(_) => {
+                        broken = true;
+                        break;
+                    }
+                }
+            }
+            match crate::sse::assemble(&bytes) {
+                Ok(message) if !broken => Ok((s.outcome, s.model, Some(message))),
+                _ => Err("stream".to_owned()),
+            }
+        }
+        Err(Error::Upstream(e)) => {
+            sample.attempts = e.attempts;
+            Err(e.status.to_string())
+        }
+        Err(Error::InvalidRequest(_)) => Err("invalid".to_owned()),
+        Err(Error::Disk(_)) => Err("disk".to_owned()),
+        Err(_) => Err("internal".to_owned()),
+    };
+    sample.latency = started.elapsed();
+    match answer {
+        Ok((outcome, model, message)) => {
+            if outcome.is_hit() {
+                sample.tokens = message.as_ref().map_or(0, tokens_of);
+            }
+            sample.fallback = model != line.model;
+            sample.result = Ok(outcome);
+        }
+        Err(label) => sample.result = Err(label),
+    }
+    sample
+}
+
+/// `usage.input_tokens + usage.output_tokens` of a Message.
+fn tokens_of(message: &Value) -> u64 {
+    let usage = &message["usage"];
+    usage["input_tokens"].as_u64().unwrap_or(0) + usage["output_tokens"].as_u64().unwrap_or(0)
+}
+
+/// Running counts while the replay goes.
+struct Tally {
+    report: Report,
+    /// Latency by outcome name, in µs: 1 µs to 1 hour, 3 significant digits.
+    latency: BTreeMap<&'static str, Histogram<u64>>,
+}
+
+impl Tally {
+    fn new() -> Tally {
+        let names = Outcome::ALL.iter().map(|o| o.as_str()).chain([ERROR]);
+        let latency = names
+            .map(|name| {
+                let h = Histogram::new_with_bounds(1, 3_600_000_000, 3)
+                    .expect("constant bounds are valid");
+                (name, h)
+            })
+            .collect();
+        Tally {
+            report: Report::default(),
+            latency,
+        }
+    }
+
+    fn add(&mut self, sample: Sample) {
+        let r = &mut self.report;
+        r.requests += 1;
+        r.streamed += u64::from(sample.streamed);
+        r.upstream_attempts += u64::from(sample.attempts);
+        let name = match &sample.result {
+            Ok(outcome) => {
+                r.answered += 1;
+                match outcome {
+                    Outcome::Memory => r.memory += 1,
+                    Outcome::Disk => r.disk += 1,
+                    Outcome::Stale => r.stale += 1,
+                    Outcome::Miss => r.misses += 1,
+                    Outcome::Bypass => r.bypass += 1,
+                }
+                r.tokens_saved += sample.tokens;
+                r.fallback_answers += u64::from(sample.fallback);
+                outcome.as_str()
+            }
+            Err(label) => {
+                r.errors += 1;
+                *r.errors_by_status.entry(label.clone()).or_default() += 1;
+                ERROR
+            }
+        };
+        let micros = u64::try_from(sample.latency.as_micros()).unwrap_or(u64::MAX);
+        if let Some(h) = self.latency.get_mut(name) {
+            h.saturating_record(micros.max(1));
+        }
+    }
+
+    fn report(self, wall: Duration) -> Report {
+        let mut r = self.report;
+        r.hits = r.memory + r.disk;
+        r.calls_saved = r.hits + r.stale;
+        let share = |n: u64| match r.requests {
+            0 => 0.0,
+            total => n as f64 / total as f64,
+        };
+        r.hit_rate = share(r.hits + r.stale);
+        r.memory_rate = share(r.memory);
+        r.disk_rate = share(r.disk);
+        r.stale_rate = share(r.stale);
+        r.miss_rate = share(r.misses);
+        r.error_rate = share(r.errors);
+        r.wall_time_s = wall.as_secs_f64();
+        r.throughput_rps = match wall.as_secs_f64() {
+            s if s > 0.0 => r.requests as f64 / s,
+            _ => 0.0,
+        };
+        r.latency_us = self
+            .latency
+            .iter()
+            .map(|(name, h)| ((*name).to_owned(), Latency::of(h)))
+            .collect();
+        r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mock::{MockConfig, MockServer};
+
+    #[test]
+    fn parse_skips_blank_lines_and_numbers_invalid_ones() {
+        let text =
+            "{\"model\":\"a\",\"max_tokens\":5,\"messages\":[]}\n\nnot json\n[1]\n{\"x\":1}\n\
+                    {\"model\":\"b\",\"stream\":true}\n";
+        let w = Workload::parse(text);
+        assert_eq!(w.invalid_lines, vec![3, 4, 5]);
+        assert_eq!(w.lines.len(), 2);
+        assert_eq!((w.lines[1].number, w.lines[1].stream), (6, true));
+        assert_eq!(w.models(), vec!["a", "b"]);
+    }
+
+    #[test]
+    fn line_list_is_shortened() {
+        let lines: Vec<usize> = (1..=25).collect();
+        assert!(line_list(&lines).ends_with("... (25 in all)"));
+        assert_eq!(line_list(&[2, 7]), "2, 7");
+    }
+
+    #[tokio::test]
+    async fn repeats_hit_streams_included_and_counts_add_up() {
+        let mock = MockServer::start(MockConfig::default()).await.unwrap();
+        let client = Client::builder()
+            .upstream(mock.url())
+            .credential("sk-test")
+            .memory_only()
+            .build()
+            .await
+            .unwrap();
+        let q = |text: &str, stream: bool| {
+            serde_json::json!({"model": "m", "max_tokens": 64, "stream": stream,
+                "messages": [{"role": "user", "content": text}]})
+            .to_string()
+        };
+        let text = [q("a", false), q("b", false), q("a", true), q("b", false)].join("\n");
+        let workload = Workload::parse(&text);
+        let options = Options {
+            concurrency: 1,
+            repeat: 2,
+        };
+        let mut calls = 0;
+        let r = run(&client, &workload, &options, |_| calls += 1).await;
+        assert_eq!((r.requests, calls, r.streamed), (8, 8, 2));
+        assert_eq!(
+            (r.misses, r.memory, r.errors, r.distinct_requests),
+            (2, 6, 0, 2)
+        );
+        assert_eq!(mock.stats().requests, 2);
+        assert!(r.tokens_saved > 0);
+        assert_eq!(r.latency_us["memory"].count, 6);
+        assert_eq!(r.latency_us["stale"].p50, None);
+        assert!((r.hit_rate - 0.75).abs() < 1e-9);
+    }
+}

@@ -1,0 +1,166 @@
+//! `fallthrough prewarm FILE.jsonl|- [--concurrency N] [--dry-run] [--server URL] [--json]`
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use fallthrough::prewarm::{self, LineResult, Options, Summary, Target};
+use fallthrough::ClientBuilder;
+
+#[derive(Args)]
+pub struct PrewarmArgs {
+    /// Messages request bodies, one JSON object a line; `-` for stdin.
+    file: PathBuf,
+    /// Requests in flight at once.
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    concurrency: usize,
+    /// Count what is cached and what is missing; call nothing upstream.
+    #[arg(long)]
+    dry_run: bool,
+    /// Send the requests through a running `fallthrough serve` (when it holds the cache).
+    #[arg(long, value_name = "URL")]
+    server: Option<String>,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn run(args: PrewarmArgs, common: crate::CommonArgs) -> Result<ExitCode> {
+    let input = if args.file.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin()).context("reading stdin")?
+    } else {
+        std::fs::read_to_string(&args.file)
+            .with_context(|| format!("cannot read {}", args.file.display()))?
+    };
+    let target = match &args.server {
+        Some(url) => Target::Server {
+            url: url.clone(),
+            http: reqwest::Client::new(),
+            api_key: std::env::var("ANTHROPIC_API_KEY")
+                .ok()
+                .filter(|k| !k.is_empty()),
+        },
+        None => {
+            let config = crate::load_config(&common)?;
+            let dir = config.cache_dir();
+            let client = crate::with_credential(ClientBuilder::from_config(config))
+                .build()
+                .await
+                .with_context(|| format!("opening the cache in {}", dir.display()))?;
+            Target::Local(client)
+        }
+    };
+    let total = input.lines().filter(|l| !l.trim().is_empty()).count() as u64;
+    let options = Options {
+        concurrency: args.concurrency,
+        dry_run: args.dry_run,
+    };
+    let progress = Progress::new(total);
+    let summary = prewarm::run(&target, &input, options, |_, result| progress.tick(result)).await;
+    progress.finish();
+    if let Target::Local(client) = &target {
+        client.flush().await?;
+    }
+    report(&summary, args.json, args.dry_run)?;
+    Ok(if summary.failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn report(s: &Summary, json: bool, dry_run: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(s)?);
+        return Ok(());
+    }
+    if dry_run {
+        println!("cached    {}", s.already_cached);
+        println!("missing   {}", s.missing);
+    } else {
+        println!("fetched          {}", s.fetched);
+        println!("already cached   {}", s.already_cached);
+    }
+    println!("failed           {}", s.failed.len());
+    for f in &s.failed {
+        println!("  line {}: {} {}", f.line, f.status, f.message);
+    }
+    println!("invalid lines    {}", s.invalid_lines.len());
+    if !s.invalid_lines.is_empty() {
+        let lines: Vec<String> = s.invalid_lines.iter().map(u64::to_string).collect();
+        println!("  at lines {}", lines.join(", "));
+    }
+    Ok(())
+}
+
+/// A bar on a terminal; otherwise a plain line every few seconds and at the end.
+struct Progress {
+    bar: Option<ProgressBar>,
+    total: u64,
+    done: AtomicU64,
+    failed: AtomicU64,
+    started: Instant,
+    last_line: std::sync::Mutex<Instant>,
+}
+
+impl Progress {
+    fn new(total: u64) -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = ProgressBar::new(total);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{spinner} prewarm [{bar:30}] {pos}/{len} {per_sec} eta {eta} {msg}",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
+            );
+            bar
+        });
+        Progress {
+            bar,
+            total,
+            done: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            started: Instant::now(),
+            last_line: std::sync::Mutex::new(Instant::now()),
+        }
+    }
+
+    fn tick(&self, result: &LineResult) {
+        let done = self.done.fetch_add(1, Ordering::Relaxed) + 1;
+        if matches!(result, LineResult::Failed { .. }) {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+        }
+        let failed = self.failed.load(Ordering::Relaxed);
+        if let Some(bar) = &self.bar {
+            bar.set_position(done);
+            if failed > 0 {
+                bar.set_message(format!("{failed} failed"));
+            }
+            return;
+        }
+        let mut last = self.last_line.lock().expect("progress lock");
+        if last.elapsed() >= Duration::from_secs(5) {
+            *last = Instant::now();
+            eprintln!("prewarm: {done}/{} lines, {failed} failed", self.total);
+        }
+    }
+
+    fn finish(&self) {
+        let done = self.done.load(Ordering::Relaxed);
+        match &self.bar {
+            Some(bar) => bar.finish_and_clear(),
+            None => eprintln!(
+                "prewarm: {done}/{} lines in {:.1} s",
+                self.total,
+                self.started.elapsed().as_secs_f64()
+            ),
+        }
+    }
+}
