@@ -320,8 +320,10 @@ async fn cache_control_and_namespace() {
 
 #[tokio::test]
 async fn the_proxys_own_errors_are_api_shaped_and_it_keeps_serving() {
-    let mut config = Config::default();
-    config.max_body_bytes = bytesize::ByteSize::kib(64);
+    let config = Config {
+        max_body_bytes: bytesize::ByteSize::kib(64),
+        ..Config::default()
+    };
     let mock = MockServer::start(MockConfig::default()).await.unwrap();
     let proxy = Proxy::start_full(mock, config, |b| b).await;
     let send = |body: Vec<u8>| {

@@ -1,0 +1,169 @@
+//! The official `anthropic` Python SDK (installed from PyPI by `.ci/run` into `.venv`) against
+//! the proxy in front of the in-process mock: plain calls, streams the SDK assembles, hits,
+//! tools, a 529 the SDK raises as `OverloadedError`, count_tokens and a passed-through path.
+//! The checks themselves are in `tests/sdk/test_sdk.py`; this side starts the servers, runs the
+//! script, and checks the upstream calls in the mock's counters.
+//!
+//! The interpreter: `FALLTHROUGH_PYTHON`, else `.venv/bin/python` in the crate. When neither
+//! can `import anthropic`, the test fails if `CI` is set and is skipped (loudly) otherwise.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use fallthrough::mock::{MockConfig, MockServer};
+use fallthrough::Client;
+use tokio::net::TcpListener;
+use tokio::process::Command;
+use tokio::sync::oneshot;
+
+const MODEL: &str = "claude-sonnet-4-5";
+const OVERLOADED: &str = "claude-overloaded";
+/// The whole script; it makes a few dozen loopback calls.
+const SCRIPT_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// The Python to use, if it can import `anthropic`: (path, `anthropic.__version__`).
+async fn find_python() -> Result<(PathBuf, String), String> {
+    let candidate = match std::env::var_os("FALLTHROUGH_PYTHON") {
+        Some(p) if !p.is_empty() => PathBuf::from(p),
+        _ => Path::new(env!("CARGO_MANIFEST_DIR")).join(".venv/bin/python"),
+    };
+    let probe = Command::new(&candidate)
+        .args(["-c", "import anthropic; print(anthropic.__version__)"])
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    match tokio::time::timeout(Duration::from_secs(60), probe).await {
+        Ok(Ok(out)) if out.status.success() => Ok((
+            candidate,
+            String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+        )),
+        Ok(Ok(out)) => Err(format!(
+            "{} cannot import anthropic: {}",
+            candidate.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+        Ok(Err(e)) => Err(format!("{} cannot run: {e}", candidate.display())),
+        Err(_) => Err(format!("{} did not answer in 60 s", candidate.display())),
+    }
+}
+
+/// Upstream answers the mock gave for `model` with `status`.
+fn calls(mock: &MockServer, model: &str, status: u16) -> u64 {
+    mock.stats()
+        .by_model
+        .get(model)
+        .and_then(|s| s.get(&status))
+        .copied()
+        .unwrap_or(0)
+}
+
+fn path_calls(mock: &MockServer, path: &str) -> u64 {
+    mock.stats().by_path.get(path).copied().unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn official_python_sdk_through_the_proxy() {
+    let (python, version) = match find_python().await {
+        Ok(found) => found,
+        Err(why) if std::env::var_os("CI").is_some() => {
+            panic!("CI is set but no Python with the anthropic SDK was found: {why}")
+        }
+        Err(why) => {
+            eprintln!();
+            eprintln!("!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!");
+            eprintln!("!! SKIPPED official_python_sdk_through_the_proxy: {why}");
+            eprintln!("!! Run .ci/run (or: python3 -m venv .venv && .venv/bin/pip install");
+            eprintln!("!! anthropic), or set FALLTHROUGH_PYTHON to a Python that has it.");
+            eprintln!("!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!");
+            return;
+        }
+    };
+    eprintln!("python: {} (anthropic {version})", python.display());
+
+    let mock = MockServer::start(MockConfig {
+        overloaded_models: vec![OVERLOADED.to_owned()],
+        ..MockConfig::default()
+    })
+    .await
+    .expect("mock starts");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let client = Client::builder()
+        .upstream(mock.url())
+        .cache_dir(dir.path().join("cache"))
+        .retries(2, Duration::from_millis(10), Duration::from_millis(50))
+        .build()
+        .await
+        .expect("client builds");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let proxy_url = format!("http://{}", listener.local_addr().expect("addr"));
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(fallthrough::server::serve(listener, client, async move {
+        let _ = stopped.await;
+    }));
+
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/test_sdk.py");
+    let run = Command::new(&python)
+        .arg(&script)
+        .env("ANTHROPIC_BASE_URL", &proxy_url)
+        .env("ANTHROPIC_API_KEY", "sk-test")
+        .env_remove("ANTHROPIC_AUTH_TOKEN")
+        .env("PYTHONUNBUFFERED", "1")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = match tokio::time::timeout(SCRIPT_TIMEOUT, run).await {
+        Ok(out) => out.expect("the python script runs"),
+        Err(_) => panic!("the python script did not finish in {SCRIPT_TIMEOUT:?}"),
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "tests/sdk/test_sdk.py failed ({}).\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}",
+        out.status
+    );
+    println!("{stdout}");
+
+    // Upstream calls: every hit in the script made none.
+    // - 1 plain (then 2 hits); 1 streamed (then a streamed and a plain hit);
+    // - plain miss + streamed hit, streamed miss + plain no-cache fetch: 3;
+    // - tools: streamed miss + plain no-cache fetch (then a streamed hit): 2;
+    // - count_tokens: 1 miss, 1 hit.
+    let stats = mock.stats();
+    let context = format!("mock stats: {stats:#?}");
+    assert_eq!(calls(&mock, MODEL, 200), 8, "{context}");
+    assert_eq!(
+        path_calls(&mock, "/v1/messages/count_tokens"),
+        1,
+        "{context}"
+    );
+    assert_eq!(path_calls(&mock, "/v1/models"), 1, "{context}");
+    assert_eq!(
+        path_calls(&mock, &format!("/v1/models/{MODEL}")),
+        1,
+        "{context}"
+    );
+    // The overloaded model: 2 requests, each at most 1 + 2 retries (the breaker and the retry
+    // budget may cut that short), and never a success.
+    let overloaded = calls(&mock, OVERLOADED, 529);
+    assert!((2..=6).contains(&overloaded), "{context}");
+    assert_eq!(calls(&mock, OVERLOADED, 200), 0, "{context}");
+    // The SDK's key reached the upstream (newer SDKs send it as `authorization: Bearer`).
+    assert!(
+        matches!(
+            stats.last_api_key.as_deref(),
+            Some("sk-test" | "Bearer sk-test")
+        ),
+        "{context}"
+    );
+
+    let _ = stop.send(());
+    match tokio::time::timeout(Duration::from_secs(10), server).await {
+        Ok(joined) => joined
+            .expect("server task")
+            .expect("server shuts down cleanly"),
+        Err(_) => panic!("the proxy did not shut down in 10 s"),
+    }
+    mock.shutdown().await;
+}
