@@ -212,9 +212,11 @@ impl ClientBuilder {
         self
     }
 
-    /// Retries of a model before its fallback is asked. Default 0 (see [`crate::config::RetryConfig`]).
-    pub fn retries_before_fallback(mut self, n: u32) -> Self {
-        self.config.retry.retries_before_fallback = n;
+    /// Quick retries of a model before its fallback is asked, and their longest wait.
+    /// Default 1 and 100 ms (see [`crate::config::RetryConfig`]).
+    pub fn before_fallback(mut self, retries: u32, max_delay: Duration) -> Self {
+        self.config.retry.retries_before_fallback = retries;
+        self.config.retry.before_fallback_delay = max_delay;
         self
     }
 
@@ -626,7 +628,7 @@ impl Engine {
                 &p.model,
                 p.plain_body.clone(),
                 deadline,
-                self.retries(&p, 0, has_stale),
+                self.plan(&p, 0, has_stale),
                 &mut attempts,
             )
             .await;
@@ -666,7 +668,7 @@ impl Engine {
                     model,
                     body,
                     deadline,
-                    self.retries(&p, i + 1, false),
+                    self.plan(&p, i + 1, false),
                     &mut attempts,
                 )
                 .await
@@ -698,18 +700,28 @@ impl Engine {
         }
     }
 
-    /// Retries allowed for the `position`th model of the request's chain (0: the primary).
-    /// With a stale entry at hand, none: the entry answers at once. A model with a fallback
-    /// after it gets `retries_before_fallback`: asking the next model answers sooner than a
-    /// backoff, and spares the model that is overloaded. The last model gets `max_retries`.
-    fn retries(&self, p: &Prepared, position: usize, has_stale: bool) -> u32 {
+    /// How the `position`th model of the request's chain (0: the primary) is retried.
+    /// With a stale entry at hand, not at all: the entry answers at once. A model with a
+    /// fallback after it gets `retries_before_fallback` quick retries, each waiting at most
+    /// `before_fallback_delay` (a longer `retry-after` sends the request on to the fallback):
+    /// the next model answers sooner than a long backoff, and the overloaded model is spared.
+    /// The last model gets the full policy.
+    fn plan(&self, p: &Prepared, position: usize, has_stale: bool) -> RetryPlan {
         let policy = &self.config.retry;
         if has_stale && position == 0 {
-            0
+            RetryPlan::NONE
         } else if position < self.chain(p).len() {
-            policy.retries_before_fallback
+            RetryPlan {
+                retries: policy.retries_before_fallback,
+                max_delay: policy.before_fallback_delay,
+                max_retry_after: policy.before_fallback_delay,
+            }
         } else {
-            policy.max_retries
+            RetryPlan {
+                retries: policy.max_retries,
+                max_delay: policy.max_delay,
+                max_retry_after: policy.max_retry_after,
+            }
         }
     }
 
@@ -726,7 +738,7 @@ impl Engine {
                 &p.model,
                 p.plain_body.clone(),
                 deadline,
-                self.config.retry.max_retries,
+                self.plan(p, usize::MAX, false),
                 &mut attempts,
             )
             .await
@@ -767,7 +779,7 @@ impl Engine {
         model: &str,
         body: Bytes,
         deadline: Instant,
-        max_retries: u32,
+        plan: RetryPlan,
         attempts: &mut u32,
     ) -> Result<Bytes, UpstreamError> {
         let call = Call {
@@ -775,7 +787,7 @@ impl Engine {
             body,
             deadline,
             stream: false,
-            max_retries,
+            plan,
         };
         match self.call_model(p, call, attempts).await? {
             Fetched::Body(body) => Ok(body),
@@ -797,7 +809,7 @@ impl Engine {
             body,
             deadline,
             stream,
-            max_retries,
+            plan,
         } = call;
         let policy = &self.config.retry;
         let mut retry = 0;
@@ -819,11 +831,11 @@ impl Engine {
                 Err(e) => e,
             };
             self.breakers.record(model, verdict(&error));
-            if !error.is_retryable() || retry >= max_retries {
+            if !error.is_retryable() || retry >= plan.retries {
                 return Err(error);
             }
             let delay = match error.retry_after {
-                Some(wait) if wait > policy.max_retry_after => {
+                Some(wait) if wait > plan.max_retry_after => {
                     info!(
                         model,
                         status = error.status,
@@ -833,7 +845,7 @@ impl Engine {
                     return Err(error);
                 }
                 Some(wait) => wait,
-                None => backoff(policy.base_delay, policy.max_delay, retry),
+                None => backoff(policy.base_delay.min(plan.max_delay), plan.max_delay, retry),
             };
             if Instant::now() + delay >= deadline {
                 return Err(error);
@@ -908,8 +920,26 @@ pub(crate) struct Call<'a> {
     pub deadline: Instant,
     /// Return the response once its head arrives, for relaying as a stream.
     pub stream: bool,
-    /// Retries allowed after the first attempt.
-    pub max_retries: u32,
+    pub plan: RetryPlan,
+}
+
+/// How one model's call is retried.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RetryPlan {
+    /// Retries after the first attempt.
+    pub retries: u32,
+    /// Cap of the backoff.
+    pub max_delay: Duration,
+    /// Longest `retry-after` waited out.
+    pub max_retry_after: Duration,
+}
+
+impl RetryPlan {
+    const NONE: RetryPlan = RetryPlan {
+        retries: 0,
+        max_delay: Duration::ZERO,
+        max_retry_after: Duration::ZERO,
+    };
 }
 
 /// A successful upstream answer.

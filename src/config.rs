@@ -74,11 +74,15 @@ pub struct RetryConfig {
     /// Retries allowed per window whatever the ratio, so a quiet client can still retry.
     /// Default 10.
     pub budget_floor: u32,
-    /// Retries of a model that has a fallback after it, before the fallback is asked. Default
-    /// 0: the next model answers sooner than a backoff would, and the overloaded model is
-    /// spared the extra load. The last model of a chain (or a model without one) gets
-    /// `max_retries`.
+    /// Retries of a model that has a fallback after it, before the fallback is asked.
+    /// Default 1. The last model of a chain (or a model without one) gets `max_retries`.
     pub retries_before_fallback: u32,
+    /// Longest wait before each of those retries (full jitter below it; a longer
+    /// `retry-after` sends the request on to the fallback instead). Default 100 ms: a fallback
+    /// is ready, so a long backoff buys nothing but latency, and load on the model that is
+    /// already overloaded.
+    #[serde(with = "humantime_serde")]
+    pub before_fallback_delay: Duration,
 }
 
 /// `[breaker]`
@@ -131,7 +135,8 @@ impl Default for RetryConfig {
             deadline: Duration::from_secs(120),
             budget_ratio: 0.2,
             budget_floor: 10,
-            retries_before_fallback: 0,
+            retries_before_fallback: 1,
+            before_fallback_delay: Duration::from_millis(100),
         }
     }
 }

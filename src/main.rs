@@ -117,9 +117,14 @@ struct MockArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // A server logs what it does; a script's output is its report, so only warnings by default.
+    let default_level = match cli.command {
+        Command::Serve(_) | Command::Mock(_) => "info",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())

@@ -13,10 +13,11 @@ use moka::Expiry;
 use crate::entry::{now_millis, Entry};
 use crate::key::CacheKey;
 
-/// Entries in memory, bounded by the sum of their [`Entry::weight`].
+/// Entries in memory, bounded by the sum of their [`Entry::weight`]. A bound of 0 turns the
+/// tier off: every lookup goes to disk.
 #[derive(Clone)]
 pub struct MemoryTier {
-    cache: Cache<CacheKey, Arc<Entry>>,
+    cache: Option<Cache<CacheKey, Arc<Entry>>>,
 }
 
 /// Expires each entry when its stale period ends.
@@ -47,33 +48,44 @@ impl Expiry<CacheKey, Arc<Entry>> for UntilStale {
 
 impl MemoryTier {
     pub fn new(max_bytes: u64) -> Self {
-        let cache = Cache::builder()
-            .max_capacity(max_bytes)
-            .weigher(|_key: &CacheKey, entry: &Arc<Entry>| entry.weight())
-            .expire_after(UntilStale)
-            .build();
+        let cache = (max_bytes > 0).then(|| {
+            Cache::builder()
+                .max_capacity(max_bytes)
+                .weigher(|_key: &CacheKey, entry: &Arc<Entry>| entry.weight())
+                .expire_after(UntilStale)
+                .build()
+        });
         MemoryTier { cache }
     }
 
     pub async fn get(&self, key: &CacheKey) -> Option<Arc<Entry>> {
-        self.cache.get(key).await
+        self.cache.as_ref()?.get(key).await
     }
 
     pub async fn insert(&self, key: CacheKey, entry: Arc<Entry>) {
-        self.cache.insert(key, entry).await;
+        if let Some(cache) = &self.cache {
+            cache.insert(key, entry).await;
+        }
     }
 
     pub async fn remove(&self, key: &CacheKey) {
-        self.cache.invalidate(key).await;
+        if let Some(cache) = &self.cache {
+            cache.invalidate(key).await;
+        }
     }
 
     pub fn clear(&self) {
-        self.cache.invalidate_all();
+        if let Some(cache) = &self.cache {
+            cache.invalidate_all();
+        }
     }
 
     /// Entries and bytes held, after applying pending evictions.
     pub async fn usage(&self) -> (u64, u64) {
-        self.cache.run_pending_tasks().await;
-        (self.cache.entry_count(), self.cache.weighted_size())
+        let Some(cache) = &self.cache else {
+            return (0, 0);
+        };
+        cache.run_pending_tasks().await;
+        (cache.entry_count(), cache.weighted_size())
     }
 }

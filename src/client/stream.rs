@@ -162,7 +162,7 @@ impl Engine {
             body: p.body.clone(),
             deadline,
             stream: true,
-            max_retries: self.retries(&p, 0, stale.is_some()),
+            plan: self.plan(&p, 0, stale.is_some()),
         };
         let mut last = match self.call_model(&p, call, &mut attempts).await {
             Ok(fetched) => return Ok(self.relay(fetched, &p, p.key, &p.model, attempts)),
@@ -191,7 +191,7 @@ impl Engine {
                 body: Bytes::from(json.to_string()),
                 deadline,
                 stream: true,
-                max_retries: self.retries(&p, i + 1, false),
+                plan: self.plan(&p, i + 1, false),
             };
             match self.call_model(&p, call, &mut attempts).await {
                 Ok(fetched) => return Ok(self.relay(fetched, &p, key, model, attempts)),

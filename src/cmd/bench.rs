@@ -1,5 +1,6 @@
 //! `fallthrough bench FILE.jsonl [--concurrency N] [--repeat N] [--json] [--mock ...]`
 
+use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -11,10 +12,14 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use fallthrough::bench::{self, Options, Report, Workload};
 use fallthrough::mock::{MockConfig, MockServer};
-use fallthrough::ClientBuilder;
+use fallthrough::{ClientBuilder, Config};
 
 /// The model the `--mock` demo falls back to when the configuration names no fallback.
 const DEMO_FALLBACK: &str = "claude-haiku-4-5";
+/// How long answers stay fresh in a `--mock` run unless `--ttl` or the configuration says
+/// otherwise: short, so that a run of seconds sees entries age and go stale as a day of traffic
+/// would, and the demo shows stale answers.
+const DEMO_TTL: Duration = Duration::from_millis(500);
 /// Runs shorter than this get no progress bar.
 const PROGRESS_FROM: usize = 300;
 /// The credential sent to the in-process fake (never the real key).
@@ -43,9 +48,11 @@ pub struct BenchArgs {
     #[arg(long, value_name = "DUR", value_parser = humantime::parse_duration)]
     ttl: Option<Duration>,
 
-    /// Run against an in-process fake of the API (no key needed). Without --cache-dir it uses
-    /// a fresh temporary cache, and without a configured fallback every model of the workload
-    /// falls back to claude-haiku-4-5.
+    /// Run against an in-process fake of the API: no key needed.
+    ///
+    /// Unless set otherwise, it uses a fresh temporary cache (no --cache-dir), a ttl of 500ms (no --ttl, no ttl in the
+    /// config) so entries go stale during the run, and, when no fallback is configured, a chain
+    /// from every model of the workload to claude-haiku-4-5, then the workload's other models.
     #[arg(long, help_heading = "Fake API (--mock)")]
     mock: bool,
     /// Share of requests the fake answers 529 overloaded_error.
@@ -129,16 +136,15 @@ pub async fn run(args: BenchArgs, common: crate::CommonArgs) -> Result<ExitCode>
         config.fallback.insert(model.clone(), chain.clone());
     }
     let mut temp_dir = None;
+    let mut demo_chain = false;
     let mut mock = None;
     let builder = if args.mock {
         if config.fallback.is_empty() {
-            for model in workload.models() {
-                if model != DEMO_FALLBACK {
-                    config
-                        .fallback
-                        .insert(model, vec![DEMO_FALLBACK.to_owned()]);
-                }
-            }
+            config.fallback = demo_fallbacks(&workload.models());
+            demo_chain = true;
+        }
+        if args.ttl.is_none() && config.cache.ttl == Config::default().cache.ttl {
+            config.cache.ttl = DEMO_TTL;
         }
         if common.cache_dir.is_none() {
             let dir = fresh_temp_dir()?;
@@ -172,6 +178,8 @@ pub async fn run(args: BenchArgs, common: crate::CommonArgs) -> Result<ExitCode>
         }
         crate::with_credential(ClientBuilder::from_config(config.clone()))
     };
+    let mock_latency = mock.as_ref().map(|_| args.latency.unwrap_or(20));
+    let setup = setup_line(&args, &config, mock_latency, demo_chain);
     let dir = config.cache_dir();
     let client = builder
         .build()
@@ -209,9 +217,72 @@ pub async fn run(args: BenchArgs, common: crate::CommonArgs) -> Result<ExitCode>
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print_report(&report, args.mock);
+        print_report(&report, &setup);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The `--mock` demo's fallback chains: every model of the workload falls back to
+/// [`DEMO_FALLBACK`], then to the workload's other models in turn.
+fn demo_fallbacks(models: &[String]) -> HashMap<String, Vec<String>> {
+    models
+        .iter()
+        .map(|model| {
+            let mut chain = vec![DEMO_FALLBACK.to_owned()];
+            chain.extend(models.iter().filter(|m| *m != DEMO_FALLBACK).cloned());
+            chain.retain(|m| m != model);
+            (model.clone(), chain)
+        })
+        .filter(|(_, chain)| !chain.is_empty())
+        .collect()
+}
+
+/// Where requests went and with which settings, for the human report.
+fn setup_line(
+    args: &BenchArgs,
+    config: &Config,
+    mock_latency: Option<u64>,
+    demo_chain: bool,
+) -> String {
+    let mut parts = Vec::new();
+    match mock_latency {
+        Some(latency) => {
+            let mut faults = format!(
+                "fake API in-process: latency {latency}ms, overload {:.0}%",
+                args.overload_rate.unwrap_or(0.0) * 100.0
+            );
+            if let Some(p) = args.rate_limit_rate {
+                faults.push_str(&format!(", rate limit {:.0}%", p * 100.0));
+            }
+            if let Some(p) = args.server_error_rate {
+                faults.push_str(&format!(", server errors {:.0}%", p * 100.0));
+            }
+            if !args.overloaded_models.is_empty() {
+                faults.push_str(&format!(
+                    ", always overloaded: {}",
+                    args.overloaded_models.join(",")
+                ));
+            }
+            parts.push(faults);
+        }
+        None => parts.push(config.upstream.clone()),
+    }
+    parts.push(format!(
+        "ttl {}",
+        humantime::format_duration(config.cache.ttl)
+    ));
+    let mut chains: Vec<String> = config
+        .fallback
+        .iter()
+        .map(|(model, chain)| format!("{model} -> {}", chain.join(" -> ")))
+        .collect();
+    chains.sort();
+    parts.push(match (demo_chain, chains.is_empty()) {
+        (true, _) => format!("fallback to {DEMO_FALLBACK}, then the other models"),
+        (false, true) => "no fallback".to_owned(),
+        (false, false) => format!("fallback {}", chains.join("; ")),
+    });
+    parts.join("; ")
 }
 
 fn progress(total: usize) -> ProgressBar {
@@ -246,7 +317,7 @@ fn fresh_temp_dir() -> Result<PathBuf> {
     Ok(dir)
 }
 
-fn print_report(r: &Report, mock: bool) {
+fn print_report(r: &Report, setup: &str) {
     let file = r.file.as_deref().map(Path::new).map(Path::display);
     if let Some(file) = file {
         println!(
@@ -255,6 +326,7 @@ fn print_report(r: &Report, mock: bool) {
             r.lines, r.repeat, r.requests, r.distinct_requests, r.streamed, r.concurrency
         );
     }
+    println!("upstream     {setup}");
     if !r.invalid_lines.is_empty() {
         println!(
             "invalid      {} lines skipped: {}",
@@ -315,7 +387,7 @@ fn print_report(r: &Report, mock: bool) {
         "upstream attempts  {} (summed over requests; retries and fallbacks included)",
         r.upstream_attempts
     );
-    if let (true, Some(n)) = (mock, r.mock_requests) {
+    if let Some(n) = r.mock_requests {
         let by_status = r.mock_by_status.as_ref().map(counts).unwrap_or_default();
         println!("fake API received  {n} ({by_status})");
     }

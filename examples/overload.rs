@@ -1,0 +1,375 @@
+//! The overload scenario of issue 3 ("Targets under overload"), against the in-process fake API.
+//!
+//! A steady stream of requests (open loop: a request starts every `1/rate` seconds whether or
+//! not earlier ones have finished), 75% of them repeats of earlier ones (skewed towards popular
+//! ones), for primary model `a` with fallback `b`, through four phases:
+//!
+//! 1. healthy;
+//! 2. `a` answers 529 to half of its requests;
+//! 3. `a` answers only 529 (30 s by default);
+//! 4. recovery.
+//!
+//! `b` stays healthy throughout. The ttl is short, so entries go stale during the run. At the
+//! end it prints (or with `--json` emits) requests, the share answered, upstream attempts per
+//! request (from the fake's counters), p50/p99 latency, the share answered by the fallback
+//! model, and outcomes by kind, overall and per phase, against the issue's targets:
+//! >= 99.9% answered, <= 0.6 attempts per request, p99 <= 300 ms, <= 20% from a fallback.
+//!
+//! Run it with `cargo run --release --example overload` (about 75 s with the defaults).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use clap::Parser;
+use fallthrough::mock::{MockConfig, MockServer, MockStats};
+use fallthrough::{ClientBuilder, Config, Error};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+use tokio::time::{Instant, MissedTickBehavior};
+
+const PRIMARY: &str = "a";
+const FALLBACK: &str = "b";
+const PHASES: [&str; 4] = ["healthy", "half-529", "all-529", "recovery"];
+
+/// The overload scenario of issue 3.
+#[derive(Parser, Debug)]
+struct Args {
+    /// Requests started per second.
+    #[arg(long, default_value_t = 40.0)]
+    rate: f64,
+    /// Seconds of the healthy phase.
+    #[arg(long, default_value_t = 15)]
+    healthy: u64,
+    /// Seconds during which `a` answers 529 to half of its requests.
+    #[arg(long, default_value_t = 15)]
+    half: u64,
+    /// Seconds during which `a` answers only 529.
+    #[arg(long, default_value_t = 30)]
+    dead: u64,
+    /// Seconds of recovery.
+    #[arg(long, default_value_t = 15)]
+    recovery: u64,
+    /// Share of requests that repeat an earlier one.
+    #[arg(long, default_value_t = 0.75)]
+    repeat: f64,
+    /// How long an entry is fresh, in seconds.
+    #[arg(long, default_value_t = 20)]
+    ttl: u64,
+    /// The fake's latency per answer, in milliseconds.
+    #[arg(long, default_value_t = 50)]
+    latency_ms: u64,
+    /// Seeds the workload and the fake's faults.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Retries per model (default: the library's).
+    #[arg(long)]
+    max_retries: Option<u32>,
+    /// Retries of `a` before `b` is asked (default: the library's).
+    #[arg(long)]
+    retries_before_fallback: Option<u32>,
+    /// Backoff base in milliseconds (default: the library's).
+    #[arg(long)]
+    base_delay_ms: Option<u64>,
+    /// Consecutive failures that open the breaker (default: the library's).
+    #[arg(long)]
+    breaker_failures: Option<u32>,
+    /// Breaker cooldown in seconds (default: the library's).
+    #[arg(long)]
+    cooldown: Option<u64>,
+    /// Emit the results as one JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// What became of one request.
+struct Record {
+    phase: usize,
+    latency: Duration,
+    /// The outcome's name, or `error <status>`.
+    outcome: String,
+    /// The model that answered; `None` for an error.
+    model: Option<String>,
+}
+
+fn question(n: u64) -> Value {
+    json!({
+        "model": PRIMARY,
+        "max_tokens": 256,
+        "messages": [{"role": "user", "content": format!("Question number {n}?")}],
+    })
+}
+
+fn mock_config(phase: usize, args: &Args) -> MockConfig {
+    let mut config = MockConfig {
+        latency_ms: args.latency_ms,
+        seed: args.seed + phase as u64,
+        ..MockConfig::default()
+    };
+    match phase {
+        1 => {
+            config.model_overload_rate.insert(PRIMARY.into(), 0.5);
+        }
+        2 => config.overloaded_models.push(PRIMARY.into()),
+        _ => {}
+    }
+    config
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let durations = [args.healthy, args.half, args.dead, args.recovery].map(Duration::from_secs);
+    let total: Duration = durations.iter().sum();
+    let planned = (total.as_secs_f64() * args.rate).round() as u64;
+
+    let mock = MockServer::start(mock_config(0, &args)).await?;
+    let mut config = Config::default();
+    config.cache.ttl = Duration::from_secs(args.ttl);
+    if let Some(n) = args.max_retries {
+        config.retry.max_retries = n;
+    }
+    if let Some(n) = args.retries_before_fallback {
+        config.retry.retries_before_fallback = n;
+    }
+    if let Some(ms) = args.base_delay_ms {
+        config.retry.base_delay = Duration::from_millis(ms);
+    }
+    if let Some(n) = args.breaker_failures {
+        config.breaker.failures = n;
+    }
+    if let Some(s) = args.cooldown {
+        config.breaker.cooldown = Duration::from_secs(s);
+    }
+    config
+        .fallback
+        .insert(PRIMARY.into(), vec![FALLBACK.into()]);
+    let client = ClientBuilder::from_config(config)
+        .upstream(mock.url())
+        .credential("sk-overload")
+        .memory_only()
+        .build()
+        .await?;
+    let used = client.config();
+    let config_json = json!({
+        "requests": planned,
+        "rate_per_s": args.rate,
+        "phases_s": {"healthy": args.healthy, "half_529": args.half, "all_529": args.dead, "recovery": args.recovery},
+        "repeat_share": args.repeat,
+        "ttl_s": used.cache.ttl.as_secs(),
+        "stale_for_s": used.cache.stale_for.as_secs(),
+        "mock_latency_ms": args.latency_ms,
+        "seed": args.seed,
+        "max_retries": used.retry.max_retries,
+        "retries_before_fallback": used.retry.retries_before_fallback,
+        "base_delay_ms": used.retry.base_delay.as_millis() as u64,
+        "max_delay_ms": used.retry.max_delay.as_millis() as u64,
+        "deadline_s": used.retry.deadline.as_secs(),
+        "budget": format!("{} of first attempts + {}", used.retry.budget_ratio, used.retry.budget_floor),
+        "breaker": format!("{} failures, {} s cooldown", used.breaker.failures, used.breaker.cooldown.as_secs()),
+        "max_concurrency": used.max_concurrency,
+        "fallback": format!("{PRIMARY} -> {FALLBACK}"),
+    });
+    if !args.json {
+        println!("config: {config_json}");
+        println!("running {planned} requests over {} s ...", total.as_secs());
+    }
+
+    // The workload, drawn up front from the seed: 25% new questions, 75% repeats skewed
+    // towards the first (most popular) questions.
+    let mut rng = StdRng::seed_from_u64(args.seed);
+    let mut distinct = 0u64;
+    let workload: Vec<u64> = (0..planned)
+        .map(|_| {
+            if distinct == 0 || !rng.random_bool(args.repeat) {
+                distinct += 1;
+                distinct - 1
+            } else {
+                let u: f64 = rng.random();
+                ((u * u * distinct as f64) as u64).min(distinct - 1)
+            }
+        })
+        .collect();
+
+    let started = Instant::now();
+    let boundaries: Vec<Instant> = durations
+        .iter()
+        .scan(started, |at, d| {
+            *at += *d;
+            Some(*at)
+        })
+        .collect();
+    let mut ticks = tokio::time::interval(Duration::from_secs_f64(1.0 / args.rate));
+    ticks.set_missed_tick_behavior(MissedTickBehavior::Burst);
+    let mut phase = 0;
+    let mut stats_at_phase_start = vec![MockStats::default()];
+    let mut tasks = Vec::with_capacity(workload.len());
+    for n in workload {
+        let now = ticks.tick().await;
+        while phase + 1 < PHASES.len() && now >= boundaries[phase] {
+            phase += 1;
+            stats_at_phase_start.push(mock.stats());
+            mock.set_config(mock_config(phase, &args));
+            if !args.json {
+                println!(
+                    "{:>5.1} s: phase {}",
+                    started.elapsed().as_secs_f64(),
+                    PHASES[phase]
+                );
+            }
+        }
+        let client = client.clone();
+        tasks.push(tokio::spawn(async move {
+            let begun = Instant::now();
+            let result = client.send(&question(n)).await;
+            let latency = begun.elapsed();
+            let (outcome, model) = match result {
+                Ok(r) => (r.outcome.as_str().to_owned(), Some(r.model)),
+                Err(Error::Upstream(e)) => (format!("error {}", e.status), None),
+                Err(e) => (format!("error {e}"), None),
+            };
+            Record {
+                phase,
+                latency,
+                outcome,
+                model,
+            }
+        }));
+    }
+    let mut records = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        records.push(task.await?);
+    }
+    let elapsed = started.elapsed();
+    stats_at_phase_start.push(mock.stats());
+
+    let overall = summarize(&records, &stats_at_phase_start[0], &stats_at_phase_start[4]);
+    let phases: Vec<Value> = (0..PHASES.len())
+        .map(|p| {
+            let mine: Vec<&Record> = records.iter().filter(|r| r.phase == p).collect();
+            let mut s = summarize_refs(
+                &mine,
+                &stats_at_phase_start[p],
+                &stats_at_phase_start[p + 1],
+            );
+            s["phase"] = json!(PHASES[p]);
+            s
+        })
+        .collect();
+    let targets = json!({
+        "answered_pct >= 99.9": overall["answered_pct"].as_f64().unwrap_or(0.0) >= 99.9,
+        "attempts_per_request <= 0.6": overall["attempts_per_request"].as_f64().unwrap_or(f64::MAX) <= 0.6,
+        "p99_ms <= 300": overall["p99_ms"].as_f64().unwrap_or(f64::MAX) <= 300.0,
+        "fallback_pct <= 20": overall["fallback_pct"].as_f64().unwrap_or(f64::MAX) <= 20.0,
+    });
+    let report = json!({
+        "config": config_json,
+        "elapsed_s": elapsed.as_secs_f64(),
+        "distinct_questions": distinct,
+        "overall": overall,
+        "phases": phases,
+        "upstream_by_model": mock.stats().by_model,
+        "targets_met": targets,
+    });
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_text(&report);
+    }
+    Ok(())
+}
+
+fn summarize(records: &[Record], before: &MockStats, after: &MockStats) -> Value {
+    let refs: Vec<&Record> = records.iter().collect();
+    summarize_refs(&refs, before, after)
+}
+
+fn upstream_requests(stats: &MockStats) -> u64 {
+    stats.by_model.values().flat_map(|m| m.values()).sum()
+}
+
+/// Figures for a set of requests; upstream attempts are the fake's requests between `before`
+/// and `after` (for a phase this includes the retries and refreshes of requests begun earlier).
+fn summarize_refs(records: &[&Record], before: &MockStats, after: &MockStats) -> Value {
+    let n = records.len().max(1) as f64;
+    let answered: Vec<&&Record> = records.iter().filter(|r| r.model.is_some()).collect();
+    let from_fallback = answered
+        .iter()
+        .filter(|r| r.model.as_deref() == Some(FALLBACK))
+        .count();
+    let mut outcomes: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut by_outcome: BTreeMap<&str, Vec<Duration>> = BTreeMap::new();
+    for r in records {
+        *outcomes.entry(&r.outcome).or_default() += 1;
+        by_outcome.entry(&r.outcome).or_default().push(r.latency);
+    }
+    let mut latencies: Vec<Duration> = records.iter().map(|r| r.latency).collect();
+    let attempts = upstream_requests(after).saturating_sub(upstream_requests(before));
+    let slow = records
+        .iter()
+        .filter(|r| r.latency > Duration::from_millis(300))
+        .count();
+    let latency_by_outcome: BTreeMap<&str, Value> = by_outcome
+        .into_iter()
+        .map(|(k, mut v)| {
+            (
+                k,
+                json!({"p50_ms": pct(&mut v, 0.50), "p99_ms": pct(&mut v, 0.99), "max_ms": pct(&mut v, 1.0)}),
+            )
+        })
+        .collect();
+    json!({
+        "requests": records.len(),
+        "answered_pct": 100.0 * answered.len() as f64 / n,
+        "upstream_attempts": attempts,
+        "attempts_per_request": attempts as f64 / n,
+        "p50_ms": pct(&mut latencies, 0.50),
+        "p99_ms": pct(&mut latencies, 0.99),
+        "max_ms": pct(&mut latencies, 1.0),
+        "over_300ms": slow,
+        "fallback_pct": 100.0 * from_fallback as f64 / answered.len().max(1) as f64,
+        "outcomes": outcomes,
+        "latency_by_outcome": latency_by_outcome,
+    })
+}
+
+/// The `q` quantile in milliseconds (nearest rank).
+fn pct(values: &mut [Duration], q: f64) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_unstable();
+    let rank = ((q * values.len() as f64).ceil() as usize).clamp(1, values.len());
+    (values[rank - 1].as_secs_f64() * 1000.0 * 10.0).round() / 10.0
+}
+
+fn print_text(report: &Value) {
+    let line = |name: &str, s: &Value| {
+        println!(
+            "{name:<10} {:>6} req  answered {:>6.2}%  attempts/req {:>5.2}  p50 {:>7.1} ms  p99 {:>8.1} ms  >300ms {:>4}  fallback {:>5.1}%",
+            s["requests"],
+            s["answered_pct"].as_f64().unwrap_or(0.0),
+            s["attempts_per_request"].as_f64().unwrap_or(0.0),
+            s["p50_ms"].as_f64().unwrap_or(0.0),
+            s["p99_ms"].as_f64().unwrap_or(0.0),
+            s["over_300ms"],
+            s["fallback_pct"].as_f64().unwrap_or(0.0),
+        );
+        println!("{:<10} outcomes {}", "", s["outcomes"]);
+        println!("{:<10} latency by outcome {}", "", s["latency_by_outcome"]);
+    };
+    println!(
+        "\nelapsed {:.1} s, {} distinct questions",
+        report["elapsed_s"].as_f64().unwrap_or(0.0),
+        report["distinct_questions"]
+    );
+    for phase in report["phases"].as_array().into_iter().flatten() {
+        line(phase["phase"].as_str().unwrap_or("?"), phase);
+    }
+    line("overall", &report["overall"]);
+    println!(
+        "upstream by model and status: {}",
+        report["upstream_by_model"]
+    );
+    println!("targets met: {}", report["targets_met"]);
+}

@@ -1,0 +1,775 @@
+//! The miss path through the public [`Client`], against the in-process fake API over real HTTP:
+//! hits and misses, retries and `retry-after`, stale answers, fallback, the breaker, single
+//! flight, the retry budget, the concurrency limit, controls and key partitions.
+//!
+//! Every test asserts how many times the upstream was called (the mock's counters), and timing
+//! with generous margins: the machine running them may be slow and busy.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use fallthrough::entry::now_millis;
+use fallthrough::error::DiskError;
+use fallthrough::mock::{MockConfig, MockServer, Scripted};
+use fallthrough::upstream::breaker::BreakerState;
+use fallthrough::{
+    Client, ClientBuilder, Config, Controls, Error, Outcome, Request, Response, UpstreamError,
+    UpstreamErrorKind,
+};
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+
+const MODEL: &str = "claude-sonnet-4-5";
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+fn body(model: &str, prompt: &str) -> Value {
+    json!({
+        "model": model,
+        "max_tokens": 256,
+        "messages": [{"role": "user", "content": prompt}],
+    })
+}
+
+/// A builder aimed at `mock`, with short retry delays: timing is not the point unless a test
+/// says so (and then it sets the delays itself).
+fn fast(mock: &MockServer) -> ClientBuilder {
+    Client::builder()
+        .upstream(mock.url())
+        .credential("sk-test")
+        .retries(4, ms(10), ms(100))
+}
+
+/// Starts a fake with `config` and a memory-only client on it, adjusted by `adjust`.
+async fn start(
+    config: MockConfig,
+    adjust: impl FnOnce(ClientBuilder) -> ClientBuilder,
+) -> (MockServer, Client) {
+    let mock = MockServer::start(config).await.expect("mock starts");
+    let client = adjust(fast(&mock).memory_only())
+        .build()
+        .await
+        .expect("client builds");
+    (mock, client)
+}
+
+/// Upstream answers for `model` with `status`.
+fn calls(mock: &MockServer, model: &str, status: u16) -> u64 {
+    let stats = mock.stats();
+    stats
+        .by_model
+        .get(model)
+        .and_then(|by_status| by_status.get(&status).copied())
+        .unwrap_or(0)
+}
+
+/// Upstream requests for `model`, whatever their answer.
+fn attempts_for(mock: &MockServer, model: &str) -> u64 {
+    mock.stats()
+        .by_model
+        .get(model)
+        .map_or(0, |by_status| by_status.values().sum())
+}
+
+fn upstream_error(result: Result<Response, Error>) -> UpstreamError {
+    match result {
+        Err(Error::Upstream(e)) => e,
+        other => panic!("expected an upstream error, got {other:?}"),
+    }
+}
+
+fn error_json(e: &UpstreamError) -> Value {
+    serde_json::from_slice(&e.body).expect("the error body is JSON")
+}
+
+fn overloaded(models: &[&str]) -> MockConfig {
+    MockConfig {
+        overloaded_models: models.iter().map(|m| m.to_string()).collect(),
+        ..MockConfig::default()
+    }
+}
+
+fn only_if_cached() -> Controls {
+    Controls {
+        only_if_cached: true,
+        ..Controls::default()
+    }
+}
+
+/// Opens a client on `dir`, waiting while the previous client's last task lets go of it.
+async fn reopen(mock: &MockServer, dir: &std::path::Path) -> Client {
+    for _ in 0..100 {
+        match fast(mock).cache_dir(dir).build().await {
+            Ok(client) => return client,
+            Err(Error::Disk(DiskError::Locked { .. })) => tokio::time::sleep(ms(20)).await,
+            Err(e) => panic!("reopening failed: {e}"),
+        }
+    }
+    panic!("the cache directory stayed locked after the client was dropped");
+}
+
+#[tokio::test]
+async fn miss_then_memory_hit_then_disk_hit_after_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = MockServer::start(MockConfig::default()).await.unwrap();
+    let client = fast(&mock).cache_dir(dir.path()).build().await.unwrap();
+    let request = body(MODEL, "Hello");
+
+    let miss = client.send(&request).await.unwrap();
+    assert_eq!(miss.outcome, Outcome::Miss);
+    assert_eq!(
+        (miss.attempts, miss.age, miss.model.as_str()),
+        (1, None, MODEL)
+    );
+    assert_eq!(miss.json().unwrap()["type"], "message");
+
+    let hit = client.send(&request).await.unwrap();
+    assert_eq!(hit.outcome, Outcome::Memory);
+    assert_eq!(hit.attempts, 0);
+    assert!(hit.age.is_some());
+    assert_eq!(hit.body, miss.body);
+    assert_eq!(hit.key, miss.key);
+    assert_eq!(calls(&mock, MODEL, 200), 1);
+
+    client.flush().await.unwrap();
+    drop(client);
+    let client = reopen(&mock, dir.path()).await;
+    let disk = client.send(&request).await.unwrap();
+    assert_eq!(disk.outcome, Outcome::Disk);
+    assert_eq!((disk.attempts, disk.model.as_str()), (0, MODEL));
+    assert_eq!(disk.body, miss.body);
+    let promoted = client.send(&request).await.unwrap();
+    assert_eq!(promoted.outcome, Outcome::Memory);
+    assert_eq!(promoted.body, miss.body);
+    assert_eq!(
+        mock.stats().requests,
+        1,
+        "only the first call went upstream"
+    );
+}
+
+#[tokio::test]
+async fn overloaded_twice_then_answered_in_three_attempts() {
+    let (mock, client) = start(MockConfig::default(), |b| b).await;
+    let overloaded = Scripted::Status {
+        status: 529,
+        retry_after: None,
+    };
+    mock.script(
+        Some(MODEL),
+        vec![overloaded.clone(), overloaded, Scripted::Ok],
+    );
+    let r = client.send(&body(MODEL, "retry me")).await.unwrap();
+    assert_eq!(r.outcome, Outcome::Miss);
+    assert_eq!(r.attempts, 3);
+    assert_eq!(r.json().unwrap()["type"], "message");
+    assert_eq!(calls(&mock, MODEL, 529), 2);
+    assert_eq!(calls(&mock, MODEL, 200), 1);
+}
+
+#[tokio::test]
+async fn a_client_error_passes_through_once_and_is_not_cached() {
+    let (mock, client) = start(MockConfig::default(), |b| b).await;
+    let request = body(MODEL, "bad?");
+    mock.script(
+        Some(MODEL),
+        vec![Scripted::Status {
+            status: 400,
+            retry_after: None,
+        }],
+    );
+    let e = upstream_error(client.send(&request).await);
+    assert_eq!(
+        (e.status, e.kind, e.attempts),
+        (400, UpstreamErrorKind::Client, 1)
+    );
+    let json = error_json(&e);
+    assert_eq!(json["type"], "error");
+    assert_eq!(json["error"]["type"], "invalid_request_error");
+    assert!(
+        json["request_id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("req_")),
+        "the mock's own body is passed on: {json}"
+    );
+    assert_eq!(calls(&mock, MODEL, 400), 1);
+
+    // Not cached: the same request reaches the upstream again (and now succeeds).
+    let r = client.send(&request).await.unwrap();
+    assert_eq!((r.outcome, r.attempts), (Outcome::Miss, 1));
+    assert_eq!(calls(&mock, MODEL, 200), 1);
+
+    // A request the API itself refuses: same story, and never retried.
+    let invalid = json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]});
+    for round in 1..=2 {
+        let e = upstream_error(client.send(&invalid).await);
+        assert_eq!((e.status, e.attempts), (400, 1));
+        let message = error_json(&e)["error"]["message"].to_string();
+        assert!(message.contains("max_tokens"), "{message}");
+        assert_eq!(calls(&mock, MODEL, 400), 1 + round);
+    }
+}
+
+#[tokio::test]
+async fn a_spend_limit_is_not_retried_but_a_rate_limit_is() {
+    let (mock, client) = start(MockConfig::default(), |b| b).await;
+    mock.script(Some(MODEL), vec![Scripted::SpendLimit]);
+    let e = upstream_error(client.send(&body(MODEL, "spend")).await);
+    assert_eq!(
+        (e.status, e.kind, e.attempts),
+        (429, UpstreamErrorKind::SpendLimit, 1)
+    );
+    assert_eq!(
+        error_json(&e)["error"]["details"]["error_code"],
+        "enforced_spend_limit_reached"
+    );
+    assert_eq!(mock.stats().requests, 1, "no second attempt");
+
+    // An ordinary 429 (with a retry-after) is retried.
+    mock.script(
+        Some(MODEL),
+        vec![
+            Scripted::Status {
+                status: 429,
+                retry_after: Some("0".into()),
+            },
+            Scripted::Ok,
+        ],
+    );
+    let r = client.send(&body(MODEL, "rate limited")).await.unwrap();
+    assert_eq!(r.attempts, 2);
+    assert_eq!(calls(&mock, MODEL, 200), 1);
+    assert_eq!(calls(&mock, MODEL, 429), 2);
+}
+
+#[tokio::test]
+async fn retry_after_of_one_second_is_waited_out() {
+    let (mock, client) = start(MockConfig::default(), |b| b).await;
+    mock.script(
+        Some(MODEL),
+        vec![
+            Scripted::Status {
+                status: 529,
+                retry_after: Some("1".into()),
+            },
+            Scripted::Ok,
+        ],
+    );
+    let started = Instant::now();
+    let r = client.send(&body(MODEL, "wait")).await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(r.attempts, 2);
+    assert!(
+        took >= ms(900),
+        "retried after {took:?}, before retry-after"
+    );
+    assert!(took < ms(3000), "took {took:?}");
+}
+
+#[tokio::test]
+async fn retry_after_of_an_hour_is_not_waited_out() {
+    let (mock, client) = start(MockConfig::default(), |b| b).await;
+    mock.script(
+        Some(MODEL),
+        vec![
+            Scripted::Status {
+                status: 529,
+                retry_after: Some("3600".into()),
+            },
+            Scripted::Ok,
+        ],
+    );
+    let started = Instant::now();
+    let e = upstream_error(client.send(&body(MODEL, "an hour")).await);
+    assert!(started.elapsed() < ms(1000), "took {:?}", started.elapsed());
+    assert_eq!((e.status, e.attempts), (529, 1));
+    assert_eq!(e.retry_after, Some(Duration::from_secs(3600)));
+    assert_eq!(error_json(&e)["error"]["type"], "overloaded_error");
+    assert_eq!(calls(&mock, MODEL, 529), 1);
+    assert_eq!(calls(&mock, MODEL, 200), 0);
+}
+
+#[tokio::test]
+async fn retry_after_as_an_http_date_is_honoured() {
+    let (mock, client) = start(MockConfig::default(), |b| b).await;
+    // Whole seconds: the wait is between 1 and 2 s.
+    let when = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(2));
+    mock.script(
+        Some(MODEL),
+        vec![
+            Scripted::Status {
+                status: 529,
+                retry_after: Some(when),
+            },
+            Scripted::Ok,
+        ],
+    );
+    let started = Instant::now();
+    let r = client.send(&body(MODEL, "a date")).await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(r.attempts, 2);
+    assert!(took >= ms(900), "retried after {took:?}, before the date");
+    assert!(took < ms(3500), "took {took:?}");
+}
+
+#[tokio::test]
+async fn a_stale_entry_is_served_at_once_under_overload_then_refreshed() {
+    // Default retry delays: the stale answer must not wait through any backoff.
+    let (mock, client) = start(MockConfig::default(), |b| {
+        b.ttl(ms(200), Duration::from_secs(3600))
+            .retries(4, ms(500), Duration::from_secs(30))
+    })
+    .await;
+    let request = body(MODEL, "stale me");
+    let first = client.send(&request).await.unwrap();
+    assert_eq!(first.outcome, Outcome::Miss);
+    tokio::time::sleep(ms(400)).await;
+
+    mock.set_config(overloaded(&[MODEL]));
+    let started = Instant::now();
+    let stale = client.send(&request).await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(stale.outcome, Outcome::Stale);
+    assert!(took < ms(300), "stale answer took {took:?}");
+    assert_eq!(stale.body, first.body);
+    assert_eq!(stale.model, MODEL);
+    assert_eq!(stale.attempts, 1);
+    assert!(stale.age.unwrap() >= ms(200), "age {:?}", stale.age);
+    assert!(calls(&mock, MODEL, 529) >= 1);
+
+    // The upstream recovers: the background refresh renews the entry, without a caller.
+    mock.set_config(MockConfig::default());
+    let renewed = async {
+        loop {
+            let r = client
+                .execute(Request::json(&request).controls(only_if_cached()))
+                .await;
+            if let Ok(r) = r {
+                break r;
+            }
+            tokio::time::sleep(ms(20)).await;
+        }
+    };
+    let renewed = tokio::time::timeout(Duration::from_secs(5), renewed)
+        .await
+        .expect("the stale entry is refreshed in the background");
+    assert_eq!(renewed.outcome, Outcome::Memory);
+    assert!(renewed.age.unwrap() < ms(200));
+    assert_eq!(calls(&mock, MODEL, 200), 2);
+}
+
+#[tokio::test]
+async fn fallback_answers_and_is_stored_under_its_own_key_only() {
+    let (mock, client) = start(overloaded(&["a"]), |b| {
+        b.fallback("a", ["b"])
+            .before_fallback(0, ms(100))
+            .breaker(2, Duration::from_secs(30))
+    })
+    .await;
+    let for_a = body("a", "Which model?");
+    let for_b = body("b", "Which model?");
+
+    let r = client.send(&for_a).await.unwrap();
+    assert_eq!(r.outcome, Outcome::Miss);
+    assert_eq!(r.model, "b");
+    assert_eq!(r.json().unwrap()["model"], "b");
+    assert_eq!(
+        r.attempts, 2,
+        "1 attempt at a (no retries before a fallback), 1 at b"
+    );
+    assert_eq!(calls(&mock, "a", 529), 1);
+    assert_eq!(calls(&mock, "b", 200), 1);
+
+    // Stored under b's key ...
+    let hit = client.send(&for_b).await.unwrap();
+    assert_eq!((hit.outcome, hit.model.as_str()), (Outcome::Memory, "b"));
+    assert_eq!(hit.body, r.body);
+    // ... and not under a's.
+    let key_a = client.key(&Request::json(&for_a)).unwrap();
+    assert_eq!(key_a, r.key);
+    assert!(client.cache().get(&key_a, now_millis()).await.is_none());
+    let not_cached = client
+        .execute(Request::json(&for_a).controls(only_if_cached()))
+        .await;
+    assert!(
+        matches!(not_cached, Err(Error::NotCached)),
+        "{not_cached:?}"
+    );
+
+    // a is asked again (its second failure opens its breaker), then b's fresh entry answers.
+    let again = client.send(&for_a).await.unwrap();
+    assert_eq!(
+        (again.outcome, again.model.as_str(), again.attempts),
+        (Outcome::Memory, "b", 1)
+    );
+    assert_eq!(again.body, r.body);
+    assert_eq!(calls(&mock, "a", 529), 2);
+    // While a's breaker blocks, a is skipped altogether.
+    let skipped = client.send(&for_a).await.unwrap();
+    assert_eq!(
+        (skipped.outcome, skipped.model.as_str(), skipped.attempts),
+        (Outcome::Memory, "b", 0)
+    );
+    let new = client.send(&body("a", "Another question")).await.unwrap();
+    assert_eq!(
+        (new.outcome, new.model.as_str(), new.attempts),
+        (Outcome::Miss, "b", 1)
+    );
+    assert_eq!(
+        calls(&mock, "a", 529),
+        2,
+        "no call to a while its breaker blocks"
+    );
+    assert_eq!(calls(&mock, "b", 200), 2);
+}
+
+#[tokio::test]
+async fn a_model_with_a_fallback_gets_one_quick_retry_by_default() {
+    // Default retry settings (500 ms base delay): the retry before a fallback is capped at
+    // 100 ms, so the fallback's answer comes quickly.
+    let (mock, client) = start(overloaded(&["a"]), |b| {
+        b.fallback("a", ["b"])
+            .retries(4, ms(500), Duration::from_secs(30))
+    })
+    .await;
+    let started = Instant::now();
+    let r = client.send(&body("a", "Quickly")).await.unwrap();
+    assert!(started.elapsed() < ms(300), "{:?}", started.elapsed());
+    assert_eq!((r.model.as_str(), r.attempts), ("b", 3));
+    assert_eq!(calls(&mock, "a", 529), 2);
+    assert_eq!(calls(&mock, "b", 200), 1);
+}
+
+#[tokio::test]
+async fn retries_before_fallback_are_configurable() {
+    let (mock, client) = start(overloaded(&["a"]), |b| {
+        b.fallback("a", ["b"]).before_fallback(2, ms(20))
+    })
+    .await;
+    let r = client.send(&body("a", "Try harder")).await.unwrap();
+    assert_eq!((r.model.as_str(), r.attempts), ("b", 4));
+    assert_eq!(calls(&mock, "a", 529), 3);
+    assert_eq!(calls(&mock, "b", 200), 1);
+}
+
+#[tokio::test]
+async fn everything_overloaded_gives_the_upstreams_529_within_the_deadline() {
+    let (mock, client) = start(overloaded(&["a", "b"]), |b| {
+        b.fallback("a", ["b"])
+            .retries(4, ms(500), Duration::from_secs(30))
+            .deadline(Duration::from_secs(2))
+    })
+    .await;
+    let started = Instant::now();
+    let e = upstream_error(client.send(&body("a", "anyone?")).await);
+    let took = started.elapsed();
+    assert!(took < ms(2500), "took {took:?} with a 2 s deadline");
+    assert_eq!((e.status, e.kind), (529, UpstreamErrorKind::Overloaded));
+    assert_eq!(e.model, "b", "the last error is the last model's");
+    let json = error_json(&e);
+    assert_eq!(json["type"], "error");
+    assert_eq!(json["error"]["type"], "overloaded_error");
+    assert!(
+        json["request_id"].is_string(),
+        "the upstream's body: {json}"
+    );
+    assert!(e.retry_after.unwrap() >= Duration::from_secs(1));
+    assert!(calls(&mock, "a", 529) >= 1);
+    assert!(calls(&mock, "b", 529) >= 1);
+    assert_eq!(
+        e.attempts as u64,
+        attempts_for(&mock, "a") + attempts_for(&mock, "b")
+    );
+}
+
+#[tokio::test]
+async fn the_breaker_stops_calls_during_its_cooldown_then_probes() {
+    let cooldown = Duration::from_secs(1);
+    let (mock, client) = start(overloaded(&[MODEL]), |b| b.breaker(3, cooldown)).await;
+
+    let e = upstream_error(client.send(&body(MODEL, "0")).await);
+    assert_eq!((e.status, e.attempts), (529, 3));
+    assert_eq!(calls(&mock, MODEL, 529), 3, "the third failure opened it");
+    assert_eq!(
+        client.breaker_states(),
+        [(MODEL.to_owned(), BreakerState::Blocking)]
+    );
+
+    let started = Instant::now();
+    for n in 1..=5 {
+        let e = upstream_error(client.send(&body(MODEL, &n.to_string())).await);
+        assert_eq!(
+            (e.status, e.kind, e.attempts),
+            (529, UpstreamErrorKind::Overloaded, 0)
+        );
+        assert_eq!(error_json(&e)["error"]["type"], "overloaded_error");
+        let wait = e.retry_after.unwrap();
+        assert!(
+            wait >= Duration::from_secs(1) && wait <= cooldown,
+            "{wait:?}"
+        );
+    }
+    assert!(started.elapsed() < ms(500), "blocked requests fail fast");
+    assert_eq!(
+        calls(&mock, MODEL, 529),
+        3,
+        "no upstream calls while blocking"
+    );
+
+    // After the cooldown one probe goes through; it fails, so the breaker blocks again.
+    tokio::time::sleep(cooldown + ms(100)).await;
+    let e = upstream_error(client.send(&body(MODEL, "probe")).await);
+    assert_eq!((e.status, e.attempts), (529, 1));
+    assert_eq!(calls(&mock, MODEL, 529), 4);
+    upstream_error(client.send(&body(MODEL, "blocked")).await);
+    assert_eq!(calls(&mock, MODEL, 529), 4);
+
+    // Healthy again: after the next cooldown the probe succeeds and requests flow.
+    mock.set_config(MockConfig::default());
+    tokio::time::sleep(cooldown + ms(100)).await;
+    let r = client.send(&body(MODEL, "probe 2")).await.unwrap();
+    assert_eq!((r.outcome, r.attempts), (Outcome::Miss, 1));
+    assert_eq!(
+        client.breaker_states(),
+        [(MODEL.to_owned(), BreakerState::Passing)]
+    );
+    for n in 0..3 {
+        let r = client
+            .send(&body(MODEL, &format!("flow {n}")))
+            .await
+            .unwrap();
+        assert_eq!(r.attempts, 1);
+    }
+    assert_eq!(calls(&mock, MODEL, 200), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_identical_misses_share_one_upstream_call() {
+    let latency = MockConfig {
+        latency_ms: 200,
+        ..MockConfig::default()
+    };
+    let (mock, client) = start(latency, |b| b).await;
+
+    let together = |request: Value| {
+        let tasks: Vec<_> = (0..32)
+            .map(|_| {
+                let client = client.clone();
+                let request = request.clone();
+                tokio::spawn(async move { client.send(&request).await })
+            })
+            .collect();
+        futures_util::future::join_all(tasks)
+    };
+
+    let results = together(body(MODEL, "everyone at once")).await;
+    let first = results[0].as_ref().unwrap().as_ref().unwrap().body.clone();
+    for r in results {
+        let r = r.unwrap().expect("every caller gets the answer");
+        assert_eq!(r.body, first);
+        assert_eq!(r.outcome, Outcome::Miss);
+    }
+    assert_eq!(mock.stats().requests, 1);
+
+    // When the one call fails, every caller gets its error.
+    mock.script(
+        Some(MODEL),
+        vec![Scripted::Status {
+            status: 400,
+            retry_after: None,
+        }],
+    );
+    for r in together(body(MODEL, "everyone fails")).await {
+        let e = upstream_error(r.unwrap());
+        assert_eq!(e.status, 400);
+    }
+    assert_eq!(calls(&mock, MODEL, 400), 1);
+    assert_eq!(mock.stats().requests, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_stay_within_the_budget_when_everything_fails() {
+    let failing = MockConfig {
+        overload_rate: 1.0,
+        ..MockConfig::default()
+    };
+    // A breaker that never opens, so that only the budget limits retries.
+    let (mock, client) = start(failing, |b| {
+        b.retries(4, ms(1), ms(5)).breaker(1_000_000, ms(10))
+    })
+    .await;
+    let requests = 100u64;
+    let results: Vec<_> = futures_util::stream::iter(0..requests)
+        .map(|n| {
+            let client = client.clone();
+            async move { client.send(&body(MODEL, &format!("storm {n}"))).await }
+        })
+        .buffer_unordered(10)
+        .collect()
+        .await;
+    for r in results {
+        assert_eq!(upstream_error(r).status, 529);
+    }
+    let attempts = attempts_for(&mock, MODEL);
+    let bound = requests * 12 / 10 + 10; // 20% of first attempts, plus the floor
+    assert!(
+        attempts <= bound + 2,
+        "{attempts} attempts for {requests} requests"
+    );
+    assert!(attempts > requests, "some retries were made: {attempts}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_concurrency_limit_queues_upstream_requests() {
+    let latency = MockConfig {
+        latency_ms: 300,
+        ..MockConfig::default()
+    };
+    let (mock, client) = start(latency, |b| b.max_concurrency(2)).await;
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..6)
+        .map(|n| {
+            let client = client.clone();
+            tokio::spawn(async move { client.send(&body(MODEL, &format!("q{n}"))).await })
+        })
+        .collect();
+    for r in futures_util::future::join_all(tasks).await {
+        assert_eq!(r.unwrap().unwrap().outcome, Outcome::Miss);
+    }
+    let took = started.elapsed();
+    assert!(
+        took >= ms(850),
+        "6 requests, 2 at a time, 300 ms each: {took:?}"
+    );
+    assert!(took < ms(3000), "took {took:?}");
+    assert_eq!(calls(&mock, MODEL, 200), 6);
+}
+
+#[tokio::test]
+async fn controls_only_if_cached_no_store_no_cache_max_age() {
+    let (mock, client) = start(MockConfig::default(), |b| b).await;
+    let request = body(MODEL, "controls");
+    let with = |controls: Controls| client.execute(Request::json(&request).controls(controls));
+
+    let r = with(only_if_cached()).await;
+    assert!(matches!(r, Err(Error::NotCached)), "{r:?}");
+    assert_eq!(
+        mock.stats().requests,
+        0,
+        "only-if-cached never calls upstream"
+    );
+
+    let no_store = Controls {
+        no_store: true,
+        ..Controls::default()
+    };
+    assert_eq!(with(no_store).await.unwrap().outcome, Outcome::Miss);
+    assert!(matches!(
+        with(only_if_cached()).await,
+        Err(Error::NotCached)
+    ));
+    assert_eq!(mock.stats().requests, 1);
+
+    let stored = with(Controls::default()).await.unwrap();
+    assert_eq!(stored.outcome, Outcome::Miss);
+    assert_eq!(
+        with(only_if_cached()).await.unwrap().outcome,
+        Outcome::Memory
+    );
+    assert_eq!(mock.stats().requests, 2);
+
+    let no_cache = Controls {
+        no_cache: true,
+        ..Controls::default()
+    };
+    let r = with(no_cache).await.unwrap();
+    assert_eq!((r.outcome, r.attempts), (Outcome::Bypass, 1));
+    assert_eq!(mock.stats().requests, 3, "no-cache fetches again");
+    assert_eq!(
+        with(Controls::default()).await.unwrap().outcome,
+        Outcome::Memory
+    );
+
+    tokio::time::sleep(ms(300)).await;
+    let young = |age| Controls {
+        max_age: Some(age),
+        ..Controls::default()
+    };
+    assert_eq!(
+        with(young(Duration::from_secs(3600)))
+            .await
+            .unwrap()
+            .outcome,
+        Outcome::Memory
+    );
+    assert_eq!(mock.stats().requests, 3);
+    let r = with(young(ms(100))).await.unwrap();
+    assert_eq!(
+        (r.outcome, r.attempts),
+        (Outcome::Miss, 1),
+        "an older entry is not fresh"
+    );
+    assert_eq!(mock.stats().requests, 4);
+    // The re-fetch renewed the entry: now it is young enough.
+    let r = with(young(Duration::from_secs(60))).await.unwrap();
+    assert_eq!(r.outcome, Outcome::Memory);
+    assert!(r.age.unwrap() < ms(300));
+}
+
+#[tokio::test]
+async fn credentials_and_namespaces_partition_the_cache() {
+    let (mock, client) = start(MockConfig::default(), |b| b).await;
+    let request = body(MODEL, "partitioned");
+
+    assert_eq!(client.send(&request).await.unwrap().outcome, Outcome::Miss);
+    assert_eq!(mock.stats().last_api_key.as_deref(), Some("sk-test"));
+    let other_key = Request::json(&request).header("x-api-key", "sk-other");
+    let r = client.execute(other_key.clone()).await.unwrap();
+    assert_eq!(
+        r.outcome,
+        Outcome::Miss,
+        "another API key has its own entries"
+    );
+    assert_eq!(mock.stats().last_api_key.as_deref(), Some("sk-other"));
+    assert_eq!(
+        client.execute(other_key).await.unwrap().outcome,
+        Outcome::Memory
+    );
+
+    let mut namespaced = Request::json(&request);
+    namespaced.namespace = Some("team-a".into());
+    let r = client.execute(namespaced.clone()).await.unwrap();
+    assert_eq!(
+        r.outcome,
+        Outcome::Miss,
+        "another namespace has its own entries"
+    );
+    assert_eq!(
+        client.execute(namespaced).await.unwrap().outcome,
+        Outcome::Memory
+    );
+    assert_eq!(calls(&mock, MODEL, 200), 3);
+
+    // Shared across credentials: one entry for both keys.
+    let config = Config {
+        shared_across_credentials: true,
+        ..Config::default()
+    };
+    let shared = ClientBuilder::from_config(config)
+        .upstream(mock.url())
+        .credential("sk-test")
+        .memory_only()
+        .build()
+        .await
+        .unwrap();
+    mock.reset_stats();
+    let other = body(MODEL, "shared");
+    assert_eq!(shared.send(&other).await.unwrap().outcome, Outcome::Miss);
+    let r = shared
+        .execute(Request::json(&other).header("x-api-key", "sk-other"))
+        .await
+        .unwrap();
+    assert_eq!(r.outcome, Outcome::Memory);
+    assert_eq!(mock.stats().requests, 1);
+}
