@@ -536,22 +536,30 @@ impl Engine {
         )
     }
 
-    /// The whole path of one request after parsing.
-    async fn answer(self: Arc<Self>, p: Prepared) -> Result<Response, Error> {
-        let now = now_millis();
+    /// The cache's part of a request, as its controls allow: a fresh entry, or a miss with
+    /// whatever may stand in if the upstream cannot answer.
+    async fn look_up(&self, p: &Prepared, now: u64) -> Result<LookedUp, Error> {
         let cached = match p.controls.no_cache {
             true => None,
             false => self.cache.get(&p.key, now).await,
         };
-        if let Some(hit) = &cached {
-            if hit.entry.freshness(now, p.controls.max_age) == Freshness::Fresh {
-                return Ok(hit_response(hit, &p.key, now));
+        match cached {
+            Some(hit) if hit.entry.freshness(now, p.controls.max_age) == Freshness::Fresh => {
+                Ok(LookedUp::Fresh(hit))
             }
+            _ if p.controls.only_if_cached => Err(Error::NotCached),
+            // Anything found and not fresh is stale: the cache never returns expired entries.
+            stale => Ok(LookedUp::Miss { stale }),
         }
-        if p.controls.only_if_cached {
-            return Err(Error::NotCached);
-        }
-        let stale = cached; // anything found and not fresh is stale: the cache drops expired ones
+    }
+
+    /// The whole path of one request after parsing.
+    async fn answer(self: Arc<Self>, p: Prepared) -> Result<Response, Error> {
+        let now = now_millis();
+        let stale = match self.look_up(&p, now).await? {
+            LookedUp::Fresh(hit) => return Ok(hit_response(&hit, &p.key, now)),
+            LookedUp::Miss { stale } => stale,
+        };
         let p = Arc::new(p);
         let result = if p.controls.no_cache || p.controls.no_store {
             let (tx, rx) = watch::channel(None);
@@ -940,6 +948,12 @@ impl RetryPlan {
         max_delay: Duration::ZERO,
         max_retry_after: Duration::ZERO,
     };
+}
+
+/// What the cache had for a request.
+enum LookedUp {
+    Fresh(Lookup),
+    Miss { stale: Option<Lookup> },
 }
 
 /// A successful upstream answer.

@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{debug, info, warn, Instrument};
 
-use super::{wait, with_attempts, Call, Engine, Fetched, Prepared, Request, Response};
+use super::{wait, with_attempts, Call, Engine, Fetched, LookedUp, Prepared, Request, Response};
 use crate::cache::Lookup;
 use crate::entry::{now_millis, Freshness};
 use crate::error::{Error, UpstreamError};
@@ -104,18 +104,10 @@ impl super::Client {
 impl Engine {
     async fn answer_stream(self: Arc<Self>, p: Prepared) -> Result<StreamResponse, Error> {
         let now = now_millis();
-        let cached = match p.controls.no_cache {
-            true => None,
-            false => self.cache.get(&p.key, now).await,
+        let cached = match self.look_up(&p, now).await? {
+            LookedUp::Fresh(hit) => return replay_hit(&hit, p.key, now, None),
+            LookedUp::Miss { stale } => stale,
         };
-        if let Some(hit) = &cached {
-            if hit.entry.freshness(now, p.controls.max_age) == Freshness::Fresh {
-                return replay_hit(hit, p.key, now, None);
-            }
-        }
-        if p.controls.only_if_cached {
-            return Err(Error::NotCached);
-        }
         let p = Arc::new(p);
         // A plain fetch of the same request is under way: share it rather than call again.
         let shared = match p.controls.no_cache || p.controls.no_store {
