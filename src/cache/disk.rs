@@ -22,6 +22,9 @@ const PER_ENTRY_OVERHEAD: u64 = 32 + 32 + 8;
 const EVICT_TO_PERCENT: u64 = 90;
 /// How often sled writes its log buffer out: the most a crash of the process can lose.
 const FLUSH_EVERY_MS: u64 = 100;
+/// sled's own page cache. Its default (1 GiB) would dwarf the memory tier, which already holds
+/// the hot entries; this is enough for sled's index and recently written pages.
+const SLED_CACHE_BYTES: u64 = 32 * 1024 * 1024;
 
 /// The sled-backed tier. Cheap to clone.
 #[derive(Clone)]
@@ -295,6 +298,7 @@ fn open_db(path: &Path) -> sled::Result<sled::Db> {
     sled::Config::new()
         .path(path)
         .flush_every_ms(Some(FLUSH_EVERY_MS))
+        .cache_capacity(SLED_CACHE_BYTES)
         .open()
 }
 
