@@ -71,6 +71,9 @@ fn key(c: &mut Criterion) {
                 })
             },
         );
+        group.bench_with_input(BenchmarkId::new("streaming", name), &body, |b, body| {
+            b.iter(|| ctx.key_of_bytes(body.as_bytes()).unwrap())
+        });
     }
     group.finish();
 }

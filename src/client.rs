@@ -345,11 +345,8 @@ fn request_span(p: &Prepared) -> Span {
 /// A request after parsing: what every step below needs.
 pub(crate) struct Prepared {
     path: String,
-    /// The body as the caller sent it.
+    /// The body as the caller sent it: valid JSON, an object with a string `model`.
     body: Bytes,
-    /// The body without `stream`: what plain fetches and background refreshes send.
-    plain_body: Bytes,
-    json: Value,
     model: String,
     ctx: KeyContext,
     key: CacheKey,
@@ -408,7 +405,7 @@ impl Client {
     /// up (for `fallthrough key`).
     pub fn canonical(&self, request: &Request) -> Result<(CacheKey, Value), Error> {
         let p = self.engine.prepare(request.clone())?;
-        Ok((p.key, p.ctx.canonical_value(&p.json)))
+        Ok((p.key, p.ctx.canonical_value(&p.json())))
     }
 
     /// The key `request` is cached under, without looking it up.
@@ -451,41 +448,30 @@ impl Client {
 }
 
 impl Engine {
+    /// Keys the request in one pass over its bytes (no JSON tree is built on the hit path).
     fn prepare(&self, request: Request) -> Result<Prepared, Error> {
-        let json: Value = serde_json::from_slice(&request.body)
-            .map_err(|e| Error::InvalidRequest(format!("the body is not valid JSON: {e}")))?;
-        let Some(model) = json.get("model").and_then(Value::as_str) else {
-            return Err(Error::InvalidRequest(if json.is_object() {
-                "model: field required".into()
-            } else {
-                "the body must be a JSON object".into()
-            }));
-        };
-        let model = model.to_owned();
-        let stream = json.get("stream") == Some(&Value::Bool(true));
-        let plain_body = match stream {
-            true => {
-                let mut plain = json.clone();
-                plain.as_object_mut().map(|o| o.remove("stream"));
-                Bytes::from(plain.to_string())
-            }
-            false => request.body.clone(),
-        };
         let mut headers = request.headers;
         self.add_defaults(&mut headers);
         let ctx = self.key_context(&request.path, &headers, request.namespace);
-        let key = ctx.key(&json);
+        let (key, facts) = ctx
+            .key_of_bytes(&request.body)
+            .map_err(|e| Error::InvalidRequest(format!("the body is not valid JSON: {e}")))?;
+        let Some(model) = facts.model else {
+            let is_object = request.body.trim_ascii_start().first() == Some(&b'{');
+            return Err(Error::InvalidRequest(match is_object {
+                true => "model: field required".into(),
+                false => "the body must be a JSON object".into(),
+            }));
+        };
         Ok(Prepared {
             path: request.path,
             body: request.body,
-            plain_body,
-            json,
             model,
             ctx,
             key,
             headers,
             controls: request.controls,
-            stream,
+            stream: facts.stream,
         })
     }
 
@@ -634,7 +620,7 @@ impl Engine {
             .call_plain(
                 &p,
                 &p.model,
-                p.plain_body.clone(),
+                p.plain_body(),
                 deadline,
                 self.plan(&p, 0, has_stale),
                 &mut attempts,
@@ -744,7 +730,7 @@ impl Engine {
             .call_plain(
                 p,
                 &p.model,
-                p.plain_body.clone(),
+                p.plain_body(),
                 deadline,
                 self.plan(p, usize::MAX, false),
                 &mut attempts,
@@ -964,9 +950,24 @@ pub(crate) enum Fetched {
 }
 
 impl Prepared {
+    /// The body as a JSON tree: only the miss path needs one.
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_default()
+    }
+
+    /// The body without `stream`: what plain fetches and background refreshes send.
+    fn plain_body(&self) -> Bytes {
+        if !self.stream {
+            return self.body.clone();
+        }
+        let mut json = self.json();
+        json.as_object_mut().map(|o| o.remove("stream"));
+        Bytes::from(json.to_string())
+    }
+
     /// The key and body of this request sent to `model` instead (a fallback).
     fn for_model(&self, model: &str) -> (CacheKey, Value) {
-        let mut json = self.json.clone();
+        let mut json = self.json();
         json["model"] = Value::String(model.to_owned());
         (self.ctx.key(&json), json)
     }

@@ -12,6 +12,10 @@ use std::str::FromStr;
 
 use serde_json::{Number, Value};
 
+mod streaming;
+
+pub use streaming::{BodyFacts, KeyError};
+
 /// Bumped whenever the canonical form changes, so old entries are never served under new rules.
 pub const KEY_FORMAT_VERSION: u64 = 1;
 
@@ -163,7 +167,14 @@ impl KeyContext {
     }
 
     fn write_canonical(&self, body: &Value, out: &mut impl Write) -> std::io::Result<()> {
-        // Fields in sorted order, so the whole form is canonical JSON too.
+        self.write_prefix(out)?;
+        write_body(out, body)?;
+        self.write_suffix(out)
+    }
+
+    /// The canonical form up to the body. Fields in sorted order, so the whole form is
+    /// canonical JSON too.
+    fn write_prefix(&self, out: &mut impl Write) -> std::io::Result<()> {
         write!(out, "{{\"anthropic_version\":")?;
         write_string_or_null(out, self.anthropic_version.as_deref())?;
         write!(out, ",\"beta\":[")?;
@@ -173,8 +184,11 @@ impl KeyContext {
             }
             write_string(out, beta)?;
         }
-        write!(out, "],\"body\":")?;
-        write_body(out, body)?;
+        write!(out, "],\"body\":")
+    }
+
+    /// The canonical form after the body.
+    fn write_suffix(&self, out: &mut impl Write) -> std::io::Result<()> {
         write!(out, ",\"credential\":")?;
         let fingerprint = self.credential.map(|c| c.to_string());
         write_string_or_null(out, fingerprint.as_deref())?;
