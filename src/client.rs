@@ -17,7 +17,7 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use serde_json::Value;
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
-use tracing::{debug, info, info_span, warn, Instrument, Span};
+use tracing::{debug, debug_span, info, warn, Instrument, Span};
 
 use crate::cache::{Cache, Lookup, Tier};
 use crate::config::Config;
@@ -35,6 +35,10 @@ pub use stream::{EventStream, Reply, StreamResponse};
 
 /// Background refreshes of stale entries that may run at once; more are skipped, not queued.
 const MAX_REFRESHES: usize = 8;
+const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+const ANTHROPIC_VERSION: HeaderName = HeaderName::from_static("anthropic-version");
+const ANTHROPIC_BETA: HeaderName = HeaderName::from_static("anthropic-beta");
+
 /// The `anthropic-version` sent when the caller sends none.
 pub const DEFAULT_ANTHROPIC_VERSION: &str = "2023-06-01";
 
@@ -330,9 +334,10 @@ pub(crate) struct Engine {
 }
 
 /// One span per request: key, model asked for, and, once known, outcome, model that answered
-/// and upstream attempts.
+/// and upstream attempts. At debug level, so that the default `info` costs the hit path
+/// nothing; the retry and stale log lines carry the key themselves.
 fn request_span(p: &Prepared) -> Span {
-    info_span!(
+    debug_span!(
         "request",
         key = %p.key,
         model = %p.model,
@@ -477,13 +482,13 @@ impl Engine {
 
     fn add_defaults(&self, headers: &mut HeaderMap) {
         let has_credential =
-            headers.contains_key("x-api-key") || headers.contains_key(http::header::AUTHORIZATION);
+            headers.contains_key(&X_API_KEY) || headers.contains_key(http::header::AUTHORIZATION);
         if let (false, Some(credential)) = (has_credential, &self.credential) {
-            headers.insert("x-api-key", credential.clone());
+            headers.insert(X_API_KEY, credential.clone());
         }
-        if !headers.contains_key("anthropic-version") {
+        if !headers.contains_key(&ANTHROPIC_VERSION) {
             headers.insert(
-                "anthropic-version",
+                ANTHROPIC_VERSION,
                 HeaderValue::from_static(DEFAULT_ANTHROPIC_VERSION),
             );
         }
@@ -499,24 +504,24 @@ impl Engine {
         headers: &HeaderMap,
         namespace: Option<String>,
     ) -> KeyContext {
-        let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        let text = |name: &HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
         let credential = if self.config.shared_across_credentials {
             None
         } else {
-            text("x-api-key")
-                .or_else(|| text("authorization"))
+            text(&X_API_KEY)
+                .or_else(|| text(&http::header::AUTHORIZATION))
                 .map(CredentialFingerprint::of)
         };
         KeyContext {
             path: path.to_owned(),
-            anthropic_version: text("anthropic-version").map(str::to_owned),
+            anthropic_version: text(&ANTHROPIC_VERSION).map(str::to_owned),
             betas: Vec::new(),
             namespace: namespace.unwrap_or_else(|| self.config.namespace.clone()),
             credential,
         }
         .with_betas(
             headers
-                .get_all("anthropic-beta")
+                .get_all(&ANTHROPIC_BETA)
                 .iter()
                 .filter_map(|v| v.to_str().ok()),
         )
@@ -567,7 +572,7 @@ impl Engine {
                 key: p.key,
             }),
             (Err(e), Some(stale)) if e.allows_stale() => {
-                info!(status = e.status, "upstream cannot answer; serving stale");
+                info!(key = %p.key, status = e.status, "upstream cannot answer; serving stale");
                 let mut r = hit_response(&stale, &p.key, now_millis());
                 r.outcome = Outcome::Stale;
                 r.attempts = e.attempts;
@@ -830,12 +835,7 @@ impl Engine {
             }
             let delay = match error.retry_after {
                 Some(wait) if wait > plan.max_retry_after => {
-                    info!(
-                        model,
-                        status = error.status,
-                        ?wait,
-                        "retry-after too long; not waiting"
-                    );
+                    info!(key = %p.key, model, status = error.status, ?wait, "retry-after too long; not waiting");
                     return Err(error);
                 }
                 Some(wait) => wait,
@@ -845,15 +845,12 @@ impl Engine {
                 return Err(error);
             }
             if !self.budget.try_withdraw() {
-                info!(
-                    model,
-                    status = error.status,
-                    "retry budget spent; not retrying"
-                );
+                info!(key = %p.key, model, status = error.status, "retry budget spent; not retrying");
                 return Err(error);
             }
             retry += 1;
             info!(
+                key = %p.key,
                 model,
                 status = error.status,
                 delay_ms = delay.as_millis() as u64,

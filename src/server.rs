@@ -9,7 +9,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response as HttpResponse};
 use axum::routing::{get, post};
 use axum::Router;
@@ -20,26 +20,35 @@ use tracing::{info, warn};
 
 use crate::client::{Client, Controls, Reply, Request, Response, StreamResponse};
 use crate::error::{error_body, error_type_for_status, Error};
+use crate::key::CacheKey;
 use crate::outcome::Outcome;
+
+const X_CACHE: HeaderName = HeaderName::from_static("x-fallthrough-cache");
+const X_KEY: HeaderName = HeaderName::from_static("x-fallthrough-key");
+const X_MODEL: HeaderName = HeaderName::from_static("x-fallthrough-model");
+const X_ATTEMPTS: HeaderName = HeaderName::from_static("x-fallthrough-attempts");
+const X_NAMESPACE: HeaderName = HeaderName::from_static("x-fallthrough-namespace");
+const X_FALLBACK: HeaderName = HeaderName::from_static("x-fallthrough-fallback");
+const JSON: HeaderValue = HeaderValue::from_static("application/json");
 
 /// Request headers never forwarded upstream: hop-by-hop, those the HTTP client sets itself,
 /// and the proxy's own controls. `accept-encoding` goes too: a compressed body would be stored
-/// as it came.
-const NOT_FORWARDED: [&str; 14] = [
-    "host",
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "content-length",
-    "accept-encoding",
-    "cache-control",
-    "x-fallthrough-namespace",
-    "x-fallthrough-fallback",
+/// as it came. (Names built once: parsing them per request shows in profiles.)
+const NOT_FORWARDED: [HeaderName; 14] = [
+    header::HOST,
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::CONTENT_LENGTH,
+    header::ACCEPT_ENCODING,
+    header::CACHE_CONTROL,
+    X_NAMESPACE,
+    X_FALLBACK,
 ];
 
 /// Response headers of the upstream never passed back (hop-by-hop and length, which the
@@ -89,26 +98,24 @@ pub async fn serve(
     Ok(())
 }
 
-async fn messages(
-    State(app): State<Arc<App>>,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> HttpResponse {
-    let body = match body {
+async fn messages(State(app): State<Arc<App>>, request: axum::extract::Request) -> HttpResponse {
+    // Taken apart rather than extracted piece by piece: axum's header and URI extractors clone.
+    let (parts, body) = request.into_parts();
+    let limit = app.client.config().max_body_bytes;
+    let body = match axum::body::to_bytes(body, limit.as_u64() as usize).await {
         Ok(body) => body,
-        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            let limit = app.client.config().max_body_bytes;
+        Err(e) if is_too_large(&e) => {
             return api_error(413, &format!("request body is larger than {limit}"));
         }
-        Err(rejection) => return api_error(400, &rejection.body_text()),
+        Err(e) => return api_error(400, &format!("cannot read the request body: {e}")),
     };
+    let headers = parts.headers;
     let request = Request {
-        path: uri.path().to_owned(),
+        path: parts.uri.path().to_owned(),
         body,
         controls: controls(&headers),
-        namespace: header_text(&headers, "x-fallthrough-namespace").map(str::to_owned),
-        headers: forwarded(&headers),
+        namespace: header_text(&headers, X_NAMESPACE).map(str::to_owned),
+        headers: forwarded(headers),
     };
     match app.client.call(request).await {
         Ok(Reply::Plain(response)) => plain(response),
@@ -117,18 +124,23 @@ async fn messages(
     }
 }
 
+/// Whether reading a body failed on the size limit.
+fn is_too_large(e: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if s.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
+}
+
 fn plain(r: Response) -> HttpResponse {
     let mut out = (StatusCode::OK, r.body).into_response();
     let h = out.headers_mut();
-    h.insert("content-type", HeaderValue::from_static("application/json"));
-    cache_headers(
-        h,
-        r.outcome,
-        &r.key.to_string(),
-        &r.model,
-        r.attempts,
-        r.age,
-    );
+    h.insert(header::CONTENT_TYPE, JSON);
+    cache_headers(h, r.outcome, &r.key, &r.model, r.attempts, r.age);
     out
 }
 
@@ -136,42 +148,32 @@ fn streamed(r: StreamResponse) -> HttpResponse {
     let mut out = (StatusCode::OK, Body::from_stream(r.events)).into_response();
     let h = out.headers_mut();
     h.insert(
-        "content-type",
+        header::CONTENT_TYPE,
         HeaderValue::from_static("text/event-stream; charset=utf-8"),
     );
-    h.insert("cache-control", HeaderValue::from_static("no-cache"));
-    cache_headers(
-        h,
-        r.outcome,
-        &r.key.to_string(),
-        &r.model,
-        r.attempts,
-        r.age,
-    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    cache_headers(h, r.outcome, &r.key, &r.model, r.attempts, r.age);
     out
 }
 
 fn cache_headers(
     h: &mut HeaderMap,
     outcome: Outcome,
-    key: &str,
+    key: &CacheKey,
     model: &str,
     attempts: u32,
     age: Option<Duration>,
 ) {
-    h.insert(
-        "x-fallthrough-cache",
-        HeaderValue::from_static(outcome.as_str()),
-    );
-    if let Ok(v) = HeaderValue::from_str(key) {
-        h.insert("x-fallthrough-key", v);
+    h.insert(X_CACHE, HeaderValue::from_static(outcome.as_str()));
+    if let Ok(v) = HeaderValue::from_bytes(&key.to_hex()) {
+        h.insert(X_KEY, v);
     }
     if let Ok(v) = HeaderValue::from_str(model) {
-        h.insert("x-fallthrough-model", v);
+        h.insert(X_MODEL, v);
     }
-    h.insert("x-fallthrough-attempts", HeaderValue::from(attempts));
+    h.insert(X_ATTEMPTS, HeaderValue::from(attempts));
     if let (Some(age), true) = (age, outcome.is_hit()) {
-        h.insert("age", HeaderValue::from(age.as_secs()));
+        h.insert(header::AGE, HeaderValue::from(age.as_secs()));
     }
 }
 
@@ -185,10 +187,10 @@ fn error_response(e: Error) -> HttpResponse {
             let h = out.headers_mut();
             if let Some(wait) = e.retry_after {
                 let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
-                h.insert("retry-after", HeaderValue::from(secs));
+                h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
             }
-            h.insert("x-fallthrough-attempts", HeaderValue::from(e.attempts));
-            h.insert("x-fallthrough-model", header_value(&e.model));
+            h.insert(X_ATTEMPTS, HeaderValue::from(e.attempts));
+            h.insert(X_MODEL, header_value(&e.model));
             out
         }
         Error::InvalidRequest(message) => api_error(400, &message),
@@ -202,8 +204,7 @@ fn error_response(e: Error) -> HttpResponse {
             api_error(500, &message)
         }
     };
-    out.headers_mut()
-        .insert("content-type", HeaderValue::from_static("application/json"));
+    out.headers_mut().insert(header::CONTENT_TYPE, JSON);
     out
 }
 
@@ -212,19 +213,18 @@ fn api_error(status: u16, message: &str) -> HttpResponse {
     let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let body = error_body(error_type_for_status(status), message);
     let mut out = (code, body).into_response();
-    out.headers_mut()
-        .insert("content-type", HeaderValue::from_static("application/json"));
+    out.headers_mut().insert(header::CONTENT_TYPE, JSON);
     out
 }
 
 /// `cache-control` request directives, as SPEC lists them, and `x-fallthrough-fallback: off`.
 fn controls(headers: &HeaderMap) -> Controls {
     let mut c = Controls {
-        no_fallback: header_text(headers, "x-fallthrough-fallback")
+        no_fallback: header_text(headers, X_FALLBACK)
             .is_some_and(|v| v.eq_ignore_ascii_case("off")),
         ..Controls::default()
     };
-    for value in headers.get_all("cache-control") {
+    for value in headers.get_all(header::CACHE_CONTROL) {
         let Ok(value) = value.to_str() else { continue };
         for directive in value.split(',').map(str::trim) {
             let (name, arg) = directive.split_once('=').unwrap_or((directive, ""));
@@ -244,17 +244,15 @@ fn controls(headers: &HeaderMap) -> Controls {
     c
 }
 
-fn forwarded(headers: &HeaderMap) -> HeaderMap {
-    let mut out = HeaderMap::with_capacity(headers.len());
-    for (name, value) in headers {
-        if !NOT_FORWARDED.contains(&name.as_str()) {
-            out.append(name.clone(), value.clone());
-        }
+/// The caller's headers less those never forwarded (taken in place: no copy per request).
+fn forwarded(mut headers: HeaderMap) -> HeaderMap {
+    for name in NOT_FORWARDED {
+        headers.remove(name);
     }
-    out
+    headers
 }
 
-fn header_text<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+fn header_text(headers: &HeaderMap, name: HeaderName) -> Option<&str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
@@ -288,7 +286,7 @@ async fn pass_through(
         return api_error(413, "request body is too large");
     };
     let path = uri.path_and_query().map_or("/", |p| p.as_str());
-    let mut headers = forwarded(&headers);
+    let mut headers = forwarded(headers);
     app.client.add_credential(&mut headers);
     let deadline = Instant::now() + app.deadline;
     let upstream = app.client.upstream();
@@ -306,7 +304,7 @@ async fn pass_through(
                     }
                 }
             }
-            out.header("x-fallthrough-cache", "bypass")
+            out.header(X_CACHE, "bypass")
                 .body(Body::from_stream(response.bytes_stream()))
                 .unwrap_or_else(|_| api_error(502, "upstream sent an unusable response"))
         }

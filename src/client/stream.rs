@@ -159,7 +159,7 @@ impl Engine {
         let mut last = match self.call_model(&p, call, &mut attempts).await {
             Ok(fetched) => return Ok(self.relay(fetched, &p, p.key, &p.model, attempts)),
             Err(e) if e.allows_stale() && stale.is_some() => {
-                info!(status = e.status, "upstream cannot answer; replaying stale");
+                info!(key = %p.key, status = e.status, "upstream cannot answer; replaying stale");
                 let engine = self.clone();
                 let refresh = p.clone();
                 tokio::spawn(async move { engine.refresh(&refresh, deadline).await });
