@@ -759,7 +759,11 @@ impl Engine {
         if store && is_complete_message(&body) {
             let now = now_millis();
             let c = &self.config.cache;
-            let entry = Entry::new(body.clone(), model, now, c.ttl, c.stale_for);
+            // A copy of exactly the body: `body` may be a slice of the HTTP client's read buffer,
+            // which the memory tier would otherwise keep alive whole (kilobytes per entry, not
+            // counted by its byte bound).
+            let exact = Bytes::copy_from_slice(&body);
+            let entry = Entry::new(exact, model, now, c.ttl, c.stale_for);
             self.cache.insert(*key, entry, now).await;
         }
         Answer {
