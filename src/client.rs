@@ -57,6 +57,14 @@ pub struct Controls {
     pub no_fallback: bool,
 }
 
+impl Controls {
+    /// Whether a request may share an upstream fetch with identical ones: only when its
+    /// controls do not change what the fetch does or stores.
+    fn shares_flights(&self) -> bool {
+        !(self.no_cache || self.no_store || self.no_fallback || self.max_age.is_some())
+    }
+}
+
 /// One request to the Messages API.
 #[derive(Debug, Clone)]
 pub struct Request {
@@ -89,13 +97,15 @@ impl Request {
         Self::messages(body.to_string())
     }
 
-    /// Adds a header; names and values that are not valid HTTP are ignored.
+    /// Adds a header; names and values that are not valid HTTP are ignored. Credentials are
+    /// marked sensitive, so that `Debug` never prints them.
     #[must_use]
     pub fn header(mut self, name: &str, value: &str) -> Self {
-        if let (Ok(n), Ok(v)) = (
+        if let (Ok(n), Ok(mut v)) = (
             HeaderName::from_bytes(name.as_bytes()),
             HeaderValue::from_str(value),
         ) {
+            v.set_sensitive(n == X_API_KEY || n == http::header::AUTHORIZATION);
             self.headers.append(n, v);
         }
         self
@@ -441,9 +451,10 @@ impl Client {
         &self.engine.upstream
     }
 
-    /// Fills in the client's credential when `headers` carry none.
+    /// Fills in the client's credential when `headers` carry none (and nothing else: a
+    /// passed-through request keeps its own content type).
     pub fn add_credential(&self, headers: &mut HeaderMap) {
-        self.engine.add_defaults(headers);
+        self.engine.add_credential(headers);
     }
 
     /// Writes the disk tier out (on shutdown).
@@ -480,12 +491,16 @@ impl Engine {
         })
     }
 
-    fn add_defaults(&self, headers: &mut HeaderMap) {
+    fn add_credential(&self, headers: &mut HeaderMap) {
         let has_credential =
             headers.contains_key(&X_API_KEY) || headers.contains_key(http::header::AUTHORIZATION);
         if let (false, Some(credential)) = (has_credential, &self.credential) {
             headers.insert(X_API_KEY, credential.clone());
         }
+    }
+
+    fn add_defaults(&self, headers: &mut HeaderMap) {
+        self.add_credential(headers);
         if !headers.contains_key(&ANTHROPIC_VERSION) {
             headers.insert(
                 ANTHROPIC_VERSION,
@@ -552,7 +567,7 @@ impl Engine {
             LookedUp::Miss { stale } => stale,
         };
         let p = Arc::new(p);
-        let result = if p.controls.no_cache || p.controls.no_store {
+        let result = if !p.controls.shares_flights() {
             let (tx, rx) = watch::channel(None);
             tokio::spawn(self.clone().fly(p.clone(), stale.is_some(), tx));
             wait(rx).await
@@ -599,8 +614,8 @@ impl Engine {
                     let p = p.clone();
                     // Spawned, so the fetch completes and is stored even if every caller goes away.
                     tokio::spawn(async move {
+                        let _entry = FlightEntry::new(&engine, p.key);
                         engine.clone().fly(p.clone(), has_stale, tx).await;
-                        engine.flights.lock().expect("flights lock").remove(&p.key);
                     });
                     rx
                 }
@@ -817,7 +832,18 @@ impl Engine {
         let policy = &self.config.retry;
         let mut retry = 0;
         loop {
-            if let Admission::Reject { retry_in } = self.breakers.admit(model) {
+            // Waiting here is local queueing, not the model's fault: a timeout in this queue is
+            // not held against its breaker.
+            let permit =
+                match tokio::time::timeout_at(deadline, self.permits.clone().acquire_owned()).await
+                {
+                    Ok(permit) => permit.expect("the semaphore is never closed"),
+                    Err(_) => {
+                        return Err(upstream::transport_error(UpstreamErrorKind::Timeout, model))
+                    }
+                };
+            let admission = self.breakers.admit(model);
+            if let Admission::Reject { retry_in } = admission {
                 debug!(model, ?retry_in, "breaker blocks the model");
                 return Err(breaker_error(model, retry_in));
             }
@@ -825,15 +851,17 @@ impl Engine {
                 self.budget.deposit();
             }
             *attempts += 1;
-            let result = self.attempt(p, model, body.clone(), deadline, stream).await;
+            let result = self
+                .attempt(p, model, body.clone(), deadline, stream, permit)
+                .await;
             let error = match result {
                 Ok(body) => {
-                    self.breakers.record(model, Verdict::Answered);
+                    self.breakers.record(model, admission, Verdict::Answered);
                     return Ok(body);
                 }
                 Err(e) => e,
             };
-            self.breakers.record(model, verdict(&error));
+            self.breakers.record(model, admission, verdict(&error));
             if !error.is_retryable() || retry >= plan.retries {
                 return Err(error);
             }
@@ -874,12 +902,8 @@ impl Engine {
         body: Bytes,
         deadline: Instant,
         stream: bool,
+        permit: OwnedSemaphorePermit,
     ) -> Result<Fetched, UpstreamError> {
-        let permit =
-            match tokio::time::timeout_at(deadline, self.permits.clone().acquire_owned()).await {
-                Ok(permit) => permit.expect("the semaphore is never closed"),
-                Err(_) => return Err(upstream::transport_error(UpstreamErrorKind::Timeout, model)),
-            };
         let result: Result<Fetched, UpstreamError> = async {
             let response = self
                 .upstream
@@ -937,6 +961,30 @@ impl RetryPlan {
     };
 }
 
+/// A flight's place in the map, removed when the flight's task ends, however it ends (a panic
+/// included), so that no key is left joined to a flight that will never answer.
+pub(crate) struct FlightEntry {
+    engine: Arc<Engine>,
+    key: CacheKey,
+}
+
+impl FlightEntry {
+    pub(crate) fn new(engine: &Arc<Engine>, key: CacheKey) -> Self {
+        FlightEntry {
+            engine: engine.clone(),
+            key,
+        }
+    }
+}
+
+impl Drop for FlightEntry {
+    fn drop(&mut self) {
+        if let Ok(mut flights) = self.engine.flights.lock() {
+            flights.remove(&self.key);
+        }
+    }
+}
+
 /// What the cache had for a request.
 enum LookedUp {
     Fresh(Lookup),
@@ -954,6 +1002,16 @@ impl Prepared {
     /// The body as a JSON tree: only the miss path needs one.
     fn json(&self) -> Value {
         serde_json::from_slice(&self.body).unwrap_or_default()
+    }
+
+    /// The body with `"stream": true`: what a streamed call sends, whatever the caller's said.
+    fn stream_body(&self) -> Bytes {
+        if self.stream {
+            return self.body.clone();
+        }
+        let mut json = self.json();
+        json["stream"] = Value::Bool(true);
+        Bytes::from(json.to_string())
     }
 
     /// The body without `stream`: what plain fetches and background refreshes send.

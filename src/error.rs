@@ -85,12 +85,15 @@ pub struct UpstreamError {
 }
 
 impl UpstreamError {
-    /// Whether another attempt may succeed.
+    /// Whether another attempt may succeed: SPEC retries 529, 429 (not a spend limit), 408,
+    /// 500, 502, 503, 504, timeouts and connection failures; other 5xx (501, 505, ...) say the
+    /// request cannot be served, however often it is sent.
     pub fn is_retryable(&self) -> bool {
-        !matches!(
-            self.kind,
-            UpstreamErrorKind::Client | UpstreamErrorKind::SpendLimit
-        )
+        match self.kind {
+            UpstreamErrorKind::Client | UpstreamErrorKind::SpendLimit => false,
+            UpstreamErrorKind::Server => matches!(self.status, 408 | 500 | 502 | 503 | 504),
+            _ => true,
+        }
     }
 
     /// Whether a stale entry may stand in for this failure (SPEC: 529, 429, 5xx, timeout,

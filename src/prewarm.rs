@@ -126,7 +126,10 @@ async fn one(target: &Target, line: &str, dry_run: bool) -> LineResult {
     if dry_run {
         return LineResult::Missing;
     }
+    // Not fresh: fetch without looking up again, so a stale entry cannot stand in for the
+    // answer (the line would count as fetched while the entry stays stale).
     let fetch = Controls {
+        no_cache: true,
         no_fallback: true,
         ..Controls::default()
     };
@@ -175,6 +178,9 @@ async fn send(target: &Target, body: Bytes, controls: Controls) -> Result<(), Er
                 .body(body);
             if controls.only_if_cached {
                 request = request.header("cache-control", "only-if-cached");
+            }
+            if controls.no_cache {
+                request = request.header("cache-control", "no-cache");
             }
             if controls.no_fallback {
                 request = request.header("x-fallthrough-fallback", "off");

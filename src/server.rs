@@ -2,7 +2,7 @@
 //! `cache-control` onto a [`Request`], the answer onto headers (`x-fallthrough-*`, `age`), and
 //! every failure onto the API's own error shape. Other paths pass through uncached.
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,6 +27,7 @@ const X_CACHE: HeaderName = HeaderName::from_static("x-fallthrough-cache");
 const X_KEY: HeaderName = HeaderName::from_static("x-fallthrough-key");
 const X_MODEL: HeaderName = HeaderName::from_static("x-fallthrough-model");
 const X_ATTEMPTS: HeaderName = HeaderName::from_static("x-fallthrough-attempts");
+const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 const X_NAMESPACE: HeaderName = HeaderName::from_static("x-fallthrough-namespace");
 const X_FALLBACK: HeaderName = HeaderName::from_static("x-fallthrough-fallback");
 const JSON: HeaderValue = HeaderValue::from_static("application/json");
@@ -62,6 +63,9 @@ const NOT_RETURNED: [&str; 6] = [
     "upgrade",
 ];
 
+/// How long a shutdown waits for in-flight requests.
+const DRAIN_LIMIT: Duration = Duration::from_secs(30);
+
 struct App {
     client: Client,
     /// Deadline for passed-through requests.
@@ -90,9 +94,24 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let app = router(client.clone());
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    let (draining, drain_started) = tokio::sync::oneshot::channel::<()>();
+    let signal = async move {
+        shutdown.await;
+        let _ = draining.send(());
+    };
+    let server = axum::serve(listener, app).with_graceful_shutdown(signal);
+    // In-flight requests get DRAIN_LIMIT to finish; a stream that never ends must not keep the
+    // process (and the disk tier's flush) waiting for ever.
+    let drain_limit = async {
+        match drain_started.await {
+            Ok(()) => tokio::time::sleep(DRAIN_LIMIT).await,
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        served = server.into_future() => served?,
+        _ = drain_limit => warn!(limit = ?DRAIN_LIMIT, "requests still in flight; stopping anyway"),
+    }
     info!("draining done; flushing the disk cache");
     client.flush().await.map_err(std::io::Error::other)?;
     Ok(())
@@ -110,11 +129,16 @@ async fn messages(State(app): State<Arc<App>>, request: axum::extract::Request) 
         Err(e) => return api_error(400, &format!("cannot read the request body: {e}")),
     };
     let headers = parts.headers;
+    let namespace = match headers.get(X_NAMESPACE).map(|v| v.to_str()) {
+        None => None,
+        Some(Ok(namespace)) => Some(namespace.to_owned()),
+        Some(Err(_)) => return api_error(400, "x-fallthrough-namespace must be visible ASCII"),
+    };
     let request = Request {
         path: parts.uri.path().to_owned(),
         body,
         controls: controls(&headers),
-        namespace: header_text(&headers, X_NAMESPACE).map(str::to_owned),
+        namespace,
         headers: forwarded(headers),
     };
     match app.client.call(request).await {
@@ -244,10 +268,16 @@ fn controls(headers: &HeaderMap) -> Controls {
     c
 }
 
-/// The caller's headers less those never forwarded (taken in place: no copy per request).
+/// The caller's headers less those never forwarded (taken in place: no copy per request),
+/// credentials marked sensitive so that no `Debug` of them ever prints them.
 fn forwarded(mut headers: HeaderMap) -> HeaderMap {
     for name in NOT_FORWARDED {
         headers.remove(name);
+    }
+    for name in [header::AUTHORIZATION, X_API_KEY] {
+        if let Some(value) = headers.get_mut(&name) {
+            value.set_sensitive(true);
+        }
     }
     headers
 }

@@ -110,9 +110,9 @@ impl Engine {
         };
         let p = Arc::new(p);
         // A plain fetch of the same request is under way: share it rather than call again.
-        let shared = match p.controls.no_cache || p.controls.no_store {
-            true => None,
-            false => self
+        let shared = match p.controls.shares_flights() {
+            false => None,
+            true => self
                 .flights
                 .lock()
                 .expect("flights lock")
@@ -151,7 +151,7 @@ impl Engine {
         let mut attempts = 0;
         let call = Call {
             model: &p.model,
-            body: p.body.clone(),
+            body: p.stream_body(),
             deadline,
             stream: true,
             plan: self.plan(&p, 0, stale.is_some()),
@@ -215,11 +215,14 @@ impl Engine {
         let engine = self.clone();
         let model_name = model.to_owned();
         tokio::spawn(async move {
-            let message = pump(response, permit, tx).await;
+            let message = pump(response, permit, &tx).await;
             if let (Some(message), true) = (message, store) {
                 let body = Bytes::from(message.to_string());
                 engine.store(&key, body, &model_name, attempts, true).await;
             }
+            // Only now does the caller's stream end: a graceful shutdown, which waits for it,
+            // cannot flush the disk tier before this answer is in it.
+            drop(tx);
         });
         StreamResponse {
             events: Box::pin(ReceiverStream::new(rx)),
@@ -241,7 +244,7 @@ impl Engine {
 async fn pump(
     response: reqwest::Response,
     _permit: OwnedSemaphorePermit,
-    tx: mpsc::Sender<Result<Bytes, std::io::Error>>,
+    tx: &mpsc::Sender<Result<Bytes, std::io::Error>>,
 ) -> Option<Value> {
     let mut body = response.bytes_stream();
     let mut parser = FrameParser::new();

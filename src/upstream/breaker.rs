@@ -125,8 +125,11 @@ impl Breakers {
         }
     }
 
-    /// Records how an attempt admitted by [`Self::admit`] went.
-    pub fn record(&self, model: &str, verdict: Verdict) {
+    /// Records how an attempt admitted by [`Self::admit`] went. Only the probe's own result
+    /// (`admission` = [`Admission::Probe`]) decides a probing breaker: an attempt let through
+    /// before the breaker blocked may finish late, and says nothing about the model now.
+    pub fn record(&self, model: &str, admission: Admission, verdict: Verdict) {
+        let probe = admission == Admission::Probe;
         let mut models = self.models.lock().expect("breaker lock");
         let b = models
             .entry(model.to_owned())
@@ -136,11 +139,15 @@ impl Breakers {
                 consecutive_failures: 0,
                 recent: VecDeque::with_capacity(WINDOW),
             });
+        let probing = b.state == BreakerState::Probing;
+        if probing && !probe {
+            return;
+        }
         match verdict {
-            Verdict::Neutral if b.state != BreakerState::Probing => return,
+            Verdict::Neutral if !probing => return,
             Verdict::Answered | Verdict::Neutral => {
                 b.consecutive_failures = 0;
-                if b.state == BreakerState::Probing {
+                if probing {
                     b.state = BreakerState::Passing;
                     b.recent.clear();
                 }
@@ -194,10 +201,10 @@ mod tests {
         let b = Breakers::new(5, COOLDOWN);
         for _ in 0..4 {
             assert_eq!(b.admit("a"), Admission::Pass);
-            b.record("a", Verdict::Failed);
+            b.record("a", Admission::Pass, Verdict::Failed);
         }
         assert_eq!(b.state("a"), BreakerState::Passing);
-        b.record("a", Verdict::Failed);
+        b.record("a", Admission::Pass, Verdict::Failed);
         assert_eq!(b.state("a"), BreakerState::Blocking);
         assert!(matches!(b.admit("a"), Admission::Reject { retry_in } if retry_in <= COOLDOWN));
         assert_eq!(
@@ -212,7 +219,10 @@ mod tests {
             matches!(b.admit("a"), Admission::Reject { .. }),
             "only one probe"
         );
-        b.record("a", Verdict::Failed);
+        // A late answer of a request let through before the breaker blocked decides nothing.
+        b.record("a", Admission::Pass, Verdict::Answered);
+        assert_eq!(b.state("a"), BreakerState::Probing);
+        b.record("a", Admission::Probe, Verdict::Failed);
         assert_eq!(
             b.state("a"),
             BreakerState::Blocking,
@@ -221,7 +231,9 @@ mod tests {
 
         tokio::time::advance(COOLDOWN).await;
         assert_eq!(b.admit("a"), Admission::Probe);
-        b.record("a", Verdict::Answered);
+        b.record("a", Admission::Pass, Verdict::Failed);
+        assert_eq!(b.state("a"), BreakerState::Probing);
+        b.record("a", Admission::Probe, Verdict::Answered);
         assert_eq!(b.state("a"), BreakerState::Passing);
         assert_eq!(b.admit("a"), Admission::Pass);
     }
@@ -233,10 +245,10 @@ mod tests {
         for i in 0..2000u32 {
             let run = (i / 2) % 9;
             for _ in 0..run {
-                b.record("a", Verdict::Failed);
+                b.record("a", Admission::Pass, Verdict::Failed);
             }
             for _ in 0..run {
-                b.record("a", Verdict::Answered);
+                b.record("a", Admission::Pass, Verdict::Answered);
             }
             assert_eq!(b.state("a"), BreakerState::Passing, "blocked at round {i}");
         }
@@ -246,7 +258,7 @@ mod tests {
     async fn rate_limits_do_not_count() {
         let b = Breakers::new(2, COOLDOWN);
         for _ in 0..10 {
-            b.record("a", Verdict::Neutral);
+            b.record("a", Admission::Pass, Verdict::Neutral);
         }
         assert_eq!(b.state("a"), BreakerState::Passing);
     }
@@ -254,7 +266,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_lost_probe_is_replaced_after_a_cooldown() {
         let b = Breakers::new(1, COOLDOWN);
-        b.record("a", Verdict::Failed);
+        b.record("a", Admission::Pass, Verdict::Failed);
         tokio::time::advance(COOLDOWN).await;
         assert_eq!(b.admit("a"), Admission::Probe);
         tokio::time::advance(COOLDOWN).await;

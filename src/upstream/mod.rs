@@ -14,6 +14,9 @@ use tokio::time::Instant;
 
 use crate::error::{error_body, UpstreamError, UpstreamErrorKind};
 
+/// Longest silence tolerated while reading an upstream answer.
+pub const STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// Largest error body read from the upstream; error bodies are small, this guards memory.
 const MAX_ERROR_BODY: usize = 64 * 1024;
 
@@ -28,6 +31,10 @@ impl Upstream {
     pub fn new(base: &str) -> Result<Self, reqwest::Error> {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
+            // An upstream that goes silent mid-answer (after the head, between events) must not
+            // hold a caller, a concurrency permit and a task forever. The API sends `ping`
+            // events on long streams, so minutes of silence mean it is gone.
+            .read_timeout(STREAM_IDLE_TIMEOUT)
             .pool_max_idle_per_host(256)
             .tcp_nodelay(true)
             .build()?;

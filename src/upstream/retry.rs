@@ -36,16 +36,22 @@ pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
             .map(str::trim)
     };
     if let Some(ms) = text("retry-after-ms").and_then(|v| v.parse::<f64>().ok()) {
-        if ms.is_finite() && ms >= 0.0 {
-            return Some(Duration::from_secs_f64(ms / 1000.0));
+        if ms >= 0.0 {
+            return Some(seconds(ms / 1000.0));
         }
     }
     let value = text("retry-after")?;
     if let Ok(secs) = value.parse::<f64>() {
-        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+        return (secs >= 0.0).then(|| seconds(secs));
     }
     let when = httpdate::parse_http_date(value).ok()?;
     Some(when.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// Seconds as a duration; one too large to represent (`1e300`, `inf`) saturates, so it is
+/// simply longer than any wait we would make. The header is the upstream's: never trust it.
+fn seconds(secs: f64) -> Duration {
+    Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX)
 }
 
 /// The sliding window the budget counts over.
@@ -159,6 +165,17 @@ mod tests {
         h.remove("retry-after-ms");
         h.insert("retry-after", HeaderValue::from_static("soon"));
         assert_eq!(retry_after(&h, now), None);
+        // Absurd values are the upstream's word, not a reason to panic.
+        h.insert(
+            "retry-after",
+            HeaderValue::from_static("99999999999999999999999"),
+        );
+        assert_eq!(retry_after(&h, now), Some(Duration::MAX));
+        h.insert("retry-after-ms", HeaderValue::from_static("1e300"));
+        assert_eq!(retry_after(&h, now), Some(Duration::MAX));
+        h.insert("retry-after-ms", HeaderValue::from_static("NaN"));
+        h.insert("retry-after", HeaderValue::from_static("inf"));
+        assert_eq!(retry_after(&h, now), Some(Duration::MAX));
     }
 
     #[tokio::test(start_paused = true)]
