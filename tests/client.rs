@@ -773,3 +773,57 @@ async fn credentials_and_namespaces_partition_the_cache() {
     assert_eq!(r.outcome, Outcome::Memory);
     assert_eq!(mock.stats().requests, 1);
 }
+
+#[tokio::test]
+async fn a_501_is_not_retried() {
+    let (mock, client) = start(MockConfig::default(), |b| b).await;
+    mock.script(
+        Some(MODEL),
+        vec![Scripted::Status {
+            status: 501,
+            retry_after: None,
+        }],
+    );
+    let e = upstream_error(client.send(&body(MODEL, "not implemented")).await);
+    assert_eq!((e.status, e.attempts), (501, 1));
+    assert_eq!(attempts_for(&mock, MODEL), 1);
+}
+
+#[tokio::test]
+async fn stream_asks_upstream_for_a_stream_and_stores_the_message() {
+    let (mock, client) = start(MockConfig::default(), |b| b).await;
+    let plain = body(MODEL, "stream me, though I did not say so");
+    let streamed = client.stream(Request::json(&plain)).await.unwrap();
+    assert_eq!(streamed.outcome, Outcome::Miss);
+    let mut bytes = Vec::new();
+    let mut events = streamed.events;
+    while let Some(chunk) = events.next().await {
+        bytes.extend_from_slice(&chunk.unwrap());
+    }
+    let message = fallthrough::sse::assemble(&bytes).expect("a valid event stream");
+    // Stored when the stream ended: the plain request is now a hit with the same Message.
+    let hit = client.send(&plain).await.unwrap();
+    assert_eq!(hit.outcome, Outcome::Memory);
+    assert_eq!(hit.json().unwrap(), message);
+    assert_eq!(attempts_for(&mock, MODEL), 1);
+}
+
+#[tokio::test]
+async fn an_absurd_retry_after_is_not_waited_and_does_not_wedge_the_key() {
+    let (mock, client) = start(MockConfig::default(), |b| b).await;
+    mock.script(
+        Some(MODEL),
+        vec![Scripted::Status {
+            status: 529,
+            retry_after: Some("99999999999999999999999".into()),
+        }],
+    );
+    let question = body(MODEL, "absurd");
+    let started = Instant::now();
+    let e = upstream_error(client.send(&question).await);
+    assert!(started.elapsed() < ms(1000));
+    assert_eq!((e.status, e.attempts), (529, 1));
+    // The key is not left joined to a dead flight: the next call goes upstream and answers.
+    let r = client.send(&question).await.unwrap();
+    assert_eq!(r.outcome, Outcome::Miss);
+}

@@ -347,6 +347,19 @@ async fn the_proxys_own_errors_are_api_shaped_and_it_keeps_serving() {
         let r = send(body).await.unwrap();
         assert_eq!(error_of(r).await, (status, kind.to_owned()));
     }
+    // A namespace that is not visible ASCII is refused, not silently shared.
+    let r = proxy
+        .http
+        .post(format!("{}/v1/messages", proxy.url))
+        .header(
+            "x-fallthrough-namespace",
+            reqwest::header::HeaderValue::from_bytes(b"t\xe9nant").unwrap(),
+        )
+        .json(&request("namespaced"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(error_of(r).await, (400, "invalid_request_error".to_owned()));
     let r = proxy
         .http
         .get(format!("{}/healthz", proxy.url))
