@@ -567,12 +567,9 @@ impl Engine {
             LookedUp::Miss { stale } => stale,
         };
         let p = Arc::new(p);
-        let result = if !p.controls.shares_flights() {
-            let (tx, rx) = watch::channel(None);
-            tokio::spawn(self.clone().fly(p.clone(), stale.is_some(), tx));
-            wait(rx).await
-        } else {
-            self.join_or_start_flight(&p, stale.is_some()).await
+        let result = match p.controls.shares_flights() {
+            false => self.fly_solo(&p, stale.is_some()).await,
+            true => self.join_or_start_flight(&p, stale.is_some()).await,
         };
         match (result, stale) {
             (Ok(a), _) => Ok(Response {
@@ -621,7 +618,25 @@ impl Engine {
                 }
             }
         };
-        wait(rx).await
+        match wait(rx).await {
+            Some(result) => result,
+            // The flight ended without a word (a streamed lead whose caller went away before
+            // the first byte): fetch for ourselves.
+            None => self.fly_solo(p, has_stale).await,
+        }
+    }
+
+    /// A fetch for this request alone.
+    async fn fly_solo(self: &Arc<Self>, p: &Arc<Prepared>, has_stale: bool) -> FlightResult {
+        let (tx, rx) = watch::channel(None);
+        tokio::spawn(self.clone().fly(p.clone(), has_stale, tx));
+        wait(rx).await.unwrap_or_else(|| {
+            // Only if the spawned task panicked.
+            Err(upstream::transport_error(
+                UpstreamErrorKind::Connect,
+                &p.model,
+            ))
+        })
     }
 
     /// One fetch: the primary model, then the fallback chain; the result goes to `tx` as soon
@@ -1032,12 +1047,9 @@ impl Prepared {
     }
 }
 
-async fn wait(mut rx: watch::Receiver<Option<FlightResult>>) -> FlightResult {
-    match rx.wait_for(Option::is_some).await {
-        Ok(result) => result.clone().expect("waited for Some"),
-        // The flight's task ended without a result: only if it panicked.
-        Err(_) => Err(upstream::transport_error(UpstreamErrorKind::Connect, "")),
-    }
+/// The flight's result; `None` when it ended without one.
+async fn wait(mut rx: watch::Receiver<Option<FlightResult>>) -> Option<FlightResult> {
+    rx.wait_for(Option::is_some).await.ok()?.clone()
 }
 
 fn verdict(error: &UpstreamError) -> Verdict {

@@ -827,3 +827,51 @@ async fn an_absurd_retry_after_is_not_waited_and_does_not_wedge_the_key() {
     let r = client.send(&question).await.unwrap();
     assert_eq!(r.outcome, Outcome::Miss);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_identical_streamed_misses_share_one_upstream_call() {
+    let (mock, client) = start(
+        MockConfig {
+            latency_ms: 200,
+            ..Default::default()
+        },
+        |b| b,
+    )
+    .await;
+    let mut question = body(MODEL, "Stream to all of us");
+    question["stream"] = json!(true);
+    let calls: Vec<_> = (0..16)
+        .map(|i| {
+            let client = client.clone();
+            let request = if i % 4 == 0 {
+                // Some plain callers join the streamed flight too.
+                Request::json(&body(MODEL, "Stream to all of us"))
+            } else {
+                Request::json(&question)
+            };
+            tokio::spawn(async move {
+                match client.call(request).await.unwrap() {
+                    fallthrough::client::Reply::Plain(r) => r.json().unwrap(),
+                    fallthrough::client::Reply::Stream(s) => {
+                        let mut bytes = Vec::new();
+                        let mut events = s.events;
+                        while let Some(chunk) = events.next().await {
+                            bytes.extend_from_slice(&chunk.unwrap());
+                        }
+                        fallthrough::sse::assemble(&bytes).unwrap()
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut messages = Vec::new();
+    for call in calls {
+        messages.push(call.await.unwrap());
+    }
+    assert!(messages.iter().all(|m| *m == messages[0]));
+    assert_eq!(
+        attempts_for(&mock, MODEL),
+        1,
+        "one upstream call for all 16"
+    );
+}

@@ -10,18 +10,23 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use serde_json::Value;
-use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{debug, info, warn, Instrument};
 
-use super::{wait, with_attempts, Call, Engine, Fetched, LookedUp, Prepared, Request, Response};
+use super::{
+    wait, with_attempts, Call, Engine, Fetched, FlightEntry, FlightResult, LookedUp, Prepared,
+    Request, Response,
+};
 use crate::cache::Lookup;
 use crate::entry::{now_millis, Freshness};
+use crate::error::UpstreamErrorKind;
 use crate::error::{Error, UpstreamError};
 use crate::key::CacheKey;
 use crate::outcome::Outcome;
 use crate::sse::{self, Assembler, FrameParser};
+use crate::upstream;
 
 /// The bytes of an event stream, as they become available.
 pub type EventStream = Pin<Box<dyn Stream<Item = Result<Bytes, std::io::Error>> + Send>>;
@@ -48,6 +53,22 @@ impl std::fmt::Debug for StreamResponse {
             .field("age", &self.age)
             .field("key", &self.key)
             .finish_non_exhaustive()
+    }
+}
+
+/// The first of identical streamed misses: it holds the flight that the others wait on.
+pub(super) struct Lead {
+    tx: watch::Sender<Option<FlightResult>>,
+    /// Removes the flight from the map when the lead is done with, however that happens.
+    _entry: FlightEntry,
+}
+
+impl Lead {
+    /// Tells the waiting requests how the flight ended (and ends it).
+    fn finish(lead: Option<Lead>, result: FlightResult) {
+        if let Some(lead) = lead {
+            lead.tx.send_replace(Some(result));
+        }
     }
 }
 
@@ -109,43 +130,59 @@ impl Engine {
             LookedUp::Miss { stale } => stale,
         };
         let p = Arc::new(p);
-        // A plain fetch of the same request is under way: share it rather than call again.
-        let shared = match p.controls.shares_flights() {
-            false => None,
-            true => self
-                .flights
-                .lock()
-                .expect("flights lock")
-                .get(&p.key)
-                .cloned(),
+        // Single flight, as for plain requests: the first identical miss goes upstream and
+        // relays live; the others wait for its stored answer and replay it.
+        let joined = match p.controls.shares_flights() {
+            false => Err(None),
+            true => {
+                let mut flights = self.flights.lock().expect("flights lock");
+                match flights.get(&p.key) {
+                    Some(rx) => Ok(rx.clone()),
+                    None => {
+                        let (tx, rx) = watch::channel(None);
+                        flights.insert(p.key, rx);
+                        Err(Some(Lead {
+                            tx,
+                            _entry: FlightEntry::new(&self, p.key),
+                        }))
+                    }
+                }
+            }
         };
-        if let Some(rx) = shared {
-            return match (wait(rx).await, cached) {
-                (Ok(answer), _) => {
-                    let message = parse(&answer.body)?;
-                    Ok(StreamResponse {
-                        events: once(sse::replay(&message).map_err(invalid)?),
-                        outcome: answer.outcome,
-                        model: answer.model,
-                        attempts: answer.attempts,
-                        age: answer.age,
-                        key: p.key,
-                    })
-                }
-                (Err(e), Some(stale)) if e.allows_stale() => {
-                    replay_hit(&stale, p.key, now_millis(), Some(e.attempts))
-                }
-                (Err(e), _) => Err(Error::Upstream(e)),
-            };
+        let rx = match joined {
+            Ok(rx) => rx,
+            Err(lead) => return self.fetch_stream(p, cached, lead).await,
+        };
+        let Some(result) = wait(rx).await else {
+            // The lead went away without a word (its caller left before the first byte).
+            return self.fetch_stream(p, cached, None).await;
+        };
+        match (result, cached) {
+            (Ok(answer), _) => {
+                let message = parse(&answer.body)?;
+                Ok(StreamResponse {
+                    events: once(sse::replay(&message).map_err(invalid)?),
+                    outcome: answer.outcome,
+                    model: answer.model,
+                    attempts: answer.attempts,
+                    age: answer.age,
+                    key: p.key,
+                })
+            }
+            (Err(e), Some(stale)) if e.allows_stale() => {
+                replay_hit(&stale, p.key, now_millis(), Some(e.attempts))
+            }
+            (Err(e), _) => Err(Error::Upstream(e)),
         }
-        self.fetch_stream(p, cached).await
     }
 
     /// The miss path of a stream: primary, then fallbacks, each retried until its head arrives.
+    /// With a `lead`, identical requests wait on this one: they are told how it ended.
     async fn fetch_stream(
         self: Arc<Self>,
         p: Arc<Prepared>,
         stale: Option<Lookup>,
+        mut lead: Option<Lead>,
     ) -> Result<StreamResponse, Error> {
         let deadline = Instant::now() + self.config.retry.deadline;
         let mut attempts = 0;
@@ -157,16 +194,21 @@ impl Engine {
             plan: self.plan(&p, 0, stale.is_some()),
         };
         let mut last = match self.call_model(&p, call, &mut attempts).await {
-            Ok(fetched) => return Ok(self.relay(fetched, &p, p.key, &p.model, attempts)),
+            Ok(fetched) => return Ok(self.relay(fetched, &p, p.key, &p.model, attempts, lead)),
             Err(e) if e.allows_stale() && stale.is_some() => {
                 info!(key = %p.key, status = e.status, "upstream cannot answer; replaying stale");
+                Lead::finish(lead, Err(with_attempts(e, attempts)));
                 let engine = self.clone();
                 let refresh = p.clone();
                 tokio::spawn(async move { engine.refresh(&refresh, deadline).await });
                 let stale = stale.expect("checked");
                 return replay_hit(&stale, p.key, now_millis(), Some(attempts));
             }
-            Err(e) if !e.allows_stale() => return Err(Error::Upstream(with_attempts(e, attempts))),
+            Err(e) if !e.allows_stale() => {
+                let e = with_attempts(e, attempts);
+                Lead::finish(lead, Err(e.clone()));
+                return Err(Error::Upstream(e));
+            }
             Err(e) => e,
         };
         for (i, model) in self.chain(&p).iter().enumerate() {
@@ -174,6 +216,9 @@ impl Engine {
             let now = now_millis();
             if let Some(hit) = self.cache.get(&key, now).await {
                 if hit.entry.freshness(now, p.controls.max_age) == Freshness::Fresh {
+                    let mut answer = super::hit_answer(&hit, now);
+                    answer.attempts = attempts;
+                    Lead::finish(lead.take(), Ok(answer));
                     return replay_hit(&hit, key, now, Some(attempts));
                 }
             }
@@ -186,14 +231,18 @@ impl Engine {
                 plan: self.plan(&p, i + 1, false),
             };
             match self.call_model(&p, call, &mut attempts).await {
-                Ok(fetched) => return Ok(self.relay(fetched, &p, key, model, attempts)),
+                Ok(fetched) => return Ok(self.relay(fetched, &p, key, model, attempts, lead)),
                 Err(e) if !e.allows_stale() => {
-                    return Err(Error::Upstream(with_attempts(e, attempts)))
+                    let e = with_attempts(e, attempts);
+                    Lead::finish(lead, Err(e.clone()));
+                    return Err(Error::Upstream(e));
                 }
                 Err(e) => last = e,
             }
         }
-        Err(Error::Upstream(exhausted(last, attempts)))
+        let e = exhausted(last, attempts);
+        Lead::finish(lead, Err(e.clone()));
+        Err(Error::Upstream(e))
     }
 
     /// Relays a live upstream stream to the caller through a spawned task, which assembles the
@@ -206,6 +255,7 @@ impl Engine {
         key: CacheKey,
         model: &str,
         attempts: u32,
+        lead: Option<Lead>,
     ) -> StreamResponse {
         let Fetched::Stream(response, permit) = fetched else {
             unreachable!("a stream call returns a stream");
@@ -216,10 +266,18 @@ impl Engine {
         let model_name = model.to_owned();
         tokio::spawn(async move {
             let message = pump(response, permit, &tx).await;
-            if let (Some(message), true) = (message, store) {
-                let body = Bytes::from(message.to_string());
-                engine.store(&key, body, &model_name, attempts, true).await;
-            }
+            let shared = match (message, store) {
+                (Some(message), true) => {
+                    let body = Bytes::from(message.to_string());
+                    Ok(engine.store(&key, body, &model_name, attempts, true).await)
+                }
+                _ => Err(upstream::transport_error(
+                    UpstreamErrorKind::Connect,
+                    &model_name,
+                )),
+            };
+            // Stored first, then the waiting requests are told and the flight leaves the map.
+            Lead::finish(lead, shared);
             // Only now does the caller's stream end: a graceful shutdown, which waits for it,
             // cannot flush the disk tier before this answer is in it.
             drop(tx);
