@@ -46,6 +46,9 @@ struct TierLabel {
     tier: &'static str,
 }
 
+/// Distinct model labels kept before the rest are counted as `other`.
+const MAX_MODEL_LABELS: usize = 64;
+
 type HistogramFamily = Family<OutcomeLabel, Histogram, fn() -> Histogram>;
 
 /// The registry and the handles the engine updates.
@@ -57,6 +60,8 @@ pub struct Metrics {
     breaker: Family<ModelLabel, Gauge>,
     entries: Family<TierLabel, Gauge>,
     bytes: Family<TierLabel, Gauge>,
+    /// Model labels in use. A std mutex: held for one set operation, on the miss path only.
+    models: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Default for Metrics {
@@ -99,6 +104,7 @@ impl Default for Metrics {
             breaker,
             entries,
             bytes,
+            models: Default::default(),
         }
     }
 }
@@ -133,17 +139,38 @@ impl Metrics {
         self.requests.get_or_create(&label).inc();
     }
 
+    /// Counts an upstream attempt. Model names come from callers, so past
+    /// [`MAX_MODEL_LABELS`] distinct ones the rest are counted as `other`.
     pub fn attempt(&self, model: &str, status: u16) {
+        let model = {
+            let mut seen = self.models.lock().expect("metrics lock");
+            if seen.contains(model) || seen.len() < MAX_MODEL_LABELS {
+                seen.insert(model.to_owned());
+                model.to_owned()
+            } else {
+                "other".to_owned()
+            }
+        };
         self.attempts
-            .get_or_create(&AttemptLabels {
-                model: model.to_owned(),
-                status,
-            })
+            .get_or_create(&AttemptLabels { model, status })
             .inc();
     }
 
     /// The text exposition, with gauges read at this moment.
+    /// Models without a breaker entry (they never failed) are shown passing.
     pub fn render(&self, breakers: &[(String, BreakerState)], usage: Usage) -> String {
+        let seen: Vec<String> = self
+            .models
+            .lock()
+            .expect("metrics lock")
+            .iter()
+            .cloned()
+            .collect();
+        for model in seen {
+            self.breaker
+                .get_or_create(&ModelLabel { model })
+                .set(BreakerState::Passing.as_gauge());
+        }
         for (model, state) in breakers {
             self.breaker
                 .get_or_create(&ModelLabel {

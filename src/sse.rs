@@ -93,6 +93,12 @@ impl FrameParser {
         frames
     }
 
+    /// Bytes held for a line or frame not yet complete (a caller bounds it: a peer that never
+    /// sends a line end would otherwise grow it for ever).
+    pub fn pending_bytes(&self) -> usize {
+        self.line.len() + self.data.len()
+    }
+
     /// True when no partial line or frame is pending: the stream ended on a frame boundary.
     pub fn is_idle(&self) -> bool {
         self.line.is_empty() && self.event.is_none() && !self.has_data

@@ -28,6 +28,10 @@ use crate::outcome::Outcome;
 use crate::sse::{self, Assembler, FrameParser};
 use crate::upstream;
 
+/// Largest single event the relay assembles; a larger one (or bytes that never end a line)
+/// is still relayed, but the stream is not stored.
+const MAX_PENDING_FRAME: usize = 32 * 1024 * 1024;
+
 /// The bytes of an event stream, as they become available.
 pub type EventStream = Pin<Box<dyn Stream<Item = Result<Bytes, std::io::Error>> + Send>>;
 
@@ -332,6 +336,10 @@ async fn pump(
                         break;
                     }
                 }
+            }
+            if parser.pending_bytes() > MAX_PENDING_FRAME {
+                warn!("upstream sent an event larger than {MAX_PENDING_FRAME} bytes; not storing");
+                broken = true;
             }
         }
         if listening && tx.send(Ok(chunk)).await.is_err() {

@@ -131,6 +131,11 @@ impl Breakers {
     pub fn record(&self, model: &str, admission: Admission, verdict: Verdict) {
         let probe = admission == Admission::Probe;
         let mut models = self.models.lock().expect("breaker lock");
+        // A model that never failed needs no state: callers choose model names, and they must
+        // not be able to grow this map with answers that say nothing.
+        if verdict != Verdict::Failed && !models.contains_key(model) {
+            return;
+        }
         let b = models
             .entry(model.to_owned())
             .or_insert_with(|| ModelBreaker {
