@@ -101,9 +101,12 @@ impl Entry {
         Duration::from_millis(now.saturating_sub(self.stored_at))
     }
 
-    /// How much memory the entry holds, for the memory tier's byte bound.
+    /// How much memory the entry holds, for the memory tier's byte bound: its bytes plus the
+    /// cache's own bookkeeping per entry (moka's node, key, expiry and LRU links, the `Arc`),
+    /// about 300 bytes as measured, so that the bound is a bound on memory, not on bodies.
     pub fn weight(&self) -> u32 {
-        let bytes = self.body.len() + self.model.len() + HEADER_LEN + 64;
+        const BOOKKEEPING: usize = 320;
+        let bytes = self.body.len() + self.model.len() + HEADER_LEN + BOOKKEEPING;
         u32::try_from(bytes).unwrap_or(u32::MAX)
     }
 
