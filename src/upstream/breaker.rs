@@ -19,6 +19,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+/// Models tracked before only failing ones get an entry.
+const MAX_MODELS: usize = 256;
 /// Answers kept for the failure-ratio test.
 const WINDOW: usize = 32;
 /// Share of failures among them needed to block.
@@ -131,9 +133,10 @@ impl Breakers {
     pub fn record(&self, model: &str, admission: Admission, verdict: Verdict) {
         let probe = admission == Admission::Probe;
         let mut models = self.models.lock().expect("breaker lock");
-        // A model that never failed needs no state: callers choose model names, and they must
-        // not be able to grow this map with answers that say nothing.
-        if verdict != Verdict::Failed && !models.contains_key(model) {
+        // Callers choose model names: past MAX_MODELS, only a failure earns a new entry, so
+        // the map cannot be grown without bound by answers that say nothing. (Below it,
+        // successes are kept from the first answer on: the failure ratio needs them.)
+        if verdict != Verdict::Failed && models.len() >= MAX_MODELS && !models.contains_key(model) {
             return;
         }
         let b = models
@@ -257,6 +260,19 @@ mod tests {
             }
             assert_eq!(b.state("a"), BreakerState::Passing, "blocked at round {i}");
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn answers_before_the_first_failure_count_in_the_ratio() {
+        let b = Breakers::new(5, COOLDOWN);
+        for _ in 0..20 {
+            b.record("a", Admission::Pass, Verdict::Answered);
+        }
+        for _ in 0..5 {
+            b.record("a", Admission::Pass, Verdict::Failed);
+        }
+        // Five in a row, but 5 of the last 25 answers: the model still answers.
+        assert_eq!(b.state("a"), BreakerState::Passing);
     }
 
     #[tokio::test(start_paused = true)]
