@@ -295,6 +295,11 @@ impl ClientBuilder {
             }
         };
         let credential = self.credential.as_deref().and_then(upstream::sensitive);
+        let credential_fingerprint = self
+            .credential
+            .as_deref()
+            .filter(|_| credential.is_some())
+            .map(CredentialFingerprint::of);
         Ok(Client {
             engine: Arc::new(Engine {
                 breakers: Breakers::new(config.breaker.failures, config.breaker.cooldown),
@@ -304,6 +309,7 @@ impl ClientBuilder {
                 flights: Mutex::new(HashMap::new()),
                 metrics: self.metrics.unwrap_or_default(),
                 credential,
+                credential_fingerprint,
                 upstream,
                 cache,
                 config,
@@ -341,6 +347,8 @@ pub(crate) struct Engine {
     /// Sent as `x-api-key` when a request has no credential; marked sensitive so it is never
     /// printed.
     credential: Option<HeaderValue>,
+    /// Its fingerprint, computed once: most library requests carry no credential of their own.
+    credential_fingerprint: Option<CredentialFingerprint>,
 }
 
 /// One span per request: key, model asked for, and, once known, outcome, model that answered
@@ -466,8 +474,9 @@ impl Client {
 impl Engine {
     /// Keys the request in one pass over its bytes (no JSON tree is built on the hit path).
     fn prepare(&self, request: Request) -> Result<Prepared, Error> {
-        let mut headers = request.headers;
-        self.add_defaults(&mut headers);
+        // Headers are left as the caller sent them: the defaults (credential, version) are
+        // keyed as if present and added only when a request goes upstream.
+        let headers = request.headers;
         let ctx = self.key_context(&request.path, &headers, request.namespace);
         let (key, facts) = ctx
             .key_of_bytes(&request.body)
@@ -489,6 +498,13 @@ impl Engine {
             controls: request.controls,
             stream: facts.stream,
         })
+    }
+
+    /// A request's headers as sent upstream: the caller's, with the defaults filled in.
+    fn upstream_headers(&self, headers: &HeaderMap) -> HeaderMap {
+        let mut headers = headers.clone();
+        self.add_defaults(&mut headers);
+        headers
     }
 
     fn add_credential(&self, headers: &mut HeaderMap) {
@@ -520,16 +536,24 @@ impl Engine {
         namespace: Option<String>,
     ) -> KeyContext {
         let text = |name: &HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+        let has_credential =
+            headers.contains_key(&X_API_KEY) || headers.contains_key(http::header::AUTHORIZATION);
         let credential = if self.config.shared_across_credentials {
             None
-        } else {
+        } else if has_credential {
             text(&X_API_KEY)
                 .or_else(|| text(&http::header::AUTHORIZATION))
                 .map(CredentialFingerprint::of)
+        } else {
+            self.credential_fingerprint
+        };
+        let anthropic_version = match headers.get(&ANTHROPIC_VERSION) {
+            None => Some(DEFAULT_ANTHROPIC_VERSION),
+            Some(v) => v.to_str().ok(),
         };
         KeyContext {
             path: path.to_owned(),
-            anthropic_version: text(&ANTHROPIC_VERSION).map(str::to_owned),
+            anthropic_version: anthropic_version.map(str::to_owned),
             betas: Vec::new(),
             namespace: namespace.unwrap_or_else(|| self.config.namespace.clone()),
             credential,
@@ -925,7 +949,7 @@ impl Engine {
                 .send(
                     http::Method::POST,
                     &p.path,
-                    p.headers.clone(),
+                    self.upstream_headers(&p.headers),
                     body,
                     model,
                     deadline,
