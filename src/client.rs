@@ -43,7 +43,7 @@ const ANTHROPIC_BETA: HeaderName = HeaderName::from_static("anthropic-beta");
 pub const DEFAULT_ANTHROPIC_VERSION: &str = "2023-06-01";
 
 /// Per-request cache controls (the proxy maps `cache-control` onto these).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub struct Controls {
     /// Skip the lookup; fetch and store.
     pub no_cache: bool,
@@ -55,14 +55,6 @@ pub struct Controls {
     pub only_if_cached: bool,
     /// Use the requested model only, never its fallbacks (prewarm fills that model's entries).
     pub no_fallback: bool,
-}
-
-impl Controls {
-    /// Whether a request may share an upstream fetch with identical ones: only when its
-    /// controls do not change what the fetch does or stores.
-    fn shares_flights(&self) -> bool {
-        !(self.no_cache || self.no_store || self.no_fallback || self.max_age.is_some())
-    }
 }
 
 /// One request to the Messages API.
@@ -320,6 +312,10 @@ impl ClientBuilder {
 
 type FlightResult = Result<Answer, UpstreamError>;
 
+/// Identical requests share a flight only when their controls are identical too: controls
+/// change what a fetch does (fallbacks, freshness) and stores.
+type FlightKey = (CacheKey, Controls);
+
 /// What a flight (one upstream fetch shared by identical requests) produced.
 #[derive(Debug, Clone)]
 struct Answer {
@@ -342,7 +338,7 @@ pub(crate) struct Engine {
     /// Bounds background refreshes of stale entries.
     refreshes: Arc<Semaphore>,
     /// In-flight fetches by key. A std mutex: held for one map operation, never across an await.
-    flights: Mutex<HashMap<CacheKey, watch::Receiver<Option<FlightResult>>>>,
+    flights: Mutex<HashMap<FlightKey, watch::Receiver<Option<FlightResult>>>>,
     metrics: Arc<Metrics>,
     /// Sent as `x-api-key` when a request has no credential; marked sensitive so it is never
     /// printed.
@@ -591,10 +587,7 @@ impl Engine {
             LookedUp::Miss { stale } => stale,
         };
         let p = Arc::new(p);
-        let result = match p.controls.shares_flights() {
-            false => self.fly_solo(&p, stale.is_some()).await,
-            true => self.join_or_start_flight(&p, stale.is_some()).await,
-        };
+        let result = self.join_or_start_flight(&p, stale.is_some()).await;
         match (result, stale) {
             (Ok(a), _) => Ok(Response {
                 body: a.body,
@@ -618,7 +611,8 @@ impl Engine {
         }
     }
 
-    /// Single flight: identical concurrent misses share one upstream fetch.
+    /// Single flight: identical concurrent misses (same key, same controls) share one upstream
+    /// fetch.
     async fn join_or_start_flight(
         self: &Arc<Self>,
         p: &Arc<Prepared>,
@@ -626,16 +620,16 @@ impl Engine {
     ) -> FlightResult {
         let rx = {
             let mut flights = self.flights.lock().expect("flights lock");
-            match flights.get(&p.key) {
+            match flights.get(&p.flight_key()) {
                 Some(rx) => rx.clone(),
                 None => {
                     let (tx, rx) = watch::channel(None);
-                    flights.insert(p.key, rx.clone());
+                    flights.insert(p.flight_key(), rx.clone());
                     let engine = self.clone();
                     let p = p.clone();
                     // Spawned, so the fetch completes and is stored even if every caller goes away.
                     tokio::spawn(async move {
-                        let _entry = FlightEntry::new(&engine, p.key);
+                        let _entry = FlightEntry::new(&engine, p.flight_key());
                         engine.clone().fly(p.clone(), has_stale, tx).await;
                     });
                     rx
@@ -1004,11 +998,11 @@ impl RetryPlan {
 /// included), so that no key is left joined to a flight that will never answer.
 pub(crate) struct FlightEntry {
     engine: Arc<Engine>,
-    key: CacheKey,
+    key: FlightKey,
 }
 
 impl FlightEntry {
-    pub(crate) fn new(engine: &Arc<Engine>, key: CacheKey) -> Self {
+    pub(crate) fn new(engine: &Arc<Engine>, key: FlightKey) -> Self {
         FlightEntry {
             engine: engine.clone(),
             key,
@@ -1038,6 +1032,10 @@ pub(crate) enum Fetched {
 }
 
 impl Prepared {
+    fn flight_key(&self) -> FlightKey {
+        (self.key, self.controls)
+    }
+
     /// The body as a JSON tree: only the miss path needs one.
     fn json(&self) -> Value {
         serde_json::from_slice(&self.body).unwrap_or_default()

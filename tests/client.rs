@@ -875,3 +875,51 @@ async fn concurrent_identical_streamed_misses_share_one_upstream_call() {
         "one upstream call for all 16"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flights_are_shared_only_between_requests_with_the_same_controls() {
+    let (mock, client) = start(
+        MockConfig {
+            latency_ms: 200,
+            overloaded_models: vec!["a".into()],
+            ..Default::default()
+        },
+        |b| {
+            b.fallback("a", ["b"])
+                .before_fallback(0, ms(10))
+                .retries(0, ms(10), ms(10))
+        },
+    )
+    .await;
+    let question = body("a", "Who answers?");
+    let own_model_only = Controls {
+        no_cache: true,
+        no_fallback: true,
+        ..Controls::default()
+    };
+    let spawn = |controls: Controls| {
+        let client = client.clone();
+        let request = Request::json(&question).controls(controls);
+        tokio::spawn(async move { client.execute(request).await })
+    };
+    let plain: Vec<_> = (0..4).map(|_| spawn(Controls::default())).collect();
+    let strict: Vec<_> = (0..4).map(|_| spawn(own_model_only)).collect();
+    for call in plain {
+        assert_eq!(
+            call.await.unwrap().unwrap().model,
+            "b",
+            "the fallback answers"
+        );
+    }
+    for call in strict {
+        let e = upstream_error(call.await.unwrap());
+        assert_eq!(
+            (e.status, e.model.as_str()),
+            (529, "a"),
+            "no fallback when asked"
+        );
+    }
+    // One shared call per kind of request: a twice (once each), b once.
+    assert_eq!(calls(&mock, "a", 529), 2);
+    assert_eq!(calls(&mock, "b", 200), 1);
+}

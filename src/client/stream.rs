@@ -136,26 +136,23 @@ impl Engine {
         let p = Arc::new(p);
         // Single flight, as for plain requests: the first identical miss goes upstream and
         // relays live; the others wait for its stored answer and replay it.
-        let joined = match p.controls.shares_flights() {
-            false => Err(None),
-            true => {
-                let mut flights = self.flights.lock().expect("flights lock");
-                match flights.get(&p.key) {
-                    Some(rx) => Ok(rx.clone()),
-                    None => {
-                        let (tx, rx) = watch::channel(None);
-                        flights.insert(p.key, rx);
-                        Err(Some(Lead {
-                            tx,
-                            _entry: FlightEntry::new(&self, p.key),
-                        }))
-                    }
+        let joined = {
+            let mut flights = self.flights.lock().expect("flights lock");
+            match flights.get(&p.flight_key()) {
+                Some(rx) => Ok(rx.clone()),
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    flights.insert(p.flight_key(), rx);
+                    Err(Lead {
+                        tx,
+                        _entry: FlightEntry::new(&self, p.flight_key()),
+                    })
                 }
             }
         };
         let rx = match joined {
             Ok(rx) => rx,
-            Err(lead) => return self.fetch_stream(p, cached, lead).await,
+            Err(lead) => return self.fetch_stream(p, cached, Some(lead)).await,
         };
         let Some(result) = wait(rx).await else {
             // The lead went away without a word (its caller left before the first byte).
