@@ -700,14 +700,9 @@ impl Engine {
             let (key, mut json) = p.for_model(model);
             json.as_object_mut().map(|o| o.remove("stream"));
             let body = Bytes::from(json.to_string());
-            let now = now_millis();
-            if let Some(hit) = self.cache.get(&key, now).await {
-                if hit.entry.freshness(now, p.controls.max_age) == Freshness::Fresh {
-                    let mut answer = hit_answer(&hit, now);
-                    answer.attempts = attempts;
-                    tx.send_replace(Some(Ok(answer)));
-                    return;
-                }
+            if let Some(answer) = self.fresh_answer(&key, &p, attempts).await {
+                tx.send_replace(Some(Ok(answer)));
+                return;
             }
             match self
                 .call_plain(
@@ -733,6 +728,16 @@ impl Engine {
             }
         }
         tx.send_replace(Some(Err(stream::exhausted(last, attempts))));
+    }
+
+    /// A fresh entry under a fallback's `key`, as the answer after `attempts` upstream attempts.
+    async fn fresh_answer(&self, key: &CacheKey, p: &Prepared, attempts: u32) -> Option<Answer> {
+        let now = now_millis();
+        let hit = self.cache.get(key, now).await?;
+        (hit.entry.freshness(now, p.controls.max_age) == Freshness::Fresh).then(|| Answer {
+            attempts,
+            ..hit_answer(&hit, now)
+        })
     }
 
     /// The fallback models of the request's model, unless the request wants its model only.

@@ -923,3 +923,20 @@ async fn flights_are_shared_only_between_requests_with_the_same_controls() {
     assert_eq!(calls(&mock, "a", 529), 2);
     assert_eq!(calls(&mock, "b", 200), 1);
 }
+
+#[tokio::test]
+async fn a_streamed_request_answered_from_the_fallbacks_fresh_entry_is_a_hit_not_stale() {
+    let (_mock, client) = start(overloaded(&["a"]), |b| {
+        b.fallback("a", ["b"]).before_fallback(0, ms(10))
+    })
+    .await;
+    // b's answer to the question is cached, fresh.
+    client.send(&body("b", "Cached for b")).await.unwrap();
+    let mut question = body("a", "Cached for b");
+    question["stream"] = json!(true);
+    let r = client.stream(Request::json(&question)).await.unwrap();
+    assert_eq!(
+        (r.outcome, r.model.as_str(), r.attempts),
+        (Outcome::Memory, "b", 1)
+    );
+}

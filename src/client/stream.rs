@@ -16,11 +16,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tracing::{debug, info, warn, Instrument};
 
 use super::{
-    wait, with_attempts, Call, Engine, Fetched, FlightEntry, FlightResult, LookedUp, Prepared,
-    Request, Response,
+    wait, with_attempts, Answer, Call, Engine, Fetched, FlightEntry, FlightResult, LookedUp,
+    Prepared, Request, Response,
 };
 use crate::cache::Lookup;
-use crate::entry::{now_millis, Freshness};
+use crate::entry::now_millis;
 use crate::error::UpstreamErrorKind;
 use crate::error::{Error, UpstreamError};
 use crate::key::CacheKey;
@@ -159,17 +159,7 @@ impl Engine {
             return self.fetch_stream(p, cached, None).await;
         };
         match (result, cached) {
-            (Ok(answer), _) => {
-                let message = parse(&answer.body)?;
-                Ok(StreamResponse {
-                    events: once(sse::replay(&message).map_err(invalid)?),
-                    outcome: answer.outcome,
-                    model: answer.model,
-                    attempts: answer.attempts,
-                    age: answer.age,
-                    key: p.key,
-                })
-            }
+            (Ok(answer), _) => replay(answer, p.key),
             (Err(e), Some(stale)) if e.allows_stale() => {
                 replay_hit(&stale, p.key, now_millis(), Some(e.attempts))
             }
@@ -214,14 +204,9 @@ impl Engine {
         };
         for (i, model) in self.chain(&p).iter().enumerate() {
             let (key, mut json) = p.for_model(model);
-            let now = now_millis();
-            if let Some(hit) = self.cache.get(&key, now).await {
-                if hit.entry.freshness(now, p.controls.max_age) == Freshness::Fresh {
-                    let mut answer = super::hit_answer(&hit, now);
-                    answer.attempts = attempts;
-                    Lead::finish(lead.take(), Ok(answer));
-                    return replay_hit(&hit, key, now, Some(attempts));
-                }
+            if let Some(answer) = self.fresh_answer(&key, &p, attempts).await {
+                Lead::finish(lead.take(), Ok(answer.clone()));
+                return replay(answer, key);
             }
             json["stream"] = Value::Bool(true);
             let call = Call {
@@ -355,17 +340,22 @@ fn replay_hit(
     now: u64,
     stale_attempts: Option<u32>,
 ) -> Result<StreamResponse, Error> {
-    let message = parse(&hit.entry.body)?;
-    let answer = super::hit_answer(hit, now);
+    let mut answer = super::hit_answer(hit, now);
+    if let Some(attempts) = stale_attempts {
+        answer.outcome = Outcome::Stale;
+        answer.attempts = attempts;
+    }
+    replay(answer, key)
+}
+
+/// An answer that is already complete, as an event stream.
+fn replay(answer: Answer, key: CacheKey) -> Result<StreamResponse, Error> {
+    let message = parse(&answer.body)?;
     Ok(StreamResponse {
         events: once(sse::replay(&message).map_err(invalid)?),
-        outcome: if stale_attempts.is_some() {
-            Outcome::Stale
-        } else {
-            answer.outcome
-        },
+        outcome: answer.outcome,
         model: answer.model,
-        attempts: stale_attempts.unwrap_or(0),
+        attempts: answer.attempts,
         age: answer.age,
         key,
     })
