@@ -727,7 +727,7 @@ impl Engine {
                 Err(e) => last = e,
             }
         }
-        tx.send_replace(Some(Err(stream::exhausted(last, attempts))));
+        tx.send_replace(Some(Err(exhausted(last, attempts))));
     }
 
     /// A fresh entry under a fallback's `key`, as the answer after `attempts` upstream attempts.
@@ -1087,6 +1087,17 @@ fn verdict(error: &UpstreamError) -> Verdict {
     } else {
         Verdict::Answered
     }
+}
+
+/// The error a caller gets when every model is exhausted: the last upstream error, saying when
+/// trying again makes sense (at least a second).
+fn exhausted(mut last: UpstreamError, attempts: u32) -> UpstreamError {
+    last.retry_after = Some(
+        last.retry_after
+            .unwrap_or_default()
+            .max(Duration::from_secs(1)),
+    );
+    with_attempts(last, attempts)
 }
 
 fn with_attempts(mut e: UpstreamError, attempts: u32) -> UpstreamError {

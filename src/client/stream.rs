@@ -21,8 +21,8 @@ use super::{
 };
 use crate::cache::Lookup;
 use crate::entry::now_millis;
+use crate::error::Error;
 use crate::error::UpstreamErrorKind;
-use crate::error::{Error, UpstreamError};
 use crate::key::CacheKey;
 use crate::outcome::Outcome;
 use crate::sse::{self, Assembler, FrameParser};
@@ -226,7 +226,7 @@ impl Engine {
                 Err(e) => last = e,
             }
         }
-        let e = exhausted(last, attempts);
+        let e = super::exhausted(last, attempts);
         Lead::finish(lead, Err(e.clone()));
         Err(Error::Upstream(e))
     }
@@ -359,17 +359,6 @@ fn replay(answer: Answer, key: CacheKey) -> Result<StreamResponse, Error> {
         age: answer.age,
         key,
     })
-}
-
-/// The error a caller gets when every model is exhausted: the last upstream error, saying when
-/// trying again makes sense (at least a second).
-pub(super) fn exhausted(mut last: UpstreamError, attempts: u32) -> UpstreamError {
-    last.retry_after = Some(
-        last.retry_after
-            .unwrap_or_default()
-            .max(Duration::from_secs(1)),
-    );
-    with_attempts(last, attempts)
 }
 
 fn once(bytes: Bytes) -> EventStream {

@@ -59,25 +59,20 @@ impl Upstream {
         model: &str,
         deadline: Instant,
     ) -> Result<reqwest::Response, UpstreamError> {
-        let url = format!("{}{}", self.base, path_and_query);
-        let request = self.http.request(method, url).headers(headers).body(body);
-        let response = match tokio::time::timeout_at(deadline, request.send()).await {
-            Err(_) => return Err(transport_error(UpstreamErrorKind::Timeout, model)),
-            Ok(Err(e)) => return Err(reqwest_error(&e, model)),
-            Ok(Ok(r)) => r,
-        };
+        let response = self
+            .head(method, path_and_query, headers, body, model, deadline)
+            .await?;
         if response.status().is_success() {
             return Ok(response);
         }
         let status = response.status();
         let headers = response.headers().clone();
-        let body = read_limited(response, MAX_ERROR_BODY, deadline)
-            .await
-            .unwrap_or_default();
+        let body = read_limited(response, MAX_ERROR_BODY, deadline).await;
         Err(classify(status, &headers, body, model))
     }
 
-    /// Sends a request as it is, for paths that are passed through uncached.
+    /// Sends a request as it is, for paths that are passed through uncached: any status is
+    /// the caller's to see.
     pub async fn pass_through(
         &self,
         method: http::Method,
@@ -86,12 +81,26 @@ impl Upstream {
         body: Bytes,
         deadline: Instant,
     ) -> Result<reqwest::Response, UpstreamError> {
+        self.head(method, path_and_query, headers, body, "", deadline)
+            .await
+    }
+
+    /// The response's head, or the transport failure in the API's shape.
+    async fn head(
+        &self,
+        method: http::Method,
+        path_and_query: &str,
+        headers: HeaderMap,
+        body: Bytes,
+        model: &str,
+        deadline: Instant,
+    ) -> Result<reqwest::Response, UpstreamError> {
         let url = format!("{}{}", self.base, path_and_query);
         let request = self.http.request(method, url).headers(headers).body(body);
         match tokio::time::timeout_at(deadline, request.send()).await {
-            Err(_) => Err(transport_error(UpstreamErrorKind::Timeout, "")),
-            Ok(Err(e)) => Err(reqwest_error(&e, "")),
-            Ok(Ok(r)) => Ok(r),
+            Err(_) => Err(transport_error(UpstreamErrorKind::Timeout, model)),
+            Ok(Err(e)) => Err(reqwest_error(&e, model)),
+            Ok(Ok(response)) => Ok(response),
         }
     }
 }
@@ -109,11 +118,8 @@ pub async fn read_body(
     }
 }
 
-async fn read_limited(
-    mut response: reqwest::Response,
-    limit: usize,
-    deadline: Instant,
-) -> Option<Bytes> {
+/// At most `limit` bytes of a body; whatever arrived if it breaks off or runs late.
+async fn read_limited(mut response: reqwest::Response, limit: usize, deadline: Instant) -> Bytes {
     let mut out = Vec::new();
     while out.len() < limit {
         match tokio::time::timeout_at(deadline, response.chunk()).await {
@@ -122,7 +128,7 @@ async fn read_limited(
         }
     }
     out.truncate(limit);
-    Some(Bytes::from(out))
+    Bytes::from(out)
 }
 
 /// Decides what an error answer means for retries, stale service and the breaker.
