@@ -89,6 +89,28 @@ async fn client_on(mock: &MockServer, dir: &std::path::Path, memory_bytes: u64) 
         .unwrap()
 }
 
+/// One call that must end with `outcome` (a miss with at least one upstream attempt), so that a
+/// bench can never time an error or an answer of another kind as if it were what it names.
+async fn expect(client: &Client, request: Request, outcome: Outcome) -> fallthrough::Response {
+    let r = client
+        .execute(request)
+        .await
+        .unwrap_or_else(|e| panic!("expected a {outcome} answer, got the error {e:#}"));
+    assert_eq!(r.outcome, outcome, "expected a {outcome} answer");
+    assert_eq!(
+        r.attempts > 0,
+        outcome == Outcome::Miss,
+        "{outcome}: {} upstream attempts",
+        r.attempts
+    );
+    r
+}
+
+/// Upstream calls the mock has answered, all paths and statuses.
+fn mock_calls(mock: &MockServer) -> u64 {
+    mock.stats().by_path.values().sum()
+}
+
 fn hits(c: &mut Criterion) {
     let rt = runtime();
     let mock = rt
@@ -109,7 +131,7 @@ fn hits(c: &mut Criterion) {
         assert_eq!(r.outcome, Outcome::Memory);
         group.bench_function(BenchmarkId::new("memory", name), |b| {
             b.to_async(&rt)
-                .iter(|| client.execute(Request::messages(body.clone())))
+                .iter(|| expect(&client, Request::messages(body.clone()), Outcome::Memory))
         });
 
         // No memory tier: every lookup goes to disk.
@@ -123,7 +145,7 @@ fn hits(c: &mut Criterion) {
         assert_eq!(r.outcome, Outcome::Disk);
         group.bench_function(BenchmarkId::new("disk", name), |b| {
             b.to_async(&rt)
-                .iter(|| client.execute(Request::messages(body.clone())))
+                .iter(|| expect(&client, Request::messages(body.clone()), Outcome::Disk))
         });
     }
     group.finish();
@@ -145,10 +167,24 @@ fn misses(c: &mut Criterion) {
             no_store: true,
             ..Controls::default()
         };
+        let before = mock_calls(&mock);
+        let timed = AtomicU64::new(0);
         group.bench_function(BenchmarkId::new("through-mock", name), |b| {
-            b.to_async(&rt)
-                .iter(|| client.execute(Request::messages(body.clone()).controls(controls)))
+            b.to_async(&rt).iter(|| {
+                timed.fetch_add(1, Ordering::Relaxed);
+                expect(
+                    &client,
+                    Request::messages(body.clone()).controls(controls),
+                    Outcome::Miss,
+                )
+            })
         });
+        // Every timed iteration was one upstream call: nothing was answered another way.
+        assert_eq!(
+            mock_calls(&mock) - before,
+            timed.load(Ordering::Relaxed),
+            "through-mock: upstream calls != timed misses"
+        );
         // The same upstream called directly, for the engine's overhead by difference.
         let http = reqwest::Client::new();
         let url = format!("{}/v1/messages", mock.url());
@@ -162,6 +198,7 @@ fn misses(c: &mut Criterion) {
                     .send()
                     .await
                     .unwrap();
+                assert_eq!(r.status(), 200, "mock-direct: the mock did not answer 200");
                 r.bytes().await.unwrap()
             })
         });
@@ -180,8 +217,11 @@ fn single_flight(c: &mut Criterion) {
     let mut group = c.benchmark_group("single-flight");
     group.measurement_time(Duration::from_secs(5));
     for (name, size) in SIZES {
+        let before = mock_calls(&mock);
+        let timed = AtomicU64::new(0);
         group.bench_function(BenchmarkId::new("32-identical-misses", name), |b| {
             b.to_async(&rt).iter(|| {
+                timed.fetch_add(1, Ordering::Relaxed);
                 let body = request(size, counter.fetch_add(1, Ordering::Relaxed)).to_string();
                 let client = client.clone();
                 async move {
@@ -195,11 +235,17 @@ fn single_flight(c: &mut Criterion) {
                         })
                         .collect();
                     for call in calls {
-                        call.await.unwrap().unwrap();
+                        call.await.unwrap().expect("a single-flight miss");
                     }
                 }
             })
         });
+        // 32 callers, one upstream call each time: single flight held.
+        assert_eq!(
+            mock_calls(&mock) - before,
+            timed.load(Ordering::Relaxed),
+            "single flight: upstream calls != rounds of 32"
+        );
     }
     group.finish();
 }
