@@ -620,16 +620,17 @@ impl Engine {
     ) -> FlightResult {
         let rx = {
             let mut flights = self.flights.lock().expect("flights lock");
-            match flights.get(&p.flight_key()) {
+            match flights.get(&p.flight_key()).filter(|rx| joinable(rx, p)) {
                 Some(rx) => rx.clone(),
                 None => {
                     let (tx, rx) = watch::channel(None);
                     flights.insert(p.flight_key(), rx.clone());
+                    let entry = FlightEntry::new(self, p.flight_key(), &rx);
                     let engine = self.clone();
                     let p = p.clone();
                     // Spawned, so the fetch completes and is stored even if every caller goes away.
                     tokio::spawn(async move {
-                        let _entry = FlightEntry::new(&engine, p.flight_key());
+                        let _entry = entry;
                         engine.clone().fly(p.clone(), has_stale, tx).await;
                     });
                     rx
@@ -999,18 +1000,36 @@ impl RetryPlan {
     };
 }
 
+/// Whether a request may take the answer of the flight `rx` in the map under its flight key.
+/// A flight stays in the map until its task ends (a stale refresh included, so that identical
+/// requests meanwhile serve their stale entry without a try of their own), and a request that
+/// joins after the answer takes it as it would take the entry just stored. Not a `no-cache`
+/// request: it asked for a fetch made for it, so it shares one still under way, never one that
+/// had answered before it came. (Back-to-back `no-cache` requests were once handed the earlier
+/// answer with no upstream call; the engine bench timed them as misses.)
+fn joinable(rx: &watch::Receiver<Option<FlightResult>>, p: &Prepared) -> bool {
+    !p.controls.no_cache || rx.borrow().is_none()
+}
+
 /// A flight's place in the map, removed when the flight's task ends, however it ends (a panic
-/// included), so that no key is left joined to a flight that will never answer.
-pub(crate) struct FlightEntry {
+/// included), so that no key is left joined to a flight that will never answer. A flight that
+/// took its key's place (see [`joinable`]) is left where it is.
+struct FlightEntry {
     engine: Arc<Engine>,
     key: FlightKey,
+    rx: watch::Receiver<Option<FlightResult>>,
 }
 
 impl FlightEntry {
-    pub(crate) fn new(engine: &Arc<Engine>, key: FlightKey) -> Self {
+    fn new(
+        engine: &Arc<Engine>,
+        key: FlightKey,
+        rx: &watch::Receiver<Option<FlightResult>>,
+    ) -> Self {
         FlightEntry {
             engine: engine.clone(),
             key,
+            rx: rx.clone(),
         }
     }
 }
@@ -1018,7 +1037,12 @@ impl FlightEntry {
 impl Drop for FlightEntry {
     fn drop(&mut self) {
         if let Ok(mut flights) = self.engine.flights.lock() {
-            flights.remove(&self.key);
+            if flights
+                .get(&self.key)
+                .is_some_and(|rx| rx.same_channel(&self.rx))
+            {
+                flights.remove(&self.key);
+            }
         }
     }
 }

@@ -12,6 +12,7 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response as HttpResponse};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use axum::Router;
 use bytes::Bytes;
 use tokio::net::TcpListener;
@@ -99,6 +100,11 @@ pub async fn serve(
         shutdown.await;
         let _ = draining.send(());
     };
+    // No Nagle: a relayed stream is many small writes, and Nagle's wait for the caller's
+    // delayed ACK held each streamed answer back by ~40 ms.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let server = axum::serve(listener, app).with_graceful_shutdown(signal);
     // In-flight requests get DRAIN_LIMIT to finish; a stream that never ends must not keep the
     // process (and the disk tier's flush) waiting for ever.

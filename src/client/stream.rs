@@ -138,15 +138,16 @@ impl Engine {
         // relays live; the others wait for its stored answer and replay it.
         let joined = {
             let mut flights = self.flights.lock().expect("flights lock");
-            match flights.get(&p.flight_key()) {
+            match flights
+                .get(&p.flight_key())
+                .filter(|rx| super::joinable(rx, &p))
+            {
                 Some(rx) => Ok(rx.clone()),
                 None => {
                     let (tx, rx) = watch::channel(None);
+                    let _entry = FlightEntry::new(&self, p.flight_key(), &rx);
                     flights.insert(p.flight_key(), rx);
-                    Err(Lead {
-                        tx,
-                        _entry: FlightEntry::new(&self, p.flight_key()),
-                    })
+                    Err(Lead { tx, _entry })
                 }
             }
         };
