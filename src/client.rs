@@ -667,6 +667,10 @@ impl Engine {
         has_stale: bool,
         tx: watch::Sender<Option<FlightResult>>,
     ) {
+        if let Some(answer) = self.raced_answer(&p).await {
+            tx.send_replace(Some(Ok(answer)));
+            return;
+        }
         let deadline = Instant::now() + self.config.retry.deadline;
         let mut attempts = 0;
         let store = !p.controls.no_store;
@@ -729,6 +733,17 @@ impl Engine {
             }
         }
         tx.send_replace(Some(Err(exhausted(last, attempts))));
+    }
+
+    /// The entry an identical flight stored between this request's look-up and its joining the
+    /// flights (that flight had left the map by then): a flight's first step, so that
+    /// concurrent identical misses make one upstream call however they interleave. `no-cache`
+    /// requests fetch whatever the cache holds.
+    async fn raced_answer(&self, p: &Prepared) -> Option<Answer> {
+        match p.controls.no_cache {
+            true => None,
+            false => self.fresh_answer(&p.key, p, 0).await,
+        }
     }
 
     /// A fresh entry under a fallback's `key`, as the answer after `attempts` upstream attempts.
