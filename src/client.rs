@@ -461,7 +461,8 @@ impl Client {
         self.engine.add_credential(headers);
     }
 
-    /// Writes the disk tier out (on shutdown).
+    /// Writes the disk tier out (on shutdown), once an eviction pass that earlier answers
+    /// started has ended, so the directory is left within its bound ([`Cache::flush`]).
     pub async fn flush(&self) -> Result<(), Error> {
         Ok(self.engine.cache.flush().await?)
     }

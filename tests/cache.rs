@@ -198,13 +198,9 @@ async fn writes_over_the_disk_bound_evict_by_themselves() {
             .insert(key(n), Entry::new(body.clone(), "m", now, HOUR, HOUR), now)
             .await;
     }
-    // The background pass runs on the blocking pool; give it a moment.
-    for _ in 0..50 {
-        if cache.usage().await.disk_bytes <= 50_000 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // The writes started a pass on the blocking pool and returned; wait for it (and for the
+    // passes it runs after it for what was written meanwhile) to end.
+    cache.wait_for_eviction().await;
     let usage = cache.usage().await;
     assert!(usage.disk_bytes <= 50_000, "{usage:?}");
     assert!(usage.disk_entries > 0);

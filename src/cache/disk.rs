@@ -7,9 +7,10 @@
 //! runs on tokio's blocking pool so it never stalls the runtime's threads.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use tokio::sync::watch;
 use tracing::{debug, error, warn};
 
 use crate::entry::{Entry, UnixMillis};
@@ -39,8 +40,9 @@ struct Inner {
     /// Sum of encoded entry sizes plus overhead; kept in step with every insert and removal.
     bytes: AtomicU64,
     max_bytes: u64,
-    /// Set while an eviction pass runs, so writes trigger at most one at a time.
-    evicting: AtomicBool,
+    /// True while an eviction pass runs, so writes start at most one at a time; a channel
+    /// rather than a flag so that [`DiskTier::wait_for_eviction`] can wait for the pass to end.
+    evicting: watch::Sender<bool>,
 }
 
 /// What an eviction pass removed.
@@ -102,7 +104,7 @@ impl DiskTier {
                 atime,
                 bytes: AtomicU64::new(bytes),
                 max_bytes,
-                evicting: AtomicBool::new(false),
+                evicting: watch::Sender::new(false),
             }),
         })
     }
@@ -173,23 +175,65 @@ impl DiskTier {
         )
     }
 
-    /// Writes everything to the files: after this, a crash loses nothing stored so far.
+    /// Writes everything to the files: after this, a crash loses nothing stored so far. Waits
+    /// first for an eviction pass that earlier writes started ([`Self::wait_for_eviction`]), so
+    /// the files hold the tier within its bound.
     pub async fn flush(&self) -> Result<(), DiskError> {
+        self.wait_for_eviction().await;
         self.inner.db.flush_async().await?;
         Ok(())
     }
 
+    /// Returns once no eviction pass runs. A write that takes the tier over its bound starts a
+    /// pass in the background and returns at once; the pass goes on until the tier is within
+    /// its bound, taking in what other writes add meanwhile. So once writes stop, this returns
+    /// when the tier holds at most `max_bytes`: after a bulk load, before reading
+    /// [`Self::usage`], or before handing the directory to another process.
+    ///
+    /// ```no_run
+    /// # async fn demo(disk: fallthrough::cache::DiskTier) {
+    /// // ... many inserts ...
+    /// disk.wait_for_eviction().await;
+    /// let (_entries, bytes) = disk.usage();
+    /// # let _ = bytes;
+    /// # }
+    /// ```
+    pub async fn wait_for_eviction(&self) {
+        let mut evicting = self.inner.evicting.subscribe();
+        // The sender lives in `self`, so the channel cannot close while this waits.
+        let _ = evicting.wait_for(|running| !running).await;
+    }
+
     fn evict_in_background(&self, now: UnixMillis) {
-        if self.inner.evicting.swap(true, Ordering::AcqRel) {
+        if self.inner.evicting.send_replace(true) {
             return;
         }
         let tier = self.clone();
-        let run = move || {
-            match tier.evict_blocking(now, tier.inner.max_bytes) {
-                Ok(evicted) => debug!(?evicted, "disk cache eviction"),
-                Err(e) => error!(error = %report(&e), "disk cache eviction failed"),
+        let run = move || loop {
+            let inner = &tier.inner;
+            let before = inner.bytes.load(Ordering::Relaxed);
+            let removed = match tier.evict_blocking(now, inner.max_bytes) {
+                Ok(evicted) => {
+                    debug!(?evicted, "disk cache eviction");
+                    evicted.expired + evicted.corrupt + evicted.least_recently_used
+                }
+                Err(e) => {
+                    error!(error = %report(&e), "disk cache eviction failed");
+                    inner.evicting.send_replace(false);
+                    break;
+                }
+            };
+            inner.evicting.send_replace(false);
+            // Writes made while the pass ran started none of their own, and the pass did not
+            // see those that came after its scan: if they took the tier over its bound, go on.
+            // (The channel's lock orders this read after those writes' byte counts, or lets
+            // the write that finds the flag down start the next pass itself.) A pass that
+            // removed nothing while nothing was added cannot do better: stop.
+            let after = inner.bytes.load(Ordering::Relaxed);
+            let stuck = removed == 0 && after <= before;
+            if after <= inner.max_bytes || stuck || inner.evicting.send_replace(true) {
+                break;
             }
-            tier.inner.evicting.store(false, Ordering::Release);
         };
         match tokio::runtime::Handle::try_current() {
             Ok(handle) => drop(handle.spawn_blocking(run)),

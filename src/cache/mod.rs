@@ -125,7 +125,17 @@ impl Cache {
         Ok(())
     }
 
-    /// Writes the disk tier out; a no-op without one.
+    /// Returns once no eviction pass of the disk tier runs: after the last write, when the
+    /// tier is within its bound. See [`DiskTier::wait_for_eviction`]; at once without a disk
+    /// tier.
+    pub async fn wait_for_eviction(&self) {
+        if let Some(disk) = &self.disk {
+            disk.wait_for_eviction().await;
+        }
+    }
+
+    /// Writes the disk tier out, once an eviction pass in flight has ended
+    /// ([`DiskTier::flush`]); a no-op without one.
     pub async fn flush(&self) -> Result<(), DiskError> {
         match &self.disk {
             Some(disk) => disk.flush().await,
