@@ -7,6 +7,19 @@
 //! can hit what an earlier line stored. Streamed requests are drained to the end, as a caller
 //! would, so their latency covers the whole answer. Printing belongs to the binary.
 //!
+//! # Reproducible replays
+//! A live run's counts depend on timing: which identical requests meet in flight, how old an
+//! entry is when it is read again, and the order in which concurrent requests reach the
+//! engine's shared state (the retry budget grants its last retries to whoever asks first; a
+//! breaker counts consecutive failures across requests). With [`Options::logical_step`] the
+//! replay takes all of that out: requests are sent one at a time, in order, each after
+//! everything the one before set going has ended (a background refresh included), and the
+//! client decides by a logical clock that advances by the step before each request, so that
+//! entries age, budget windows slide and breaker cooldowns end by request count, not by the
+//! machine's speed. Against an upstream whose answers depend only on the requests it gets (the
+//! fake in [`crate::mock`], for a given seed), the counts are then the same on every run;
+//! latencies and wall time still vary.
+//!
 //! ```no_run
 //! # async fn demo(client: fallthrough::Client) -> Result<(), fallthrough::bench::BenchError> {
 //! use fallthrough::bench::{self, Options, Workload};
@@ -157,10 +170,16 @@ impl Workload {
 /// How to replay a workload.
 #[derive(Debug, Clone, Copy)]
 pub struct Options {
-    /// Requests in flight at once (at least 1). Default 8.
+    /// Requests in flight at once (at least 1). Default 8. A reproducible replay sends one at
+    /// a time.
     pub concurrency: usize,
     /// Passes over the workload (at least 1). Default 1.
     pub repeat: usize,
+    /// Replay reproducibly (see the module docs): one request at a time, on a logical clock
+    /// that starts at the wall-clock time of the run's start and advances by this step before
+    /// each request after the first. The client keeps using it until the run ends, then goes
+    /// back to the system clocks. Default `None`: a live run, on the system clocks.
+    pub logical_step: Option<Duration>,
 }
 
 impl Default for Options {
@@ -168,6 +187,7 @@ impl Default for Options {
         Options {
             concurrency: 8,
             repeat: 1,
+            logical_step: None,
         }
     }
 }
@@ -225,8 +245,9 @@ impl Latency {
 ///
 /// The workload and the run: `file` (when set by the caller), `lines` (valid lines),
 /// `invalid_lines` (their 1-based numbers), `distinct_requests` (distinct cache keys among the
-/// lines), `streamed` (requests sent with `"stream": true`), `repeat`, `concurrency`,
-/// `wall_time_s`, `throughput_rps` (requests per second of wall time).
+/// lines), `streamed` (requests sent with `"stream": true`), `repeat`, `concurrency` (1 in a
+/// reproducible replay), `logical_step_ms` (the logical clock's step of a reproducible replay;
+/// `null` for a live run), `wall_time_s`, `throughput_rps` (requests per second of wall time).
 ///
 /// `latency_us`: for each of `memory`, `disk`, `stale`, `miss`, `bypass`, `error`: `count`,
 /// `p50`, `p95`, `p99`, `max` and `mean`, in microseconds from the call to the end of the
@@ -239,6 +260,7 @@ pub struct Report {
     pub distinct_requests: usize,
     pub repeat: usize,
     pub concurrency: usize,
+    pub logical_step_ms: Option<u64>,
     pub requests: u64,
     pub streamed: u64,
     pub answered: u64,
@@ -299,15 +321,19 @@ struct Sample {
 /// Replays `workload` through `client` as `options` say and reports what happened.
 /// `progress` is called with the number of requests finished after each one.
 ///
-/// Requests start in file order (pass after pass), at most `options.concurrency` at once; each
-/// runs in its own task, so a slow one does not hold up the measurement of the others.
+/// Requests start in file order (pass after pass), at most `options.concurrency` at once (one
+/// in a reproducible replay); each runs in its own task, so a slow one does not hold up the
+/// measurement of the others.
 pub async fn run(
     client: &Client,
     workload: &Workload,
     options: &Options,
     mut progress: impl FnMut(u64),
 ) -> Report {
-    let concurrency = options.concurrency.max(1);
+    let concurrency = match options.logical_step {
+        Some(_) => 1,
+        None => options.concurrency.max(1),
+    };
     let repeat = options.repeat.max(1);
     let distinct = workload
         .lines
@@ -318,25 +344,37 @@ pub async fn run(
     let mut tally = Tally::new();
     let started = Instant::now();
     let jobs = (0..repeat).flat_map(|_| workload.lines.iter().cloned());
-    let mut finished = futures_util::stream::iter(jobs)
-        .map(|line| {
-            let client = client.clone();
-            tokio::spawn(async move { replay(&client, &line).await })
-        })
-        .buffer_unordered(concurrency);
+    let spawn = |line: Line| {
+        let client = client.clone();
+        tokio::spawn(async move { replay(&client, &line).await })
+    };
     let mut done = 0;
-    while let Some(joined) = finished.next().await {
-        let sample = joined.unwrap_or_else(|_| Sample {
-            result: Err("internal".into()),
-            latency: Duration::ZERO,
-            attempts: 0,
-            tokens: 0,
-            fallback: false,
-            streamed: false,
-        });
-        tally.add(sample);
+    let mut add = |joined: Result<Sample, tokio::task::JoinError>| {
+        tally.add(joined.unwrap_or_else(|_| Sample::panicked()));
         done += 1;
         progress(done);
+    };
+    match options.logical_step {
+        None => {
+            let mut finished = futures_util::stream::iter(jobs)
+                .map(spawn)
+                .buffer_unordered(concurrency);
+            while let Some(joined) = finished.next().await {
+                add(joined);
+            }
+        }
+        Some(step) => {
+            client.clock().set_logical(true);
+            for (i, line) in jobs.enumerate() {
+                if i > 0 {
+                    client.clock().advance(step);
+                }
+                let joined = spawn(line).await;
+                client.settled().await;
+                add(joined);
+            }
+            client.clock().set_logical(false);
+        }
     }
     let mut report = tally.report(started.elapsed());
     report.lines = workload.lines.len();
@@ -344,7 +382,24 @@ pub async fn run(
     report.distinct_requests = distinct;
     report.repeat = repeat;
     report.concurrency = concurrency;
+    report.logical_step_ms = options
+        .logical_step
+        .map(|step| u64::try_from(step.as_millis()).unwrap_or(u64::MAX));
     report
+}
+
+impl Sample {
+    /// The sample of a request whose task panicked.
+    fn panicked() -> Sample {
+        Sample {
+            result: Err("internal".into()),
+            latency: Duration::ZERO,
+            attempts: 0,
+            tokens: 0,
+            fallback: false,
+            streamed: false,
+        }
+    }
 }
 
 /// Sends one line and reads its whole answer.
@@ -539,6 +594,7 @@ mod tests {
         let options = Options {
             concurrency: 1,
             repeat: 2,
+            ..Options::default()
         };
         let mut calls = 0;
         let r = run(&client, &workload, &options, |_| calls += 1).await;

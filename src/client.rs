@@ -15,13 +15,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use serde_json::Value;
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tracing::{debug, debug_span, info, warn, Instrument, Span};
 
 use crate::cache::{Cache, Lookup, Tier};
+use crate::clock::Clock;
 use crate::config::Config;
-use crate::entry::{now_millis, Entry, Freshness};
+use crate::entry::{Entry, Freshness};
 use crate::error::{error_body, Error, UpstreamError, UpstreamErrorKind};
 use crate::key::{CacheKey, CredentialFingerprint, KeyContext};
 use crate::metrics::Metrics;
@@ -299,6 +300,8 @@ impl ClientBuilder {
                 permits: Arc::new(Semaphore::new(config.max_concurrency)),
                 refreshes: Arc::new(Semaphore::new(MAX_REFRESHES)),
                 flights: Mutex::new(HashMap::new()),
+                flight_ended: Notify::new(),
+                clock: Clock::system(),
                 metrics: self.metrics.unwrap_or_default(),
                 credential,
                 credential_fingerprint,
@@ -339,6 +342,11 @@ pub(crate) struct Engine {
     refreshes: Arc<Semaphore>,
     /// In-flight fetches by key. A std mutex: held for one map operation, never across an await.
     flights: Mutex<HashMap<FlightKey, watch::Receiver<Option<FlightResult>>>>,
+    /// Told whenever a flight leaves the map, for [`Engine::settled`].
+    flight_ended: Notify,
+    /// What freshness, the retry budget and the breakers read the time from: the system's
+    /// clocks, except in a reproducible bench replay.
+    clock: Clock,
     metrics: Arc<Metrics>,
     /// Sent as `x-api-key` when a request has no credential; marked sensitive so it is never
     /// printed.
@@ -466,9 +474,38 @@ impl Client {
     pub async fn flush(&self) -> Result<(), Error> {
         Ok(self.engine.cache.flush().await?)
     }
+
+    /// The clock the engine decides by, for a reproducible replay ([`crate::bench`]).
+    pub(crate) fn clock(&self) -> &Clock {
+        &self.engine.clock
+    }
+
+    /// Waits until nothing this client started is still going on (see [`Engine::settled`]).
+    pub(crate) async fn settled(&self) {
+        self.engine.settled().await;
+    }
 }
 
 impl Engine {
+    /// Waits until no fetch is in flight and no background refresh runs, so that what a
+    /// request set going after its caller was answered (a refresh of a stale entry, a
+    /// flight's last steps) is over before the next request of a reproducible replay starts.
+    async fn settled(&self) {
+        loop {
+            let ended = self.flight_ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            if self.flights.lock().expect("flights lock").is_empty() {
+                break;
+            }
+            ended.await;
+        }
+        // A plain request's refresh runs inside its flight; a stream's runs on its own, holding
+        // a refresh slot taken before the stream was answered.
+        let all = self.refreshes.acquire_many(MAX_REFRESHES as u32).await;
+        drop(all);
+    }
+
     /// Keys the request in one pass over its bytes (no JSON tree is built on the hit path).
     fn prepare(&self, request: Request) -> Result<Prepared, Error> {
         // Headers are left as the caller sent them: the defaults (credential, version) are
@@ -582,7 +619,7 @@ impl Engine {
 
     /// The whole path of one request after parsing.
     async fn answer(self: Arc<Self>, p: Prepared) -> Result<Response, Error> {
-        let now = now_millis();
+        let now = self.clock.millis();
         let stale = match self.look_up(&p, now).await? {
             LookedUp::Fresh(hit) => return Ok(hit_response(&hit, &p.key, now)),
             LookedUp::Miss { stale } => stale,
@@ -603,7 +640,7 @@ impl Engine {
             }),
             (Err(e), Some(stale)) if e.allows_stale() => {
                 info!(key = %p.key, status = e.status, "upstream cannot answer; serving stale");
-                let mut r = hit_response(&stale, &p.key, now_millis());
+                let mut r = hit_response(&stale, &p.key, self.clock.millis());
                 r.outcome = Outcome::Stale;
                 r.attempts = e.attempts;
                 Ok(r)
@@ -692,8 +729,13 @@ impl Engine {
                 return;
             }
             Err(e) if has_stale && e.allows_stale() => {
+                // The refresh's slot is taken before the callers are answered, so that once
+                // they are, [`Engine::settled`] sees the refresh.
+                let permit = self.refreshes.clone().try_acquire_owned().ok();
                 tx.send_replace(Some(Err(with_attempts(e, attempts))));
-                self.refresh(&p, deadline).await;
+                if let Some(permit) = permit {
+                    self.refresh(&p, deadline, permit).await;
+                }
                 return;
             }
             Err(e) if !e.allows_stale() => {
@@ -749,7 +791,7 @@ impl Engine {
 
     /// A fresh entry under a fallback's `key`, as the answer after `attempts` upstream attempts.
     async fn fresh_answer(&self, key: &CacheKey, p: &Prepared, attempts: u32) -> Option<Answer> {
-        let now = now_millis();
+        let now = self.clock.millis();
         let hit = self.cache.get(key, now).await?;
         (hit.entry.freshness(now, p.controls.max_age) == Freshness::Fresh).then(|| Answer {
             attempts,
@@ -794,12 +836,9 @@ impl Engine {
         }
     }
 
-    /// Retries the primary in the background after a stale entry was served, at most
-    /// [`MAX_REFRESHES`] at once.
-    async fn refresh(&self, p: &Prepared, deadline: Instant) {
-        let Ok(_permit) = self.refreshes.clone().try_acquire_owned() else {
-            return;
-        };
+    /// Retries the primary in the background after a stale entry was served, holding one of
+    /// the [`MAX_REFRESHES`] slots (`_permit`); when none is free, no refresh is made.
+    async fn refresh(&self, p: &Prepared, deadline: Instant, _permit: OwnedSemaphorePermit) {
         let mut attempts = 0;
         if let Ok(body) = self
             .call_plain(
@@ -827,7 +866,7 @@ impl Engine {
         store: bool,
     ) -> Answer {
         if store && is_complete_message(&body) {
-            let now = now_millis();
+            let now = self.clock.millis();
             let c = &self.config.cache;
             // A copy of exactly the body: `body` may be a slice of the HTTP client's read buffer,
             // which the memory tier would otherwise keep alive whole (kilobytes per entry, not
@@ -897,13 +936,13 @@ impl Engine {
                         return Err(upstream::transport_error(UpstreamErrorKind::Timeout, model))
                     }
                 };
-            let admission = self.breakers.admit(model);
+            let admission = self.breakers.admit(model, self.clock.instant());
             if let Admission::Reject { retry_in } = admission {
                 debug!(model, ?retry_in, "breaker blocks the model");
                 return Err(breaker_error(model, retry_in));
             }
             if retry == 0 {
-                self.budget.deposit();
+                self.budget.deposit(self.clock.instant());
             }
             *attempts += 1;
             let result = self
@@ -911,12 +950,14 @@ impl Engine {
                 .await;
             let error = match result {
                 Ok(body) => {
-                    self.breakers.record(model, admission, Verdict::Answered);
+                    let now = self.clock.instant();
+                    self.breakers.record(model, admission, Verdict::Answered, now);
                     return Ok(body);
                 }
                 Err(e) => e,
             };
-            self.breakers.record(model, admission, verdict(&error));
+            let now = self.clock.instant();
+            self.breakers.record(model, admission, verdict(&error), now);
             if !error.is_retryable() || retry >= plan.retries {
                 return Err(error);
             }
@@ -931,7 +972,7 @@ impl Engine {
             if Instant::now() + delay >= deadline {
                 return Err(error);
             }
-            if !self.budget.try_withdraw() {
+            if !self.budget.try_withdraw(now) {
                 info!(key = %p.key, model, status = error.status, "retry budget spent; not retrying");
                 return Err(error);
             }
@@ -1060,6 +1101,7 @@ impl Drop for FlightEntry {
                 flights.remove(&self.key);
             }
         }
+        self.engine.flight_ended.notify_waiters();
     }
 }
 

@@ -11,6 +11,8 @@
 //! - [`client`]: [`Client`], the engine every front end shares: lookup, single flight, retries,
 //!   breaker, fallback chain, stale answers.
 //! - [`upstream`]: one HTTP attempt and its classification; retry policy, budget, breaker.
+//! - `clock`: where the engine reads the time: the system's clocks, or a logical clock for a
+//!   reproducible bench replay.
 //! - [`bench`]: replaying a workload through a [`Client`] and reporting hits, savings, latency.
 //! - [`server`]: the proxy, `fallthrough serve`: HTTP in front of a [`Client`].
 //! - [`config`]: `fallthrough.toml` and its defaults.
@@ -21,6 +23,7 @@ pub mod admin;
 pub mod bench;
 pub mod cache;
 pub mod client;
+mod clock;
 pub mod config;
 pub mod entry;
 pub mod error;

@@ -7,8 +7,14 @@
 //! - Answers are deterministic functions of the request body (without `stream`): the same request
 //!   gives the same Message, `id` included, whether it is streamed or not.
 //! - Faults are decided in a fixed order: validation (400), the scripted queue (model-specific
-//!   first, then any-model), `overloaded_models`, then random faults drawn from a seeded RNG
-//!   (529 at the model's rate, then 429, then 500), so a run with a given seed is reproducible.
+//!   first, then any-model), `overloaded_models`, then random faults (529 at the model's rate,
+//!   then 429, then 500).
+//! - A random fault is a pure function of the seed, the request (endpoint and body without
+//!   `stream`) and its ordinal: how many identical requests reached the random faults before it
+//!   since the configuration was set. The 3rd attempt at a request gets the same answer in
+//!   every run with that seed, however other requests interleave with it; one RNG stream drawn
+//!   in arrival order would hand the faults out by timing. Only identical requests racing each
+//!   other can swap their answers (which of them is the 3rd).
 //! - Tests use [`MockServer`] in-process; the CLI uses [`serve`]. Both expose the same HTTP
 //!   control routes: `GET /mock/stats`, `GET|POST /mock/config`, `POST /mock/script`,
 //!   `POST /mock/reset`.
@@ -56,7 +62,8 @@ pub struct MockConfig {
     pub retry_after: Option<u64>,
     /// Added before every `/v1` answer (before the first byte of a stream).
     pub latency_ms: u64,
-    /// Seeds the fault RNG; the RNG is reseeded whenever the config is replaced.
+    /// Seeds the random faults (see the module docs). Replacing the config starts the schedule
+    /// afresh: every request's ordinal counts from 0 again.
     pub seed: u64,
 }
 
@@ -116,9 +123,10 @@ struct ScriptRequest {
 #[derive(Debug)]
 struct Shared {
     config: Mutex<MockConfig>,
-    /// The fault RNG, seeded from `config.seed`; separate from anything that makes answers, so
-    /// the fault sequence depends only on the seed and the order of requests.
-    rng: Mutex<StdRng>,
+    /// Requests seen by the random faults since the config was set, by [`fault_subject`]: the
+    /// ordinal that, with the seed, decides the next identical request's fault. One entry per
+    /// distinct request (40 bytes): a fake serves test traffic, not years of it.
+    seen: Mutex<HashMap<[u8; 32], u64>>,
     scripts: Mutex<Scripts>,
     stats: Mutex<MockStats>,
 }
@@ -138,7 +146,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Shared {
     fn new(config: MockConfig) -> Self {
         Shared {
-            rng: Mutex::new(StdRng::seed_from_u64(config.seed)),
+            seen: Mutex::default(),
             config: Mutex::new(config),
             scripts: Mutex::default(),
             stats: Mutex::default(),
@@ -146,7 +154,7 @@ impl Shared {
     }
 
     fn set_config(&self, config: MockConfig) {
-        *lock(&self.rng) = StdRng::seed_from_u64(config.seed);
+        lock(&self.seen).clear();
         *lock(&self.config) = config;
     }
 
@@ -210,14 +218,31 @@ impl Shared {
         }
     }
 
-    /// Random faults, in order: 529 at the model's rate, 429, 500. Draws only for rates above 0.
-    fn random_fault(&self, config: &MockConfig, model: &str) -> Option<Fault> {
+    /// Random faults, in order: 529 at the model's rate, 429, 500, drawn from an RNG seeded by
+    /// the seed, `subject` ([`fault_subject`]) and the subject's ordinal. Draws only for rates
+    /// above 0.
+    fn random_fault(
+        &self,
+        config: &MockConfig,
+        model: &str,
+        subject: impl FnOnce() -> [u8; 32],
+    ) -> Option<Fault> {
         let overload = config
             .model_overload_rate
             .get(model)
             .copied()
             .unwrap_or(config.overload_rate);
-        let mut rng = lock(&self.rng);
+        if overload <= 0.0 && config.rate_limit_rate <= 0.0 && config.server_error_rate <= 0.0 {
+            return None;
+        }
+        let subject = subject();
+        let ordinal = {
+            let mut seen = lock(&self.seen);
+            let count = seen.entry(subject).or_default();
+            *count += 1;
+            *count - 1
+        };
+        let mut rng = fault_rng(config.seed, &subject, ordinal);
         let mut hit = |p: f64| p > 0.0 && rng.random::<f64>() < p;
         if hit(overload) {
             Some(Fault::overloaded(config))
@@ -235,6 +260,28 @@ impl Shared {
             None
         }
     }
+}
+
+/// What the random faults know a request by: its endpoint and its body without `stream` (a
+/// streamed request and its plain twin are one subject, as they are one cache entry).
+fn fault_subject(endpoint: Endpoint, request: &Value) -> [u8; 32] {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(match endpoint {
+        Endpoint::Messages => b"messages\n",
+        Endpoint::CountTokens => b"count_tokens\n",
+    });
+    hasher.update(canonical_request(request).as_bytes());
+    *hasher.finalize().as_bytes()
+}
+
+/// The RNG that decides the random faults of the `ordinal`th request (from 0) with `subject`.
+fn fault_rng(seed: u64, subject: &[u8; 32], ordinal: u64) -> StdRng {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(b"fallthrough mock faults v2\n");
+    hasher.update(&seed.to_le_bytes());
+    hasher.update(subject);
+    hasher.update(&ordinal.to_le_bytes());
+    StdRng::from_seed(*hasher.finalize().as_bytes())
 }
 
 /// What one `/v1/messages` or `count_tokens` request gets, once decided.
@@ -307,7 +354,8 @@ impl MockServer {
         lock(&self.shared.stats).clone()
     }
 
-    /// Replaces the faults (and reseeds the fault RNG) while running: phases of a scenario.
+    /// Replaces the faults while running (phases of a scenario); the random faults' schedule
+    /// starts afresh from the new seed.
     pub fn set_config(&self, config: MockConfig) {
         self.shared.set_config(config);
     }
@@ -515,7 +563,7 @@ async fn messages(
         Some(Scripted::StreamError { after_events }) => Some(Fault::StreamError(after_events)),
         Some(Scripted::StreamCut { after_events }) => Some(Fault::StreamCut(after_events)),
         None if config.overloaded_models.contains(&model) => Some(Fault::overloaded(&config)),
-        None => shared.random_fault(&config, &model),
+        None => shared.random_fault(&config, &model, || fault_subject(endpoint, &request)),
     };
     if extra_delay > 0 {
         tokio::time::sleep(Duration::from_millis(extra_delay)).await;

@@ -20,7 +20,6 @@ use super::{
     Prepared, Request, Response,
 };
 use crate::cache::Lookup;
-use crate::entry::now_millis;
 use crate::error::Error;
 use crate::error::UpstreamErrorKind;
 use crate::key::CacheKey;
@@ -128,7 +127,7 @@ impl super::Client {
 
 impl Engine {
     async fn answer_stream(self: Arc<Self>, p: Prepared) -> Result<StreamResponse, Error> {
-        let now = now_millis();
+        let now = self.clock.millis();
         let cached = match self.look_up(&p, now).await? {
             LookedUp::Fresh(hit) => return replay_hit(&hit, p.key, now, None),
             LookedUp::Miss { stale } => stale,
@@ -162,7 +161,7 @@ impl Engine {
         match (result, cached) {
             (Ok(answer), _) => replay(answer, p.key),
             (Err(e), Some(stale)) if e.allows_stale() => {
-                replay_hit(&stale, p.key, now_millis(), Some(e.attempts))
+                replay_hit(&stale, p.key, self.clock.millis(), Some(e.attempts))
             }
             (Err(e), _) => Err(Error::Upstream(e)),
         }
@@ -193,12 +192,16 @@ impl Engine {
             Ok(fetched) => return Ok(self.relay(fetched, &p, p.key, &p.model, attempts, lead)),
             Err(e) if e.allows_stale() && stale.is_some() => {
                 info!(key = %p.key, status = e.status, "upstream cannot answer; replaying stale");
+                // Taken before anyone is answered, as on the plain path (see `fly`).
+                let permit = self.refreshes.clone().try_acquire_owned().ok();
                 Lead::finish(lead, Err(with_attempts(e, attempts)));
-                let engine = self.clone();
-                let refresh = p.clone();
-                tokio::spawn(async move { engine.refresh(&refresh, deadline).await });
+                if let Some(permit) = permit {
+                    let engine = self.clone();
+                    let refresh = p.clone();
+                    tokio::spawn(async move { engine.refresh(&refresh, deadline, permit).await });
+                }
                 let stale = stale.expect("checked");
-                return replay_hit(&stale, p.key, now_millis(), Some(attempts));
+                return replay_hit(&stale, p.key, self.clock.millis(), Some(attempts));
             }
             Err(e) if !e.allows_stale() => {
                 let e = with_attempts(e, attempts);

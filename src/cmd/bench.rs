@@ -18,8 +18,12 @@ use fallthrough::{ClientBuilder, Config};
 const DEMO_FALLBACK: &str = "claude-haiku-4-5";
 /// How long answers stay fresh in a `--mock` run unless `--ttl` or the configuration says
 /// otherwise: short, so that a run of seconds sees entries age and go stale as a day of traffic
-/// would, and the demo shows stale answers.
+/// would, and the demo shows stale answers. On the logical clock: 100 requests.
 const DEMO_TTL: Duration = Duration::from_millis(500);
+/// The logical clock's step per request in a `--mock` run (a reproducible replay, see
+/// [`bench::Options::logical_step`]): 200 requests a second, about the pace of a concurrent
+/// run against the fake.
+const MOCK_STEP: Duration = Duration::from_millis(5);
 /// Runs shorter than this get no progress bar.
 const PROGRESS_FROM: usize = 300;
 /// The credential sent to the in-process fake (never the real key).
@@ -189,6 +193,7 @@ pub async fn run(args: BenchArgs, common: crate::CommonArgs) -> Result<ExitCode>
     let options = Options {
         concurrency: args.concurrency as usize,
         repeat: args.repeat as usize,
+        logical_step: args.mock.then_some(MOCK_STEP),
     };
     let total = workload.lines.len() * options.repeat;
     let bar = (std::io::stderr().is_terminal() && total >= PROGRESS_FROM).then(|| progress(total));

@@ -103,13 +103,12 @@ impl Breakers {
         }
     }
 
-    /// Whether a request for `model` may go upstream now.
-    pub fn admit(&self, model: &str) -> Admission {
+    /// Whether a request for `model` may go upstream at `now`.
+    pub fn admit(&self, model: &str, now: Instant) -> Admission {
         let mut models = self.models.lock().expect("breaker lock");
         let Some(b) = models.get_mut(model) else {
             return Admission::Pass;
         };
-        let now = Instant::now();
         match b.state {
             BreakerState::Passing => Admission::Pass,
             // A probe that never reported back (its caller went away) is replaced.
@@ -130,7 +129,8 @@ impl Breakers {
     /// Records how an attempt admitted by [`Self::admit`] went. Only the probe's own result
     /// (`admission` = [`Admission::Probe`]) decides a probing breaker: an attempt let through
     /// before the breaker blocked may finish late, and says nothing about the model now.
-    pub fn record(&self, model: &str, admission: Admission, verdict: Verdict) {
+    /// `now` is when the attempt ended.
+    pub fn record(&self, model: &str, admission: Admission, verdict: Verdict, now: Instant) {
         let probe = admission == Admission::Probe;
         let mut models = self.models.lock().expect("breaker lock");
         // Callers choose model names: past MAX_MODELS, only a failure earns a new entry, so
@@ -143,7 +143,7 @@ impl Breakers {
             .entry(model.to_owned())
             .or_insert_with(|| ModelBreaker {
                 state: BreakerState::Passing,
-                until: Instant::now(),
+                until: now,
                 consecutive_failures: 0,
                 recent: VecDeque::with_capacity(WINDOW),
             });
@@ -168,7 +168,7 @@ impl Breakers {
         b.recent.push_back(verdict == Verdict::Failed);
         if verdict == Verdict::Failed && self.should_block(b) {
             b.state = BreakerState::Blocking;
-            b.until = Instant::now() + self.cooldown;
+            b.until = now + self.cooldown;
             b.consecutive_failures = 0;
         }
     }
@@ -208,29 +208,29 @@ mod tests {
     async fn blocks_after_consecutive_failures_then_one_probe_decides() {
         let b = Breakers::new(5, COOLDOWN);
         for _ in 0..4 {
-            assert_eq!(b.admit("a"), Admission::Pass);
-            b.record("a", Admission::Pass, Verdict::Failed);
+            assert_eq!(b.admit("a", Instant::now()), Admission::Pass);
+            b.record("a", Admission::Pass, Verdict::Failed, Instant::now());
         }
         assert_eq!(b.state("a"), BreakerState::Passing);
-        b.record("a", Admission::Pass, Verdict::Failed);
+        b.record("a", Admission::Pass, Verdict::Failed, Instant::now());
         assert_eq!(b.state("a"), BreakerState::Blocking);
-        assert!(matches!(b.admit("a"), Admission::Reject { retry_in } if retry_in <= COOLDOWN));
+        assert!(matches!(b.admit("a", Instant::now()), Admission::Reject { retry_in } if retry_in <= COOLDOWN));
         assert_eq!(
-            b.admit("b"),
+            b.admit("b", Instant::now()),
             Admission::Pass,
             "other models are not affected"
         );
 
         tokio::time::advance(COOLDOWN).await;
-        assert_eq!(b.admit("a"), Admission::Probe);
+        assert_eq!(b.admit("a", Instant::now()), Admission::Probe);
         assert!(
-            matches!(b.admit("a"), Admission::Reject { .. }),
+            matches!(b.admit("a", Instant::now()), Admission::Reject { .. }),
             "only one probe"
         );
         // A late answer of a request let through before the breaker blocked decides nothing.
-        b.record("a", Admission::Pass, Verdict::Answered);
+        b.record("a", Admission::Pass, Verdict::Answered, Instant::now());
         assert_eq!(b.state("a"), BreakerState::Probing);
-        b.record("a", Admission::Probe, Verdict::Failed);
+        b.record("a", Admission::Probe, Verdict::Failed, Instant::now());
         assert_eq!(
             b.state("a"),
             BreakerState::Blocking,
@@ -238,12 +238,12 @@ mod tests {
         );
 
         tokio::time::advance(COOLDOWN).await;
-        assert_eq!(b.admit("a"), Admission::Probe);
-        b.record("a", Admission::Pass, Verdict::Failed);
+        assert_eq!(b.admit("a", Instant::now()), Admission::Probe);
+        b.record("a", Admission::Pass, Verdict::Failed, Instant::now());
         assert_eq!(b.state("a"), BreakerState::Probing);
-        b.record("a", Admission::Probe, Verdict::Answered);
+        b.record("a", Admission::Probe, Verdict::Answered, Instant::now());
         assert_eq!(b.state("a"), BreakerState::Passing);
-        assert_eq!(b.admit("a"), Admission::Pass);
+        assert_eq!(b.admit("a", Instant::now()), Admission::Pass);
     }
 
     #[tokio::test(start_paused = true)]
@@ -253,10 +253,10 @@ mod tests {
         for i in 0..2000u32 {
             let run = (i / 2) % 9;
             for _ in 0..run {
-                b.record("a", Admission::Pass, Verdict::Failed);
+                b.record("a", Admission::Pass, Verdict::Failed, Instant::now());
             }
             for _ in 0..run {
-                b.record("a", Admission::Pass, Verdict::Answered);
+                b.record("a", Admission::Pass, Verdict::Answered, Instant::now());
             }
             assert_eq!(b.state("a"), BreakerState::Passing, "blocked at round {i}");
         }
@@ -266,10 +266,10 @@ mod tests {
     async fn answers_before_the_first_failure_count_in_the_ratio() {
         let b = Breakers::new(5, COOLDOWN);
         for _ in 0..20 {
-            b.record("a", Admission::Pass, Verdict::Answered);
+            b.record("a", Admission::Pass, Verdict::Answered, Instant::now());
         }
         for _ in 0..5 {
-            b.record("a", Admission::Pass, Verdict::Failed);
+            b.record("a", Admission::Pass, Verdict::Failed, Instant::now());
         }
         // Five in a row, but 5 of the last 25 answers: the model still answers.
         assert_eq!(b.state("a"), BreakerState::Passing);
@@ -279,7 +279,7 @@ mod tests {
     async fn rate_limits_do_not_count() {
         let b = Breakers::new(2, COOLDOWN);
         for _ in 0..10 {
-            b.record("a", Admission::Pass, Verdict::Neutral);
+            b.record("a", Admission::Pass, Verdict::Neutral, Instant::now());
         }
         assert_eq!(b.state("a"), BreakerState::Passing);
     }
@@ -287,10 +287,10 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_lost_probe_is_replaced_after_a_cooldown() {
         let b = Breakers::new(1, COOLDOWN);
-        b.record("a", Admission::Pass, Verdict::Failed);
+        b.record("a", Admission::Pass, Verdict::Failed, Instant::now());
         tokio::time::advance(COOLDOWN).await;
-        assert_eq!(b.admit("a"), Admission::Probe);
+        assert_eq!(b.admit("a", Instant::now()), Admission::Probe);
         tokio::time::advance(COOLDOWN).await;
-        assert_eq!(b.admit("a"), Admission::Probe);
+        assert_eq!(b.admit("a", Instant::now()), Admission::Probe);
     }
 }

@@ -78,35 +78,30 @@ impl RetryBudget {
         }
     }
 
-    /// Counts a first attempt.
-    pub fn deposit(&self) {
-        self.with_current(|b| b.1 += 1);
+    /// Counts a first attempt made at `now`.
+    pub fn deposit(&self, now: Instant) {
+        let mut buckets = self.buckets.lock().expect("budget lock");
+        Self::expire(&mut buckets, now);
+        Self::current(&mut buckets, now).1 += 1;
     }
 
-    /// Takes one retry from the budget; false when it is spent.
-    pub fn try_withdraw(&self) -> bool {
+    /// Takes one retry from the budget at `now`; false when it is spent.
+    pub fn try_withdraw(&self, now: Instant) -> bool {
         let mut buckets = self.buckets.lock().expect("budget lock");
-        Self::expire(&mut buckets);
+        Self::expire(&mut buckets, now);
         let (firsts, retries) = buckets
             .iter()
             .fold((0u64, 0u64), |(f, r), b| (f + b.1 as u64, r + b.2 as u64));
         let allowed = self.floor as f64 + self.ratio * firsts as f64;
         if (retries as f64) < allowed {
-            Self::current(&mut buckets).2 += 1;
+            Self::current(&mut buckets, now).2 += 1;
             true
         } else {
             false
         }
     }
 
-    fn with_current(&self, f: impl FnOnce(&mut (Instant, u32, u32))) {
-        let mut buckets = self.buckets.lock().expect("budget lock");
-        Self::expire(&mut buckets);
-        f(Self::current(&mut buckets));
-    }
-
-    fn expire(buckets: &mut VecDeque<(Instant, u32, u32)>) {
-        let now = Instant::now();
+    fn expire(buckets: &mut VecDeque<(Instant, u32, u32)>, now: Instant) {
         while buckets
             .front()
             .is_some_and(|b| now.duration_since(b.0) >= WINDOW)
@@ -115,8 +110,10 @@ impl RetryBudget {
         }
     }
 
-    fn current(buckets: &mut VecDeque<(Instant, u32, u32)>) -> &mut (Instant, u32, u32) {
-        let now = Instant::now();
+    fn current(
+        buckets: &mut VecDeque<(Instant, u32, u32)>,
+        now: Instant,
+    ) -> &mut (Instant, u32, u32) {
         if buckets
             .back()
             .is_none_or(|b| now.duration_since(b.0) >= BUCKET)
@@ -182,13 +179,13 @@ mod tests {
     async fn budget_allows_a_share_of_first_attempts_plus_a_floor() {
         let budget = RetryBudget::new(0.2, 2);
         for _ in 0..100 {
-            budget.deposit();
+            budget.deposit(Instant::now());
         }
-        let granted = (0..1000).filter(|_| budget.try_withdraw()).count();
+        let granted = (0..1000).filter(|_| budget.try_withdraw(Instant::now())).count();
         assert_eq!(granted, 22);
         // The window slides: later, the old deposits no longer count.
         tokio::time::advance(WINDOW + BUCKET).await;
-        let granted = (0..1000).filter(|_| budget.try_withdraw()).count();
+        let granted = (0..1000).filter(|_| budget.try_withdraw(Instant::now())).count();
         assert_eq!(granted, 2);
     }
 }
