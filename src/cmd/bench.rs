@@ -30,11 +30,12 @@ const PROGRESS_FROM: usize = 300;
 const MOCK_KEY: &str = "sk-fallthrough-bench-mock";
 
 #[derive(Args)]
+#[command(after_help = EXIT_STATUS)]
 pub struct BenchArgs {
     /// The workload: one Messages request body (JSON) a line.
     #[arg(value_name = "FILE.jsonl")]
     file: PathBuf,
-    /// Requests in flight at once.
+    /// Requests in flight at once (a --mock run sends one at a time: see --mock).
     #[arg(long, default_value_t = 8, value_name = "N",
           value_parser = clap::value_parser!(u32).range(1..=10_000))]
     concurrency: u32,
@@ -52,11 +53,31 @@ pub struct BenchArgs {
     #[arg(long, value_name = "DUR", value_parser = humantime::parse_duration)]
     ttl: Option<Duration>,
 
-    /// Run against an in-process fake of the API: no key needed.
+    /// Run against an in-process fake of the API: no key needed; reproducible.
     ///
-    /// Unless set otherwise, it uses a fresh temporary cache (no --cache-dir), a ttl of 500ms (no --ttl, no ttl in the
-    /// config) so entries go stale during the run, and, when no fallback is configured, a chain
-    /// from every model of the workload to claude-haiku-4-5, then the workload's other models.
+    /// A --mock run is a reproducible replay: the same workload, flags, configuration and
+    /// --seed give the same counts on every run (outcomes, errors, upstream attempts, what the
+    /// fake received, calls and tokens saved, fallback answers); latencies and wall time vary.
+    /// To that end requests are sent one at a time, in file order (--concurrency does not
+    /// apply), each after everything the one before set going has ended (a stale entry's
+    /// background refresh included); the client decides by a logical clock that advances 5ms
+    /// per request, so entries age, the retry budget's window slides and breaker cooldowns end
+    /// by request count, not by the machine's speed; and the fake decides each fault from the
+    /// seed, the request and how many identical requests it saw before. Concurrent requests
+    /// would reach the shared retry budget and breakers in an order that changes from run to
+    /// run, and so would the counts.
+    ///
+    /// What still runs on real time: timeouts, backoff and retry-after waits and the request
+    /// deadline (a retry that would end within a hair of the deadline may go either way); and
+    /// the memory tier drops entries by the system clock at the end of their stale period (with
+    /// a ttl plus stale_for shorter than the run's wall time, some hits may come from disk
+    /// instead). A --cache-dir
+    /// that already holds entries starts each run from what the last one left.
+    ///
+    /// Unless set otherwise, it uses a fresh temporary cache (no --cache-dir), a ttl of 500ms
+    /// on the logical clock, i.e. 100 requests (no --ttl, no ttl in the config), so entries go
+    /// stale during the run, and, when no fallback is configured, a chain from every model of
+    /// the workload to claude-haiku-4-5, then the workload's other models.
     #[arg(long, help_heading = "Fake API (--mock)")]
     mock: bool,
     /// Share of requests the fake answers 529 overloaded_error.
@@ -96,7 +117,7 @@ pub struct BenchArgs {
         help_heading = "Fake API (--mock)"
     )]
     latency: Option<u64>,
-    /// Seed of the fake's fault injection, for reproducible runs.
+    /// Seed of the fake's faults: a run with the same seed gives the same counts [default: 0].
     #[arg(
         long,
         requires = "mock",
@@ -105,6 +126,10 @@ pub struct BenchArgs {
     )]
     seed: Option<u64>,
 }
+
+/// The end of `bench --help`.
+const EXIT_STATUS: &str = "Exit status: 0 when every request was answered; 1 when any request \
+failed (the report is printed first) or the bench could not run; 2 for invalid arguments.";
 
 fn probability(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
@@ -224,7 +249,11 @@ pub async fn run(args: BenchArgs, common: crate::CommonArgs) -> Result<ExitCode>
     } else {
         print_report(&report, &setup);
     }
-    Ok(ExitCode::SUCCESS)
+    // As prewarm: a script learns from the status that some requests went unanswered.
+    Ok(match report.errors {
+        0 => ExitCode::SUCCESS,
+        _ => ExitCode::from(1),
+    })
 }
 
 /// The `--mock` demo's fallback chains: every model of the workload falls back to
@@ -325,10 +354,13 @@ fn fresh_temp_dir() -> Result<PathBuf> {
 fn print_report(r: &Report, setup: &str) {
     let file = r.file.as_deref().map(Path::new).map(Path::display);
     if let Some(file) = file {
+        let pace = match r.logical_step_ms {
+            Some(step) => format!("one at a time, logical clock {step}ms a request"),
+            None => format!("concurrency {}", r.concurrency),
+        };
         println!(
-            "workload     {file}: {} lines x {} = {} requests ({} distinct, {} streamed), \
-             concurrency {}",
-            r.lines, r.repeat, r.requests, r.distinct_requests, r.streamed, r.concurrency
+            "workload     {file}: {} lines x {} = {} requests ({} distinct, {} streamed), {pace}",
+            r.lines, r.repeat, r.requests, r.distinct_requests, r.streamed
         );
     }
     println!("upstream     {setup}");
