@@ -951,7 +951,8 @@ impl Engine {
             let error = match result {
                 Ok(body) => {
                     let now = self.clock.instant();
-                    self.breakers.record(model, admission, Verdict::Answered, now);
+                    self.breakers
+                        .record(model, admission, Verdict::Answered, now);
                     return Ok(body);
                 }
                 Err(e) => e,

@@ -88,6 +88,9 @@ mod tests {
         clock.set_logical(false);
         assert!(clock.millis() >= millis && clock.millis() < millis + 250);
         clock.advance(Duration::from_secs(60));
-        assert!(clock.millis() < millis + 60_000, "the system clock is not advanced");
+        assert!(
+            clock.millis() < millis + 60_000,
+            "the system clock is not advanced"
+        );
     }
 }

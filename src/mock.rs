@@ -106,6 +106,9 @@ pub struct MockStats {
     pub last_api_key: Option<String>,
     /// The other headers of the last `/v1` request (names lowercase), credentials left out.
     pub last_headers: BTreeMap<String, String>,
+    /// The most `/v1` requests being answered at once (from arrival until the answer's head is
+    /// sent, its latency included), to check a caller's concurrency limit.
+    pub max_in_flight: u64,
 }
 
 /// Body of `POST /mock/script`.
@@ -129,6 +132,17 @@ struct Shared {
     seen: Mutex<HashMap<[u8; 32], u64>>,
     scripts: Mutex<Scripts>,
     stats: Mutex<MockStats>,
+    /// `/v1` requests being answered now; its peak is [`MockStats::max_in_flight`].
+    in_flight: Mutex<u64>,
+}
+
+/// One `/v1` request being answered, counted in [`Shared::in_flight`] until dropped.
+struct InFlight<'a>(&'a Shared);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        *lock(&self.0.in_flight) -= 1;
+    }
 }
 
 #[derive(Debug, Default)]
@@ -150,6 +164,7 @@ impl Shared {
             config: Mutex::new(config),
             scripts: Mutex::default(),
             stats: Mutex::default(),
+            in_flight: Mutex::new(0),
         }
     }
 
@@ -177,6 +192,15 @@ impl Shared {
             .get_mut(model)
             .and_then(VecDeque::pop_front)
             .or_else(|| scripts.any.pop_front())
+    }
+
+    /// Counts a `/v1` request in until the guard drops, and raises the peak.
+    fn enter(&self) -> InFlight<'_> {
+        let mut in_flight = lock(&self.in_flight);
+        *in_flight += 1;
+        let mut stats = lock(&self.stats);
+        stats.max_in_flight = stats.max_in_flight.max(*in_flight);
+        InFlight(self)
     }
 
     fn record_request(&self, path: &str, headers: &HeaderMap) {
@@ -457,6 +481,7 @@ async fn dispatch(
         )),
     };
     let mut response = if is_api {
+        let _in_flight = shared.enter();
         shared.record_request(&path, &headers);
         let latency = lock(&shared.config).latency_ms;
         let (response, model) = match body {

@@ -2,13 +2,20 @@
 //! hits and misses, retries and `retry-after`, stale answers, fallback, the breaker, single
 //! flight, the retry budget, the concurrency limit, controls and key partitions.
 //!
-//! Every test asserts how many times the upstream was called (the mock's counters), and timing
-//! with generous margins: the machine running them may be slow and busy.
+//! Every test asserts how many times the upstream was called (the mock's counters). None bounds
+//! how long anything takes on the wall clock: the machine running them may be slow and busy.
+//! A wait the client must make is checked from below ("retried no sooner than retry-after
+//! said"); a wait it must not make, by what it did instead (attempts, the delays it chose and
+//! logged, see [`Retries`]). Freshness is a function of the clock and of an entry's times, so
+//! a test that needs an old entry makes it old ([`backdate`]) instead of waiting; the breaker's
+//! cooldown is passed on tokio's clock ([`skip`]).
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use fallthrough::entry::now_millis;
+use fallthrough::entry::{now_millis, Entry};
 use fallthrough::error::DiskError;
+use fallthrough::key::CacheKey;
 use fallthrough::mock::{MockConfig, MockServer, Scripted};
 use fallthrough::upstream::breaker::BreakerState;
 use fallthrough::{
@@ -17,6 +24,8 @@ use fallthrough::{
 };
 use futures_util::StreamExt;
 use serde_json::{json, Value};
+use tracing_subscriber::layer::{Context, SubscriberExt};
+use tracing_subscriber::Layer;
 
 const MODEL: &str = "claude-sonnet-4-5";
 
@@ -99,14 +108,92 @@ fn only_if_cached() -> Controls {
 
 /// Opens a client on `dir`, waiting while the previous client's last task lets go of it.
 async fn reopen(mock: &MockServer, dir: &std::path::Path) -> Client {
-    for _ in 0..100 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
         match fast(mock).cache_dir(dir).build().await {
             Ok(client) => return client,
             Err(Error::Disk(DiskError::Locked { .. })) => tokio::time::sleep(ms(20)).await,
             Err(e) => panic!("reopening failed: {e}"),
         }
     }
-    panic!("the cache directory stayed locked after the client was dropped");
+    panic!("the cache directory stayed locked for 60 s after the client was dropped");
+}
+
+/// Makes the entry under `key` `by` older: stored, fresh until and stale until `by` earlier.
+/// Freshness is a function of the clock and of those times, so this is waiting `by` without
+/// the wait (and without the race of a wait against a ttl). Returns the entry as it now is.
+async fn backdate(client: &Client, key: &CacheKey, by: Duration) -> Entry {
+    let now = now_millis();
+    let hit = client
+        .cache()
+        .get(key, now)
+        .await
+        .expect("an entry to backdate");
+    let by = by.as_millis() as u64;
+    let entry = Entry {
+        stored_at: hit.entry.stored_at - by,
+        fresh_until: hit.entry.fresh_until - by,
+        stale_until: hit.entry.stale_until - by,
+        ..(*hit.entry).clone()
+    };
+    client.cache().insert(*key, entry.clone(), now).await;
+    entry
+}
+
+/// Moves tokio's clock, which the breaker's cooldown is measured on, forward by `by` at once.
+/// The clock is paused only for the jump, while no request is in flight: a paused clock also
+/// jumps by itself whenever the runtime waits, for sockets too, and would fire the requests'
+/// timeouts early. Needs the current-thread runtime of a plain `#[tokio::test]`.
+async fn skip(by: Duration) {
+    tokio::time::pause();
+    tokio::time::advance(by).await;
+    tokio::time::resume();
+}
+
+/// The delays of the retries the client decided on, from its "retrying" log events (field
+/// `delay_ms`): how long it chose to wait, checked without timing the wait.
+#[derive(Clone, Default)]
+struct Retries(Arc<Mutex<Vec<Duration>>>);
+
+impl Retries {
+    /// Records the retries of clients used on this thread until the guard drops: in a plain
+    /// `#[tokio::test]` that includes every task the test's runtime runs.
+    fn record() -> (Retries, tracing::subscriber::DefaultGuard) {
+        let retries = Retries::default();
+        let subscriber = tracing_subscriber::registry().with(retries.clone());
+        (retries, tracing::subscriber::set_default(subscriber))
+    }
+
+    fn delays(&self) -> Vec<Duration> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+impl<S: tracing::Subscriber> Layer<S> for Retries {
+    fn on_event(&self, event: &tracing::Event<'_>, _: Context<'_, S>) {
+        #[derive(Default)]
+        struct Fields {
+            retrying: bool,
+            delay_ms: Option<u64>,
+        }
+        impl tracing::field::Visit for Fields {
+            fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
+                if field.name() == "delay_ms" {
+                    self.delay_ms = Some(value);
+                }
+            }
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                if field.name() == "message" {
+                    self.retrying = format!("{value:?}") == "retrying";
+                }
+            }
+        }
+        let mut fields = Fields::default();
+        event.record(&mut fields);
+        if let (true, Some(delay)) = (fields.retrying, fields.delay_ms) {
+            self.0.lock().unwrap().push(ms(delay));
+        }
+    }
 }
 
 #[tokio::test]
@@ -256,15 +343,22 @@ async fn retry_after_of_one_second_is_waited_out() {
             Scripted::Ok,
         ],
     );
+    let (retries, _recording) = Retries::record();
     let started = Instant::now();
     let r = client.send(&body(MODEL, "wait")).await.unwrap();
     let took = started.elapsed();
     assert_eq!(r.attempts, 2);
+    assert_eq!(
+        retries.delays(),
+        [ms(1000)],
+        "the wait retry-after asked for"
+    );
     assert!(
         took >= ms(900),
         "retried after {took:?}, before retry-after"
     );
-    assert!(took < ms(3000), "took {took:?}");
+    assert_eq!(calls(&mock, MODEL, 529), 1);
+    assert_eq!(calls(&mock, MODEL, 200), 1);
 }
 
 #[tokio::test]
@@ -280,10 +374,11 @@ async fn retry_after_of_an_hour_is_not_waited_out() {
             Scripted::Ok,
         ],
     );
-    let started = Instant::now();
+    let (retries, _recording) = Retries::record();
     let e = upstream_error(client.send(&body(MODEL, "an hour")).await);
-    assert!(started.elapsed() < ms(1000), "took {:?}", started.elapsed());
+    // Not waited out: the 529 is the answer, after one attempt, with no retry decided on.
     assert_eq!((e.status, e.attempts), (529, 1));
+    assert_eq!(retries.delays(), []);
     assert_eq!(e.retry_after, Some(Duration::from_secs(3600)));
     assert_eq!(error_json(&e)["error"]["type"], "overloaded_error");
     assert_eq!(calls(&mock, MODEL, 529), 1);
@@ -293,7 +388,9 @@ async fn retry_after_of_an_hour_is_not_waited_out() {
 #[tokio::test]
 async fn retry_after_as_an_http_date_is_honoured() {
     let (mock, client) = start(MockConfig::default(), |b| b).await;
-    // Whole seconds: the wait is between 1 and 2 s.
+    // Whole seconds: the date is 1 to 2 s after `started`, which comes first so that the wait
+    // for the date can only make `took` longer.
+    let started = Instant::now();
     let when = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(2));
     mock.script(
         Some(MODEL),
@@ -305,12 +402,17 @@ async fn retry_after_as_an_http_date_is_honoured() {
             Scripted::Ok,
         ],
     );
-    let started = Instant::now();
+    let (retries, _recording) = Retries::record();
     let r = client.send(&body(MODEL, "a date")).await.unwrap();
     let took = started.elapsed();
     assert_eq!(r.attempts, 2);
+    let delays = retries.delays();
+    assert!(
+        delays.len() == 1 && delays[0] <= ms(2000),
+        "one wait, until the date: {delays:?}"
+    );
     assert!(took >= ms(900), "retried after {took:?}, before the date");
-    assert!(took < ms(3500), "took {took:?}");
+    assert_eq!(calls(&mock, MODEL, 529), 1);
 }
 
 #[tokio::test]
@@ -324,18 +426,18 @@ async fn a_stale_entry_is_served_at_once_under_overload_then_refreshed() {
     let request = body(MODEL, "stale me");
     let first = client.send(&request).await.unwrap();
     assert_eq!(first.outcome, Outcome::Miss);
-    tokio::time::sleep(ms(400)).await;
+    let old = backdate(&client, &first.key, ms(400)).await;
 
     mock.set_config(overloaded(&[MODEL]));
-    let started = Instant::now();
+    let (retries, _recording) = Retries::record();
     let stale = client.send(&request).await.unwrap();
-    let took = started.elapsed();
     assert_eq!(stale.outcome, Outcome::Stale);
-    assert!(took < ms(300), "stale answer took {took:?}");
+    // At once: one attempt, and no backoff waited before the stale answer.
+    assert_eq!(stale.attempts, 1);
+    assert_eq!(retries.delays(), []);
     assert_eq!(stale.body, first.body);
     assert_eq!(stale.model, MODEL);
-    assert_eq!(stale.attempts, 1);
-    assert!(stale.age.unwrap() >= ms(200), "age {:?}", stale.age);
+    assert!(stale.age.unwrap() >= ms(400), "age {:?}", stale.age);
     assert!(calls(&mock, MODEL, 529) >= 1);
 
     // The upstream recovers: the background refresh renews the entry, without a caller.
@@ -351,11 +453,17 @@ async fn a_stale_entry_is_served_at_once_under_overload_then_refreshed() {
             tokio::time::sleep(ms(20)).await;
         }
     };
-    let renewed = tokio::time::timeout(Duration::from_secs(5), renewed)
+    let renewed = tokio::time::timeout(Duration::from_secs(60), renewed)
         .await
         .expect("the stale entry is refreshed in the background");
     assert_eq!(renewed.outcome, Outcome::Memory);
-    assert!(renewed.age.unwrap() < ms(200));
+    let entry = client
+        .cache()
+        .get(&first.key, now_millis())
+        .await
+        .unwrap()
+        .entry;
+    assert!(entry.stored_at > old.stored_at, "a new entry was stored");
     assert_eq!(calls(&mock, MODEL, 200), 2);
 }
 
@@ -433,9 +541,13 @@ async fn a_model_with_a_fallback_gets_one_quick_retry_by_default() {
             .retries(4, ms(500), Duration::from_secs(30))
     })
     .await;
-    let started = Instant::now();
+    let (retries, _recording) = Retries::record();
     let r = client.send(&body("a", "Quickly")).await.unwrap();
-    assert!(started.elapsed() < ms(300), "{:?}", started.elapsed());
+    let delays = retries.delays();
+    assert!(
+        delays.len() == 1 && delays[0] <= ms(100),
+        "one retry of a, at most 100 ms: {delays:?}"
+    );
     assert_eq!((r.model.as_str(), r.attempts), ("b", 3));
     assert_eq!(calls(&mock, "a", 529), 2);
     assert_eq!(calls(&mock, "b", 200), 1);
@@ -461,10 +573,14 @@ async fn everything_overloaded_gives_the_upstreams_529_within_the_deadline() {
             .deadline(Duration::from_secs(2))
     })
     .await;
-    let started = Instant::now();
+    let (retries, _recording) = Retries::record();
     let e = upstream_error(client.send(&body("a", "anyone?")).await);
-    let took = started.elapsed();
-    assert!(took < ms(2500), "took {took:?} with a 2 s deadline");
+    // Only retries whose wait ends before the deadline were made.
+    let waited: Duration = retries.delays().iter().sum();
+    assert!(
+        waited < Duration::from_secs(2),
+        "waited {waited:?} with a 2 s deadline"
+    );
     assert_eq!((e.status, e.kind), (529, UpstreamErrorKind::Overloaded));
     assert_eq!(e.model, "b", "the last error is the last model's");
     let json = error_json(&e);
@@ -496,7 +612,7 @@ async fn the_breaker_stops_calls_during_its_cooldown_then_probes() {
         [(MODEL.to_owned(), BreakerState::Blocking)]
     );
 
-    let started = Instant::now();
+    let (retries, recording) = Retries::record();
     for n in 1..=5 {
         let e = upstream_error(client.send(&body(MODEL, &n.to_string())).await);
         assert_eq!(
@@ -510,7 +626,8 @@ async fn the_breaker_stops_calls_during_its_cooldown_then_probes() {
             "{wait:?}"
         );
     }
-    assert!(started.elapsed() < ms(500), "blocked requests fail fast");
+    assert_eq!(retries.delays(), [], "blocked requests fail at once");
+    drop(recording);
     assert_eq!(
         calls(&mock, MODEL, 529),
         3,
@@ -518,7 +635,7 @@ async fn the_breaker_stops_calls_during_its_cooldown_then_probes() {
     );
 
     // After the cooldown one probe goes through; it fails, so the breaker blocks again.
-    tokio::time::sleep(cooldown + ms(100)).await;
+    skip(cooldown).await;
     let e = upstream_error(client.send(&body(MODEL, "probe")).await);
     assert_eq!((e.status, e.attempts), (529, 1));
     assert_eq!(calls(&mock, MODEL, 529), 4);
@@ -527,7 +644,7 @@ async fn the_breaker_stops_calls_during_its_cooldown_then_probes() {
 
     // Healthy again: after the next cooldown the probe succeeds and requests flow.
     mock.set_config(MockConfig::default());
-    tokio::time::sleep(cooldown + ms(100)).await;
+    skip(cooldown).await;
     let r = client.send(&body(MODEL, "probe 2")).await.unwrap();
     assert_eq!((r.outcome, r.attempts), (Outcome::Miss, 1));
     assert_eq!(
@@ -642,7 +759,11 @@ async fn the_concurrency_limit_queues_upstream_requests() {
         took >= ms(850),
         "6 requests, 2 at a time, 300 ms each: {took:?}"
     );
-    assert!(took < ms(3000), "took {took:?}");
+    assert_eq!(
+        mock.stats().max_in_flight,
+        2,
+        "never more than the limit upstream"
+    );
     assert_eq!(calls(&mock, MODEL, 200), 6);
 }
 
@@ -672,6 +793,7 @@ async fn controls_only_if_cached_no_store_no_cache_max_age() {
     assert_eq!(mock.stats().requests, 1);
 
     let stored = with(Controls::default()).await.unwrap();
+    let key = stored.key;
     assert_eq!(stored.outcome, Outcome::Miss);
     assert_eq!(
         with(only_if_cached()).await.unwrap().outcome,
@@ -691,7 +813,7 @@ async fn controls_only_if_cached_no_store_no_cache_max_age() {
         Outcome::Memory
     );
 
-    tokio::time::sleep(ms(300)).await;
+    let old = backdate(&client, &key, ms(300)).await;
     let young = |age| Controls {
         max_age: Some(age),
         ..Controls::default()
@@ -714,7 +836,11 @@ async fn controls_only_if_cached_no_store_no_cache_max_age() {
     // The re-fetch renewed the entry: now it is young enough.
     let r = with(young(Duration::from_secs(60))).await.unwrap();
     assert_eq!(r.outcome, Outcome::Memory);
-    assert!(r.age.unwrap() < ms(300));
+    let entry = client.cache().get(&key, now_millis()).await.unwrap().entry;
+    assert!(
+        entry.stored_at > old.stored_at,
+        "the re-fetch stored a new entry"
+    );
 }
 
 #[tokio::test]
@@ -819,10 +945,10 @@ async fn an_absurd_retry_after_is_not_waited_and_does_not_wedge_the_key() {
         }],
     );
     let question = body(MODEL, "absurd");
-    let started = Instant::now();
+    let (retries, _recording) = Retries::record();
     let e = upstream_error(client.send(&question).await);
-    assert!(started.elapsed() < ms(1000));
     assert_eq!((e.status, e.attempts), (529, 1));
+    assert_eq!(retries.delays(), [], "not waited");
     // The key is not left joined to a dead flight: the next call goes upstream and answers.
     let r = client.send(&question).await.unwrap();
     assert_eq!(r.outcome, Outcome::Miss);

@@ -214,7 +214,9 @@ mod tests {
         assert_eq!(b.state("a"), BreakerState::Passing);
         b.record("a", Admission::Pass, Verdict::Failed, Instant::now());
         assert_eq!(b.state("a"), BreakerState::Blocking);
-        assert!(matches!(b.admit("a", Instant::now()), Admission::Reject { retry_in } if retry_in <= COOLDOWN));
+        assert!(
+            matches!(b.admit("a", Instant::now()), Admission::Reject { retry_in } if retry_in <= COOLDOWN)
+        );
         assert_eq!(
             b.admit("b", Instant::now()),
             Admission::Pass,

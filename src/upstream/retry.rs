@@ -181,11 +181,15 @@ mod tests {
         for _ in 0..100 {
             budget.deposit(Instant::now());
         }
-        let granted = (0..1000).filter(|_| budget.try_withdraw(Instant::now())).count();
+        let granted = (0..1000)
+            .filter(|_| budget.try_withdraw(Instant::now()))
+            .count();
         assert_eq!(granted, 22);
         // The window slides: later, the old deposits no longer count.
         tokio::time::advance(WINDOW + BUCKET).await;
-        let granted = (0..1000).filter(|_| budget.try_withdraw(Instant::now())).count();
+        let granted = (0..1000)
+            .filter(|_| budget.try_withdraw(Instant::now()))
+            .count();
         assert_eq!(granted, 2);
     }
 }
