@@ -480,8 +480,12 @@ impl Client {
         &self.engine.clock
     }
 
-    /// Waits until nothing this client started is still going on (see [`Engine::settled`]).
-    pub(crate) async fn settled(&self) {
+    /// Waits until no upstream fetch of this client is in flight and no background refresh
+    /// runs. After it, every answer fetched so far is stored (or was dropped for good: no-store,
+    /// an error, a cut stream), and the cache holds what those requests will ever put in it:
+    /// for tests, a reproducible replay ([`crate::bench`]), or before a last [`Self::flush`].
+    /// Requests that start meanwhile are waited for too: call it once no more come.
+    pub async fn settled(&self) {
         self.engine.settled().await;
     }
 }

@@ -13,9 +13,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use fallthrough::entry::{now_millis, Entry};
+use fallthrough::entry::now_millis;
 use fallthrough::error::DiskError;
-use fallthrough::key::CacheKey;
 use fallthrough::mock::{MockConfig, MockServer, Scripted};
 use fallthrough::upstream::breaker::BreakerState;
 use fallthrough::{
@@ -26,6 +25,9 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 use tracing_subscriber::layer::{Context, SubscriberExt};
 use tracing_subscriber::Layer;
+
+mod support;
+use support::backdate;
 
 const MODEL: &str = "claude-sonnet-4-5";
 
@@ -117,27 +119,6 @@ async fn reopen(mock: &MockServer, dir: &std::path::Path) -> Client {
         }
     }
     panic!("the cache directory stayed locked for 60 s after the client was dropped");
-}
-
-/// Makes the entry under `key` `by` older: stored, fresh until and stale until `by` earlier.
-/// Freshness is a function of the clock and of those times, so this is waiting `by` without
-/// the wait (and without the race of a wait against a ttl). Returns the entry as it now is.
-async fn backdate(client: &Client, key: &CacheKey, by: Duration) -> Entry {
-    let now = now_millis();
-    let hit = client
-        .cache()
-        .get(key, now)
-        .await
-        .expect("an entry to backdate");
-    let by = by.as_millis() as u64;
-    let entry = Entry {
-        stored_at: hit.entry.stored_at - by,
-        fresh_until: hit.entry.fresh_until - by,
-        stale_until: hit.entry.stale_until - by,
-        ..(*hit.entry).clone()
-    };
-    client.cache().insert(*key, entry.clone(), now).await;
-    entry
 }
 
 /// Moves tokio's clock, which the breaker's cooldown is measured on, forward by `by` at once.

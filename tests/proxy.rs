@@ -1,6 +1,7 @@
 //! The proxy over real HTTP, in front of the in-process mock: headers, controls, streaming,
 //! errors in the API's shape, pass-through, health, metrics, shutdown.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use fallthrough::mock::{MockConfig, MockServer, Scripted};
@@ -8,14 +9,19 @@ use fallthrough::sse::{Assembler, FrameParser};
 use fallthrough::{ClientBuilder, Config};
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Notify};
 use tokio::task::JoinHandle;
+
+mod support;
+use support::{backdate, eventually};
 
 const MODEL: &str = "claude-sonnet-4-5";
 
 struct Proxy {
     url: String,
     mock: MockServer,
+    /// The proxy's own client, to reach its cache.
+    client: fallthrough::Client,
     http: reqwest::Client,
     dir: tempfile::TempDir,
     stop: Option<oneshot::Sender<()>>,
@@ -54,12 +60,17 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(fallthrough::server::serve(listener, client, async {
-            let _ = stopped.await;
-        }));
+        let task = tokio::spawn(fallthrough::server::serve(
+            listener,
+            client.clone(),
+            async {
+                let _ = stopped.await;
+            },
+        ));
         Proxy {
             url,
             mock,
+            client,
             http: reqwest::Client::new(),
             dir,
             stop: Some(stop),
@@ -281,7 +292,9 @@ async fn cache_control_and_namespace() {
     assert_eq!(ask("cache-control", "no-cache").await, "bypass");
     assert_eq!(proxy.calls(MODEL), 3);
     // max-age: an entry older than asked is not fresh.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let r = proxy.post("/v1/messages", &body).send().await.unwrap();
+    let key = header(&r, "x-fallthrough-key").parse().unwrap();
+    backdate(&proxy.client, &key, Duration::from_secs(2)).await;
     assert_eq!(ask("cache-control", "max-age=0").await, "miss");
     assert_eq!(ask("cache-control", "max-age=3600").await, "memory");
     // A namespace never sees another's entries.
@@ -404,17 +417,20 @@ async fn streamed_miss_is_stored_and_equals_the_plain_answer() {
         assert!(header(&r, "content-type").starts_with("text/event-stream"));
         let events = r.bytes().await.unwrap();
         assert_eq!(assemble(&events), direct);
-        // The assembled Message was stored: the plain request is a hit with the same answer.
-        let mut hit = None;
-        for _ in 0..50 {
-            let r = proxy.post("/v1/messages", &body).send().await.unwrap();
-            if header(&r, "x-fallthrough-cache") == "memory" {
-                hit = Some(r.json::<Value>().await.unwrap());
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert_eq!(hit.expect("stored after message_stop"), direct);
+        // The assembled Message was stored before the stream ended: the plain request is a
+        // hit with the same answer.
+        let r = proxy
+            .post("/v1/messages", &body)
+            .header("cache-control", "only-if-cached")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            header(&r, "x-fallthrough-cache"),
+            "memory",
+            "stored at message_stop"
+        );
+        assert_eq!(r.json::<Value>().await.unwrap(), direct);
         // And a streamed hit is replayed as a stream that assembles to the same Message.
         let r = proxy.post("/v1/messages", &streamed).send().await.unwrap();
         assert_eq!(header(&r, "x-fallthrough-cache"), "memory");
@@ -439,8 +455,17 @@ async fn error_events_and_cut_streams_store_nothing() {
         let r = proxy.post("/v1/messages", &body).send().await.unwrap();
         assert_eq!(r.status(), 200, "the failure comes after the first byte");
         let _ = r.bytes().await; // a cut stream ends in a body error: fine
-        tokio::time::sleep(Duration::from_millis(100)).await;
+                                 // A stream is stored, if at all, before its last byte is relayed, and a cut one is
+                                 // decided before the cut reaches the caller: the cache now holds what it ever will.
+        proxy.client.settled().await;
         let before = proxy.calls(MODEL);
+        let cached = proxy
+            .post("/v1/messages", &body)
+            .header("cache-control", "only-if-cached")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(cached.status(), 504, "{text} was stored");
         let r = proxy.post("/v1/messages", &body).send().await.unwrap();
         assert_eq!(
             header(&r, "x-fallthrough-cache"),
@@ -452,22 +477,30 @@ async fn error_events_and_cut_streams_store_nothing() {
     }
 }
 
-/// An upstream that sends each event of a stream 300 ms apart.
-async fn slow_stream_upstream() -> String {
+/// An upstream that sends a stream's first event, then holds the others until `go` is
+/// notified: a proxy that waited for the whole stream would never relay the first.
+async fn held_stream_upstream(go: Arc<Notify>) -> String {
     use axum::body::Body;
     use axum::routing::post;
     let app = axum::Router::new().route(
         "/v1/messages",
-        post(|| async {
+        post(|| async move {
             let message = json!({"id":"msg_slow","type":"message","role":"assistant","model":MODEL,
                 "content":[{"type":"text","text":"one two three four five six"}],
                 "stop_reason":"end_turn","stop_sequence":null,
                 "usage":{"input_tokens":5,"output_tokens":6}});
             let frames = fallthrough::sse::replay_frames(&message).unwrap();
-            let stream = futures_util::stream::iter(frames).then(|(event, data)| async move {
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                Ok::<_, std::io::Error>(fallthrough::sse::encode_event(&event, &data))
-            });
+            let stream = futures_util::stream::iter(frames.into_iter().enumerate()).then(
+                move |(i, (event, data))| {
+                    let go = go.clone();
+                    async move {
+                        if i == 1 {
+                            go.notified().await;
+                        }
+                        Ok::<_, std::io::Error>(fallthrough::sse::encode_event(&event, &data))
+                    }
+                },
+            );
             axum::response::Response::builder()
                 .header("content-type", "text/event-stream")
                 .body(Body::from_stream(stream))
@@ -484,27 +517,27 @@ use futures_util::StreamExt;
 
 #[tokio::test]
 async fn a_streamed_miss_relays_events_as_they_arrive() {
-    let upstream = slow_stream_upstream().await;
+    let go = Arc::new(Notify::new());
+    let upstream = held_stream_upstream(go.clone()).await;
     let proxy = Proxy::start_with(|b| b.upstream(upstream)).await;
     let mut body = request("slow");
     body["stream"] = json!(true);
-    let started = std::time::Instant::now();
     let r = proxy.post("/v1/messages", &body).send().await.unwrap();
     let mut chunks = r.bytes_stream();
-    let first = chunks.next().await.unwrap().unwrap();
-    let first_at = started.elapsed();
-    assert!(std::str::from_utf8(&first)
+    // The upstream sends nothing more until the first event has come through.
+    let first = tokio::time::timeout(Duration::from_secs(60), chunks.next())
+        .await
+        .expect("the first event is relayed while the upstream holds the rest")
         .unwrap()
-        .contains("message_start"));
-    let mut all = first.to_vec();
+        .unwrap();
+    let first = std::str::from_utf8(&first).unwrap().to_owned();
+    assert!(first.contains("message_start"), "{first}");
+    assert!(!first.contains("message_stop"), "{first}");
+    go.notify_one();
+    let mut all = first.into_bytes();
     while let Some(chunk) = chunks.next().await {
         all.extend_from_slice(&chunk.unwrap());
     }
-    let done_at = started.elapsed();
-    assert!(
-        first_at + Duration::from_millis(1000) < done_at,
-        "first byte at {first_at:?}, end at {done_at:?}"
-    );
     assert_eq!(assemble(&all)["id"], "msg_slow");
 }
 
@@ -555,7 +588,11 @@ async fn shutdown_finishes_in_flight_requests_and_flushes() {
     .unwrap();
     let proxy = Proxy::start_on(mock, |b| b).await;
     let pending = tokio::spawn(proxy.post("/v1/messages", &request("in flight")).send());
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    // In flight: the mock has it (and holds it 500 ms).
+    eventually("the request to reach the mock", || {
+        proxy.mock.stats().requests == 1
+    })
+    .await;
     let dir = proxy.shutdown().await;
     let r = pending.await.unwrap().unwrap();
     assert_eq!(r.status(), 200, "in-flight request was cut by shutdown");

@@ -1,0 +1,44 @@
+//! Helpers shared by the integration tests that need them (`mod support;`).
+
+// Each test binary uses only some of these.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use fallthrough::entry::{now_millis, Entry};
+use fallthrough::key::CacheKey;
+use fallthrough::Client;
+
+/// Makes the entry under `key` `by` older: stored, fresh until and stale until `by` earlier.
+/// Freshness is a function of the clock and of those times, so this is waiting `by` without
+/// the wait (and without the race of a wait against a ttl). Returns the entry as it now is.
+pub async fn backdate(client: &Client, key: &CacheKey, by: Duration) -> Entry {
+    let now = now_millis();
+    let hit = client
+        .cache()
+        .get(key, now)
+        .await
+        .expect("an entry to backdate");
+    let by = by.as_millis() as u64;
+    let entry = Entry {
+        stored_at: hit.entry.stored_at - by,
+        fresh_until: hit.entry.fresh_until - by,
+        stale_until: hit.entry.stale_until - by,
+        ..(*hit.entry).clone()
+    };
+    client.cache().insert(*key, entry.clone(), now).await;
+    entry
+}
+
+/// Polls `done` every 10 ms until it holds, for at most a minute (a bound only a wedged
+/// process reaches), then panics with `what`. For events a test cannot await directly.
+pub async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !done() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "waited a minute for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
