@@ -110,7 +110,8 @@ struct MockArgs {
     /// Added before every answer.
     #[arg(long, default_value_t = 0, value_name = "MS")]
     latency: u64,
-    /// Seed of the fault injection, for reproducible runs.
+    /// Seed of the random faults: each is decided by the seed, the request and how many
+    /// identical requests came before it, so the same requests get the same faults in any order.
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }

@@ -187,3 +187,100 @@ fn fault_flags_need_mock() {
         .assert()
         .failure();
 }
+
+/// The counts of a report: everything a reproducible replay promises to repeat.
+fn counts(r: &Value) -> Value {
+    let fields = [
+        "requests",
+        "answered",
+        "errors",
+        "hits",
+        "memory",
+        "disk",
+        "stale",
+        "misses",
+        "bypass",
+        "upstream_attempts",
+        "mock_requests",
+        "mock_by_status",
+        "calls_saved",
+        "tokens_saved",
+        "fallback_answers",
+    ];
+    fields
+        .iter()
+        .map(|f| (f.to_string(), r[*f].clone()))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
+}
+
+#[test]
+fn a_mock_run_with_a_seed_repeats_its_counts() {
+    // Faults, retries, stale answers and fallbacks all in play: the counts still repeat.
+    let args = [
+        "--mock",
+        "--overload-rate",
+        "0.3",
+        "--rate-limit-rate",
+        "0.05",
+        "--latency",
+        "0",
+        "--seed",
+        "7",
+        WORKLOAD,
+    ];
+    let first = report(&args);
+    assert!(
+        n(&first, "stale") > 0 && n(&first, "fallback_answers") > 0,
+        "{first}"
+    );
+    assert!(
+        n(&first, "mock_requests") > n(&first, "misses"),
+        "retries were made: {first}"
+    );
+    assert_eq!(first["concurrency"], 1);
+    for _ in 0..2 {
+        assert_eq!(counts(&report(&args)), counts(&first));
+    }
+}
+
+#[test]
+fn a_mock_run_with_a_concurrency_is_live() {
+    let r = report(&[
+        "--mock",
+        "--latency",
+        "0",
+        "--concurrency",
+        "4",
+        "--ttl",
+        "1h",
+        WORKLOAD,
+    ]);
+    assert_eq!(r["concurrency"], 4);
+    assert!(r["logical_step_ms"].is_null(), "{r}");
+    assert_eq!(n(&r, "answered"), n(&r, "requests"));
+}
+
+#[test]
+fn bench_exits_1_when_requests_fail_after_printing_the_report() {
+    // Every answer of the fake is a 500: nothing can be answered.
+    let out = bench(&[
+        "--mock",
+        "--server-error-rate",
+        "1",
+        "--latency",
+        "0",
+        "--json",
+        WORKLOAD,
+    ])
+    .assert()
+    .code(1);
+    let stdout = String::from_utf8_lossy(&out.get_output().stdout).into_owned();
+    let r: Value = serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    assert_eq!(n(&r, "errors"), n(&r, "requests"));
+    assert_eq!(n(&r, "answered"), 0);
+
+    let help = bench(&["--help"]).assert().success();
+    let help = String::from_utf8_lossy(&help.get_output().stdout).into_owned();
+    assert!(help.contains("1 when any request failed"), "{help}");
+}

@@ -412,7 +412,10 @@ async fn rate_limits_and_server_errors() {
 
 #[tokio::test]
 async fn the_seed_makes_random_faults_reproducible() {
-    async fn run() -> Vec<u16> {
+    /// Sends each of `order`'s questions twice in a row; the statuses, by question.
+    async fn run(
+        order: impl Iterator<Item = usize>,
+    ) -> std::collections::BTreeMap<usize, [u16; 2]> {
         let server = MockServer::start(MockConfig {
             overload_rate: 0.5,
             seed: 42,
@@ -420,16 +423,25 @@ async fn the_seed_makes_random_faults_reproducible() {
         })
         .await
         .unwrap();
-        let mut statuses = Vec::new();
-        for i in 0..24 {
+        let mut statuses = std::collections::BTreeMap::new();
+        for i in order {
             let body = request("claude-sonnet-4-5", &format!("q{i}"));
-            statuses.push(post(&server, "/v1/messages", &body).await.status);
+            let first = post(&server, "/v1/messages", &body).await.status;
+            let again = post(&server, "/v1/messages", &body).await.status;
+            statuses.insert(i, [first, again]);
         }
         statuses
     }
-    let first = run().await;
-    assert!(first.contains(&200) && first.contains(&529), "{first:?}");
-    assert_eq!(run().await, first);
+    let first = run(0..24).await;
+    let all: Vec<u16> = first.values().flatten().copied().collect();
+    assert!(all.contains(&200) && all.contains(&529), "{first:?}");
+    assert!(
+        first.values().any(|[a, b]| a != b),
+        "a retry of a request is not bound to its first answer: {first:?}"
+    );
+    assert_eq!(run(0..24).await, first);
+    // A fault depends on the request and its ordinal, not on what came before it.
+    assert_eq!(run((0..24).rev()).await, first, "in another order");
 }
 
 #[tokio::test]

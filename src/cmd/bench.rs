@@ -24,6 +24,8 @@ const DEMO_TTL: Duration = Duration::from_millis(500);
 /// [`bench::Options::logical_step`]): 200 requests a second, about the pace of a concurrent
 /// run against the fake.
 const MOCK_STEP: Duration = Duration::from_millis(5);
+/// Requests in flight at once when --concurrency is not given (and the run is live).
+const DEFAULT_CONCURRENCY: u32 = 8;
 /// Runs shorter than this get no progress bar.
 const PROGRESS_FROM: usize = 300;
 /// The credential sent to the in-process fake (never the real key).
@@ -35,10 +37,10 @@ pub struct BenchArgs {
     /// The workload: one Messages request body (JSON) a line.
     #[arg(value_name = "FILE.jsonl")]
     file: PathBuf,
-    /// Requests in flight at once (a --mock run sends one at a time: see --mock).
-    #[arg(long, default_value_t = 8, value_name = "N",
-          value_parser = clap::value_parser!(u32).range(1..=10_000))]
-    concurrency: u32,
+    /// Requests in flight at once [default: 8]. With --mock, giving it makes a live run at
+    /// that concurrency, whose counts vary from run to run (see --mock).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    concurrency: Option<u32>,
     /// Passes over the workload.
     #[arg(long, default_value_t = 1, value_name = "N",
           value_parser = clap::value_parser!(u32).range(1..=1_000))]
@@ -58,21 +60,17 @@ pub struct BenchArgs {
     /// A --mock run is a reproducible replay: the same workload, flags, configuration and
     /// --seed give the same counts on every run (outcomes, errors, upstream attempts, what the
     /// fake received, calls and tokens saved, fallback answers); latencies and wall time vary.
-    /// To that end requests are sent one at a time, in file order (--concurrency does not
-    /// apply), each after everything the one before set going has ended (a stale entry's
-    /// background refresh included); the client decides by a logical clock that advances 5ms
-    /// per request, so entries age, the retry budget's window slides and breaker cooldowns end
-    /// by request count, not by the machine's speed; and the fake decides each fault from the
-    /// seed, the request and how many identical requests it saw before. Concurrent requests
-    /// would reach the shared retry budget and breakers in an order that changes from run to
-    /// run, and so would the counts.
+    /// Requests go one at a time, in file order, each once everything the one before set going
+    /// has ended (a background refresh included); the client decides freshness, the retry
+    /// budget and breaker cooldowns by a logical clock that advances 5ms a request, not by the
+    /// machine's speed; the fake decides each fault from the seed, the request and how many
+    /// identical requests came before it. --concurrency N trades that for speed: a live run,
+    /// N at a time on the system clocks, whose counts vary.
     ///
-    /// What still runs on real time: timeouts, backoff and retry-after waits and the request
-    /// deadline (a retry that would end within a hair of the deadline may go either way); and
-    /// the memory tier drops entries by the system clock at the end of their stale period (with
-    /// a ttl plus stale_for shorter than the run's wall time, some hits may come from disk
-    /// instead). A --cache-dir
-    /// that already holds entries starts each run from what the last one left.
+    /// What still runs on real time: timeouts, backoff and retry-after waits, the request
+    /// deadline, and the memory tier's eviction at the end of an entry's stale period (a run
+    /// longer than ttl + stale_for may take some hits from disk instead). A --cache-dir that
+    /// already holds entries starts each run from what the last one left.
     ///
     /// Unless set otherwise, it uses a fresh temporary cache (no --cache-dir), a ttl of 500ms
     /// on the logical clock, i.e. 100 requests (no --ttl, no ttl in the config), so entries go
@@ -216,9 +214,10 @@ pub async fn run(args: BenchArgs, common: crate::CommonArgs) -> Result<ExitCode>
         .with_context(|| format!("opening the cache in {}", dir.display()))?;
 
     let options = Options {
-        concurrency: args.concurrency as usize,
+        concurrency: args.concurrency.unwrap_or(DEFAULT_CONCURRENCY) as usize,
         repeat: args.repeat as usize,
-        logical_step: args.mock.then_some(MOCK_STEP),
+        // A --mock run is reproducible unless a concurrency was asked for.
+        logical_step: (args.mock && args.concurrency.is_none()).then_some(MOCK_STEP),
     };
     let total = workload.lines.len() * options.repeat;
     let bar = (std::io::stderr().is_terminal() && total >= PROGRESS_FROM).then(|| progress(total));
