@@ -34,7 +34,7 @@ fn request(size: usize, n: u64) -> Value {
         messages.push(json!({"role": "user", "content": format!("and request {n}?")}));
     }
     json!({
-        "model": "claude-sonnet-4-5",
+        "model": "claude-sonnet-4-6",
         "max_tokens": 1024,
         "temperature": 0.7,
         "system": "You are a concise assistant for an internal support team.",

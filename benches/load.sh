@@ -136,7 +136,7 @@ free_port() {
 # The request: a Messages request padded to ~2 KB; @@TAG@@ is replaced by a fixed word, or by a
 # per-request counter for the unique (miss) bodies.
 pad=$(printf 'The quick brown fox jumps over the lazy dog. %.0s' $(seq 1 42))
-printf '{"model":"claude-sonnet-4-5","max_tokens":1024,"messages":[{"role":"user","content":"@@TAG@@ Summarise this passage in one sentence: %s"}]}' \
+printf '{"model":"claude-sonnet-4-6","max_tokens":1024,"messages":[{"role":"user","content":"@@TAG@@ Summarise this passage in one sentence: %s"}]}' \
     "$pad" >"$WORK/template.json"
 sed 's/@@TAG@@/fixed/' "$WORK/template.json" >"$WORK/body.json"
 

@@ -60,8 +60,14 @@ fn print(what: &str, result: &Result<Response, Error>) {
             );
         }
         Err(Error::Upstream(e)) => println!(
-            "{what:<42} error   {:<6} {:>8}      -   ({} {:?}, retry after {:?})",
-            e.model, e.attempts, e.status, e.kind, e.retry_after
+            "{what:<42} error   {:<6} {:>8}      -   ({} {:?}, retry after {})",
+            e.model,
+            e.attempts,
+            e.status,
+            e.kind,
+            e.retry_after
+                .map_or("none".to_owned(), |d| humantime::format_duration(d)
+                    .to_string())
         ),
         Err(e) => println!("{what:<42} error: {e}"),
     }

@@ -27,7 +27,7 @@ fn fixed_body() -> Bytes {
             "id": "msg_01FixedBodyBenchmark0000",
             "type": "message",
             "role": "assistant",
-            "model": "claude-sonnet-4-5",
+            "model": "claude-sonnet-4-6",
             "content": [{"type": "text", "text": text}],
             "stop_reason": "end_turn",
             "stop_sequence": null,

@@ -42,6 +42,7 @@ use serde_json::Value;
 
 use crate::client::Reply;
 use crate::error::Error;
+use crate::jsonl::InvalidLine;
 use crate::mock::MockStats;
 use crate::outcome::Outcome;
 use crate::{Client, Request};
@@ -60,19 +61,19 @@ pub enum BenchError {
     #[error(
         "bench: the workload {} has no valid request lines{}",
         path.display(),
-        invalid_note(invalid_lines)
+        invalid_note(invalid)
     )]
     NoRequests {
         path: PathBuf,
-        /// 1-based numbers of the lines that were not request bodies.
-        invalid_lines: Vec<usize>,
+        /// The lines that were not request bodies, and why.
+        invalid: Vec<InvalidLine>,
     },
 }
 
-fn invalid_note(lines: &[usize]) -> String {
-    match lines {
+fn invalid_note(invalid: &[InvalidLine]) -> String {
+    match invalid {
         [] => " (it is empty)".to_owned(),
-        lines => format!(" (invalid lines: {})", line_list(lines)),
+        invalid => format!(": {}", crate::jsonl::describe(invalid).join("; ")),
     }
 }
 
@@ -110,6 +111,8 @@ pub struct Workload {
     /// 1-based numbers of lines that are not a JSON object with a string `model`; they are
     /// skipped. Blank lines are neither requests nor invalid.
     pub invalid_lines: Vec<usize>,
+    /// The same lines, each with the reason.
+    pub invalid: Vec<InvalidLine>,
 }
 
 impl Workload {
@@ -122,19 +125,20 @@ impl Workload {
                 continue;
             }
             let number = i + 1;
-            let parsed = serde_json::from_str::<Value>(raw).ok();
-            let model = parsed
-                .as_ref()
-                .and_then(|v| v.get("model"))
-                .and_then(Value::as_str);
-            match (parsed.as_ref(), model) {
-                (Some(json), Some(model)) if !model.is_empty() => workload.lines.push(Line {
+            match crate::jsonl::parse_request(raw) {
+                Ok(json) => workload.lines.push(Line {
                     number,
                     body: Bytes::copy_from_slice(raw.as_bytes()),
-                    model: model.to_owned(),
+                    model: json["model"].as_str().unwrap_or_default().to_owned(),
                     stream: json.get("stream") == Some(&Value::Bool(true)),
                 }),
-                _ => workload.invalid_lines.push(number),
+                Err(reason) => {
+                    workload.invalid_lines.push(number);
+                    workload.invalid.push(InvalidLine {
+                        line: number as u64,
+                        reason,
+                    });
+                }
             }
         }
         workload
@@ -150,7 +154,7 @@ impl Workload {
         if workload.lines.is_empty() {
             return Err(BenchError::NoRequests {
                 path: path.to_owned(),
-                invalid_lines: workload.invalid_lines,
+                invalid: workload.invalid,
             });
         }
         Ok(workload)
@@ -244,7 +248,7 @@ impl Latency {
 /// - `fallback_answers`: answers from a model other than the one asked for.
 ///
 /// The workload and the run: `file` (when set by the caller), `lines` (valid lines),
-/// `invalid_lines` (their 1-based numbers), `distinct_requests` (distinct cache keys among the
+/// `invalid_lines` (their 1-based numbers), `invalid` (each with its `line` and `reason`), `distinct_requests` (distinct cache keys among the
 /// lines), `streamed` (requests sent with `"stream": true`), `repeat`, `concurrency` (1 in a
 /// reproducible replay), `logical_step_ms` (the logical clock's step of a reproducible replay;
 /// `null` for a live run), `wall_time_s`, `throughput_rps` (requests per second of wall time).
@@ -257,6 +261,7 @@ pub struct Report {
     pub file: Option<String>,
     pub lines: usize,
     pub invalid_lines: Vec<usize>,
+    pub invalid: Vec<InvalidLine>,
     pub distinct_requests: usize,
     pub repeat: usize,
     pub concurrency: usize,
@@ -379,6 +384,7 @@ pub async fn run(
     let mut report = tally.report(started.elapsed());
     report.lines = workload.lines.len();
     report.invalid_lines = workload.invalid_lines.clone();
+    report.invalid = workload.invalid.clone();
     report.distinct_requests = distinct;
     report.repeat = repeat;
     report.concurrency = concurrency;

@@ -25,6 +25,7 @@ pub struct Config {
     /// Let different credentials share entries. Default false: each API key has its own.
     pub shared_across_credentials: bool,
     /// Largest request body the proxy accepts. Default 32 MiB, as the API itself.
+    #[serde(deserialize_with = "size")]
     pub max_body_bytes: ByteSize,
     /// Most upstream requests in flight at once; the rest queue. Default 64.
     pub max_concurrency: usize,
@@ -40,8 +41,10 @@ pub struct Config {
 #[serde(default, deny_unknown_fields)]
 pub struct CacheConfig {
     /// Bound of the memory tier. Default 256 MiB.
+    #[serde(deserialize_with = "size")]
     pub memory_bytes: ByteSize,
     /// Bound of the disk tier. Default 10 GiB.
+    #[serde(deserialize_with = "size")]
     pub disk_bytes: ByteSize,
     /// How long an entry is fresh. Default 24 h.
     #[serde(with = "humantime_serde")]
@@ -171,12 +174,7 @@ impl Config {
     /// Refuses settings that cannot work.
     pub fn validate(&self) -> Result<(), Error> {
         let bad = |m: &str| Err(Error::Config(m.to_owned()));
-        if !(self.upstream.starts_with("http://") || self.upstream.starts_with("https://")) {
-            return bad("upstream must be an http:// or https:// URL");
-        }
-        if self.upstream.trim_end_matches('/').ends_with("/v1") {
-            return bad("upstream must not end in /v1: paths such as /v1/messages are appended");
-        }
+        check_upstream(&self.upstream).map_err(Error::Config)?;
         if self.max_concurrency == 0 {
             return bad("max_concurrency must be at least 1");
         }
@@ -206,9 +204,80 @@ impl Config {
         Ok(())
     }
 
-    /// The cache directory to use: the configured one, else the platform's user cache directory.
+    /// The cache directory to use: the configured one (a leading `~` meaning the home
+    /// directory, as in a shell), else the platform's user cache directory.
     pub fn cache_dir(&self) -> PathBuf {
-        self.cache_dir.clone().unwrap_or_else(default_cache_dir)
+        match &self.cache_dir {
+            Some(dir) => expand_home(dir),
+            None => default_cache_dir(),
+        }
+    }
+}
+
+/// `~` and `~/rest` as the home directory and a path in it. A config file is not read by a
+/// shell, so without this `cache_dir = "~/x"` would make a folder named `~` where it runs.
+fn expand_home(path: &Path) -> PathBuf {
+    let Ok(rest) = path.strip_prefix("~") else {
+        return path.to_owned();
+    };
+    match dirs::home_dir() {
+        Some(home) => home.join(rest),
+        None => path.to_owned(),
+    }
+}
+
+/// Why `upstream` cannot be used, echoing it; the userinfo of a URL is never echoed.
+fn check_upstream(upstream: &str) -> Result<(), String> {
+    const EXAMPLE: &str = "e.g. https://api.anthropic.com or http://127.0.0.1:8788";
+    let url = match reqwest::Url::parse(upstream) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => url,
+        _ => {
+            let shown = if upstream.contains('@') {
+                "(with credentials, not shown)"
+            } else {
+                upstream
+            };
+            return Err(format!(
+                "upstream {shown:?} is not an http:// or https:// URL with a host ({EXAMPLE})"
+            ));
+        }
+    };
+    if url.path().trim_end_matches('/').ends_with("/v1") {
+        return Err(format!(
+            "upstream {:?} must not end in /v1: paths such as /v1/messages are appended \
+             (use {})",
+            redacted(&url),
+            redacted(&url).trim_end_matches('/').trim_end_matches("/v1")
+        ));
+    }
+    Ok(())
+}
+
+/// `url` without a user name or password, for messages and logs.
+pub fn redacted(url: &reqwest::Url) -> String {
+    let mut url = url.clone();
+    let _ = url.set_username("");
+    let _ = url.set_password(None);
+    url.to_string()
+}
+
+/// A size setting: a number of bytes, or a string such as `"256MiB"` or `"1GB"`. Replaces
+/// bytesize's own error ("expected parsable string") with one that says what is accepted.
+fn size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ByteSize, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Bytes(u64),
+        Text(String),
+    }
+    match Raw::deserialize(d)? {
+        Raw::Bytes(n) => Ok(ByteSize::b(n)),
+        Raw::Text(text) => text.parse::<ByteSize>().map_err(|_| {
+            serde::de::Error::custom(format!(
+                "{text:?} is not a size: use a number of bytes or a size such as \"256MiB\", \
+                 \"512MB\" or \"10GiB\""
+            ))
+        }),
     }
 }
 
@@ -248,15 +317,15 @@ failures = 5
 cooldown = "30s"
 
 [fallback]
-"claude-opus-4-1" = ["claude-sonnet-4-5", "claude-haiku-4-5"]
-"claude-sonnet-4-5" = ["claude-haiku-4-5"]
+"claude-opus-4-6" = ["claude-sonnet-4-6", "claude-haiku-4-5"]
+"claude-sonnet-4-6" = ["claude-haiku-4-5"]
 "#,
         )
         .unwrap();
         assert_eq!(config.cache.memory_bytes, ByteSize::mib(256));
         assert_eq!(config.cache.stale_for, Duration::from_secs(30 * 86400));
         assert_eq!(config.retry.base_delay, Duration::from_millis(500));
-        assert_eq!(config.fallback["claude-opus-4-1"].len(), 2);
+        assert_eq!(config.fallback["claude-opus-4-6"].len(), 2);
     }
 
     #[test]

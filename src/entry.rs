@@ -177,7 +177,7 @@ mod tests {
     fn entry() -> Entry {
         Entry::new(
             Bytes::from_static(br#"{"type":"message","content":[]}"#),
-            "claude-sonnet-4-5",
+            "claude-sonnet-4-6",
             1_000_000,
             HOUR,
             24 * HOUR,

@@ -39,6 +39,12 @@ pub enum DiskError {
          send the requests through that server with `--server URL`, or use another `--cache-dir`"
     )]
     Locked { dir: String },
+    /// The cache directory's path names something that is not a directory.
+    #[error(
+        "the cache directory {dir} is a file, not a directory; point --cache-dir (or \
+         `cache_dir` in the configuration) at a directory, or move the file away"
+    )]
+    NotADirectory { dir: String },
     #[error("sled")]
     Sled(#[from] sled::Error),
     #[error("I/O")]

@@ -27,6 +27,7 @@ mod clock;
 pub mod config;
 pub mod entry;
 pub mod error;
+pub mod jsonl;
 pub mod key;
 pub mod metrics;
 pub mod mock;

@@ -64,17 +64,18 @@ enum Command {
     },
 }
 
-/// Settings shared by every command that uses the cache.
+/// Settings shared by every command that uses the cache. Global, so that they may come
+/// after a subcommand's own subcommand too (`cache stats --cache-dir X`).
 #[derive(Args, Clone)]
 pub struct CommonArgs {
     /// Configuration file (TOML). Flags override it.
-    #[arg(long, env = "FALLTHROUGH_CONFIG", value_name = "FILE")]
+    #[arg(long, global = true, env = "FALLTHROUGH_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Where misses go.
-    #[arg(long, env = "FALLTHROUGH_UPSTREAM", value_name = "URL")]
+    #[arg(long, global = true, env = "FALLTHROUGH_UPSTREAM", value_name = "URL")]
     pub upstream: Option<String>,
     /// The disk cache's directory [default: the user cache directory's `fallthrough`].
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, global = true, value_name = "DIR")]
     pub cache_dir: Option<PathBuf>,
 }
 
@@ -196,6 +197,33 @@ async fn build_client(config: Config) -> Result<Client> {
         .with_context(|| format!("opening the cache in {}", dir.display()))
 }
 
+/// Says on stderr, once, that `ANTHROPIC_API_KEY` is unset: what then goes to `upstream`
+/// without a key, and what to do. `who` names the requests that carry none of their own.
+pub fn warn_if_no_key(upstream: &str, who: &str) {
+    if std::env::var_os("ANTHROPIC_API_KEY").is_some_and(|k| !k.is_empty()) {
+        return;
+    }
+    let upstream = reqwest::Url::parse(upstream)
+        .map(|u| fallthrough::config::redacted(&u))
+        .unwrap_or_default();
+    eprintln!(
+        "warning: ANTHROPIC_API_KEY is not set; {who} go to {upstream} without a key and will \
+         be refused there (set ANTHROPIC_API_KEY, or use --mock / `fallthrough mock` to try \
+         it without one)"
+    );
+}
+
+/// Binds `listen`, saying what a valid address looks like when it is not one.
+async fn bind(listen: &str) -> Result<TcpListener> {
+    let hint = match listen.rsplit_once(':') {
+        Some((_, port)) if port.parse::<u16>().is_ok() => "",
+        _ => " (expected HOST:PORT, e.g. 127.0.0.1:8787)",
+    };
+    TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen:?}{hint}"))
+}
+
 /// `ANTHROPIC_API_KEY` as the credential for requests that carry none.
 pub fn with_credential(builder: ClientBuilder) -> ClientBuilder {
     match std::env::var("ANTHROPIC_API_KEY") {
@@ -210,13 +238,18 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         config.listen = listen;
     }
     let listen = config.listen.clone();
-    let upstream = config.upstream.clone();
+    let upstream = reqwest::Url::parse(&config.upstream)
+        .map(|u| fallthrough::config::redacted(&u))
+        .unwrap_or_default();
+    let cache = config.cache_dir();
+    warn_if_no_key(
+        &config.upstream,
+        "requests without their own x-api-key or authorization header",
+    );
     let client = build_client(config).await?;
-    let listener = TcpListener::bind(&listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
+    let listener = bind(&listen).await?;
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, %upstream, "fallthrough serving");
+    tracing::info!(%addr, %upstream, cache = %cache.display(), "fallthrough serving");
     println!("fallthrough listening on http://{addr}");
     fallthrough::server::serve(listener, client, shutdown_signal()).await?;
     tracing::info!("stopped");
@@ -234,9 +267,7 @@ async fn run_mock(args: MockArgs) -> Result<ExitCode> {
         seed: args.seed,
         ..MockConfig::default()
     };
-    let listener = TcpListener::bind(&args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let listener = bind(&args.listen).await?;
     println!("mock listening on http://{}", listener.local_addr()?);
     mock::serve(listener, config, shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)

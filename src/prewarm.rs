@@ -15,6 +15,7 @@ use serde::Serialize;
 
 use crate::client::{Client, Controls, Request};
 use crate::error::Error;
+use crate::jsonl::InvalidLine;
 
 /// Where the requests go.
 pub enum Target {
@@ -51,6 +52,8 @@ pub struct Summary {
     pub failed: Vec<Failure>,
     /// Lines that are not a JSON object with a `model`.
     pub invalid_lines: Vec<u64>,
+    /// The same lines, each with the reason.
+    pub invalid: Vec<InvalidLine>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -66,7 +69,7 @@ pub enum LineResult {
     Fetched,
     Cached,
     Missing,
-    Invalid,
+    Invalid { reason: String },
     Failed { status: u16, message: String },
 }
 
@@ -96,7 +99,10 @@ pub async fn run(
             LineResult::Fetched => summary.fetched += 1,
             LineResult::Cached => summary.already_cached += 1,
             LineResult::Missing => summary.missing += 1,
-            LineResult::Invalid => summary.invalid_lines.push(n),
+            LineResult::Invalid { reason } => {
+                summary.invalid_lines.push(n);
+                summary.invalid.push(InvalidLine { line: n, reason });
+            }
             LineResult::Failed { status, message } => summary.failed.push(Failure {
                 line: n,
                 status,
@@ -105,13 +111,14 @@ pub async fn run(
         }
     }
     summary.invalid_lines.sort_unstable();
+    summary.invalid.sort_by_key(|i| i.line);
     summary.failed.sort_by_key(|f| f.line);
     summary
 }
 
 async fn one(target: &Target, line: &str, dry_run: bool) -> LineResult {
-    if !is_request(line) {
-        return LineResult::Invalid;
+    if let Err(reason) = crate::jsonl::parse_request(line) {
+        return LineResult::Invalid { reason };
     }
     let body = Bytes::copy_from_slice(line.as_bytes());
     let check = Controls {
@@ -137,11 +144,6 @@ async fn one(target: &Target, line: &str, dry_run: bool) -> LineResult {
         Ok(()) => LineResult::Fetched,
         Err(e) => failed(e),
     }
-}
-
-fn is_request(line: &str) -> bool {
-    serde_json::from_str::<serde_json::Value>(line)
-        .is_ok_and(|v| v.get("model").is_some_and(serde_json::Value::is_string))
 }
 
 fn failed(e: Error) -> LineResult {

@@ -9,7 +9,7 @@ use assert_cmd::Command;
 use fallthrough::mock::{MockConfig, MockServer};
 use serde_json::{json, Value};
 
-const MODEL: &str = "claude-sonnet-4-5";
+const MODEL: &str = "claude-sonnet-4-6";
 
 fn bin() -> Command {
     let mut cmd = Command::cargo_bin("fallthrough").unwrap();
@@ -117,7 +117,7 @@ async fn prewarm_exits_1_when_lines_fail_and_uses_no_fallback() {
     std::fs::write(
         &config,
         "[retry]\nmax_retries = 1\nbase_delay = \"10ms\"\nmax_delay = \"20ms\"\n\
-         [fallback]\n\"claude-sonnet-4-5\" = [\"claude-haiku-4-5\"]\n",
+         [fallback]\n\"claude-sonnet-4-6\" = [\"claude-haiku-4-5\"]\n",
     )
     .unwrap();
     let file = dir.path().join("w.jsonl");

@@ -150,7 +150,7 @@ fn a_missing_file_fails_with_a_message() {
 
 #[test]
 fn invalid_lines_are_reported_by_number_and_skipped() {
-    let valid = r#"{"model":"claude-sonnet-4-5","max_tokens":64,"messages":[{"role":"user","content":"hi"}]}"#;
+    let valid = r#"{"model":"claude-sonnet-4-6","max_tokens":64,"messages":[{"role":"user","content":"hi"}]}"#;
     let mut file = tempfile::NamedTempFile::new().unwrap();
     writeln!(file, "{valid}\nnot json\n{valid}\n{{\"no\":\"model\"}}\n").unwrap();
     let path = file.path().to_str().unwrap();

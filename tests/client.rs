@@ -10,7 +10,6 @@
 //! a test that needs an old entry makes it old ([`backdate`]) instead of waiting; the breaker's
 //! cooldown is passed on tokio's clock ([`skip`]).
 
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use fallthrough::entry::now_millis;
@@ -29,7 +28,7 @@ use tracing_subscriber::Layer;
 mod support;
 use support::backdate;
 
-const MODEL: &str = "claude-sonnet-4-5";
+const MODEL: &str = "claude-sonnet-4-6";
 
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
@@ -133,24 +132,37 @@ async fn skip(by: Duration) {
 
 /// The delays of the retries the client decided on, from its "retrying" log events (field
 /// `delay_ms`): how long it chose to wait, checked without timing the wait.
-#[derive(Clone, Default)]
-struct Retries(Arc<Mutex<Vec<Duration>>>);
+///
+/// One subscriber for the whole test binary, installed once, that keeps each thread's events
+/// apart: in a plain `#[tokio::test]` every task of the test runs on its thread. (A scoped
+/// subscriber per test would race with the other tests' threads over tracing's per-callsite
+/// cache of interest, and now and then miss an event.)
+struct Retries;
+
+thread_local! {
+    static RETRIES: std::cell::RefCell<Vec<Duration>> = const { std::cell::RefCell::new(Vec::new()) };
+}
 
 impl Retries {
-    /// Records the retries of clients used on this thread until the guard drops: in a plain
-    /// `#[tokio::test]` that includes every task the test's runtime runs.
-    fn record() -> (Retries, tracing::subscriber::DefaultGuard) {
-        let retries = Retries::default();
-        let subscriber = tracing_subscriber::registry().with(retries.clone());
-        (retries, tracing::subscriber::set_default(subscriber))
+    /// Starts recording this thread's retries afresh.
+    fn record() -> Retries {
+        static INSTALLED: std::sync::Once = std::sync::Once::new();
+        INSTALLED.call_once(|| {
+            let subscriber = tracing_subscriber::registry().with(RetryLayer);
+            tracing::subscriber::set_global_default(subscriber).expect("the only subscriber");
+        });
+        RETRIES.with(|r| r.borrow_mut().clear());
+        Retries
     }
 
     fn delays(&self) -> Vec<Duration> {
-        self.0.lock().unwrap().clone()
+        RETRIES.with(|r| r.borrow().clone())
     }
 }
 
-impl<S: tracing::Subscriber> Layer<S> for Retries {
+struct RetryLayer;
+
+impl<S: tracing::Subscriber> Layer<S> for RetryLayer {
     fn on_event(&self, event: &tracing::Event<'_>, _: Context<'_, S>) {
         #[derive(Default)]
         struct Fields {
@@ -172,7 +184,7 @@ impl<S: tracing::Subscriber> Layer<S> for Retries {
         let mut fields = Fields::default();
         event.record(&mut fields);
         if let (true, Some(delay)) = (fields.retrying, fields.delay_ms) {
-            self.0.lock().unwrap().push(ms(delay));
+            RETRIES.with(|r| r.borrow_mut().push(ms(delay)));
         }
     }
 }
@@ -324,7 +336,7 @@ async fn retry_after_of_one_second_is_waited_out() {
             Scripted::Ok,
         ],
     );
-    let (retries, _recording) = Retries::record();
+    let retries = Retries::record();
     let started = Instant::now();
     let r = client.send(&body(MODEL, "wait")).await.unwrap();
     let took = started.elapsed();
@@ -355,7 +367,7 @@ async fn retry_after_of_an_hour_is_not_waited_out() {
             Scripted::Ok,
         ],
     );
-    let (retries, _recording) = Retries::record();
+    let retries = Retries::record();
     let e = upstream_error(client.send(&body(MODEL, "an hour")).await);
     // Not waited out: the 529 is the answer, after one attempt, with no retry decided on.
     assert_eq!((e.status, e.attempts), (529, 1));
@@ -383,7 +395,7 @@ async fn retry_after_as_an_http_date_is_honoured() {
             Scripted::Ok,
         ],
     );
-    let (retries, _recording) = Retries::record();
+    let retries = Retries::record();
     let r = client.send(&body(MODEL, "a date")).await.unwrap();
     let took = started.elapsed();
     assert_eq!(r.attempts, 2);
@@ -410,7 +422,7 @@ async fn a_stale_entry_is_served_at_once_under_overload_then_refreshed() {
     let old = backdate(&client, &first.key, ms(400)).await;
 
     mock.set_config(overloaded(&[MODEL]));
-    let (retries, _recording) = Retries::record();
+    let retries = Retries::record();
     let stale = client.send(&request).await.unwrap();
     assert_eq!(stale.outcome, Outcome::Stale);
     // At once: one attempt, and no backoff waited before the stale answer.
@@ -522,7 +534,7 @@ async fn a_model_with_a_fallback_gets_one_quick_retry_by_default() {
             .retries(4, ms(500), Duration::from_secs(30))
     })
     .await;
-    let (retries, _recording) = Retries::record();
+    let retries = Retries::record();
     let r = client.send(&body("a", "Quickly")).await.unwrap();
     let delays = retries.delays();
     assert!(
@@ -554,7 +566,7 @@ async fn everything_overloaded_gives_the_upstreams_529_within_the_deadline() {
             .deadline(Duration::from_secs(2))
     })
     .await;
-    let (retries, _recording) = Retries::record();
+    let retries = Retries::record();
     let e = upstream_error(client.send(&body("a", "anyone?")).await);
     // Only retries whose wait ends before the deadline were made.
     let waited: Duration = retries.delays().iter().sum();
@@ -593,7 +605,7 @@ async fn the_breaker_stops_calls_during_its_cooldown_then_probes() {
         [(MODEL.to_owned(), BreakerState::Blocking)]
     );
 
-    let (retries, recording) = Retries::record();
+    let retries = Retries::record();
     for n in 1..=5 {
         let e = upstream_error(client.send(&body(MODEL, &n.to_string())).await);
         assert_eq!(
@@ -608,7 +620,6 @@ async fn the_breaker_stops_calls_during_its_cooldown_then_probes() {
         );
     }
     assert_eq!(retries.delays(), [], "blocked requests fail at once");
-    drop(recording);
     assert_eq!(
         calls(&mock, MODEL, 529),
         3,
@@ -926,7 +937,7 @@ async fn an_absurd_retry_after_is_not_waited_and_does_not_wedge_the_key() {
         }],
     );
     let question = body(MODEL, "absurd");
-    let (retries, _recording) = Retries::record();
+    let retries = Retries::record();
     let e = upstream_error(client.send(&question).await);
     assert_eq!((e.status, e.attempts), (529, 1));
     assert_eq!(retries.delays(), [], "not waited");

@@ -18,7 +18,7 @@ use fallthrough::mock::{MockConfig, MockServer};
 use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 
-const MODEL: &str = "claude-sonnet-4-5";
+const MODEL: &str = "claude-sonnet-4-6";
 const REQUESTS: usize = 300;
 const CONCURRENCY: usize = 16;
 /// Answers before the kill.

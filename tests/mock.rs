@@ -70,14 +70,14 @@ fn request(model: &str, prompt: &str) -> Value {
 }
 
 fn tools_request() -> Value {
-    let mut r = request("claude-sonnet-4-5", "What is the weather in Paris?");
+    let mut r = request("claude-sonnet-4-6", "What is the weather in Paris?");
     r["tools"] = json!([{"name": "get_weather", "description": "Weather for a city",
         "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}]);
     r
 }
 
 fn thinking_request() -> Value {
-    let mut r = request("claude-opus-4-1", "Write a haiku.");
+    let mut r = request("claude-opus-4-6", "Write a haiku.");
     r["thinking"] = json!({"type": "enabled", "budget_tokens": 2048});
     r
 }
@@ -209,10 +209,10 @@ async fn plain_answers_have_the_api_shape_and_are_deterministic() {
     let other_model = post(
         &server,
         "/v1/messages",
-        &request("claude-opus-4-1", "Hello there"),
+        &request("claude-opus-4-6", "Hello there"),
     )
     .await;
-    assert_eq!(other_model.body["model"], "claude-opus-4-1");
+    assert_eq!(other_model.body["model"], "claude-opus-4-6");
 
     // A small max_tokens is respected (loosely) and reported.
     let mut short = body.clone();
@@ -254,7 +254,7 @@ async fn tools_and_thinking_requests_get_matching_blocks() {
 async fn streams_reassemble_into_exactly_the_plain_answer() {
     let server = MockServer::start(MockConfig::default()).await.unwrap();
     for body in [
-        request("claude-sonnet-4-5", "Tell me about caches"),
+        request("claude-sonnet-4-6", "Tell me about caches"),
         tools_request(),
         thinking_request(),
     ] {
@@ -302,7 +302,7 @@ async fn overload_rate_and_overloaded_models_answer_529() {
     })
     .await
     .unwrap();
-    let a = post(&server, "/v1/messages", &request("claude-sonnet-4-5", "hi")).await;
+    let a = post(&server, "/v1/messages", &request("claude-sonnet-4-6", "hi")).await;
     assert_api_error(&a, 529, "overloaded_error");
     assert_eq!(a.body["error"]["message"], "Overloaded");
     assert_eq!(
@@ -316,16 +316,16 @@ async fn overload_rate_and_overloaded_models_answer_529() {
         retry_after: Some(3),
         ..MockConfig::default()
     });
-    let a = post(&server, "/v1/messages", &request("claude-sonnet-4-5", "hi")).await;
+    let a = post(&server, "/v1/messages", &request("claude-sonnet-4-6", "hi")).await;
     assert_api_error(&a, 529, "overloaded_error");
     assert_eq!(header(&a, "retry-after"), Some("3"));
 
     server.set_config(MockConfig {
-        overloaded_models: vec!["claude-opus-4-1".into()],
+        overloaded_models: vec!["claude-opus-4-6".into()],
         ..MockConfig::default()
     });
     for _ in 0..3 {
-        let a = post(&server, "/v1/messages", &request("claude-opus-4-1", "hi")).await;
+        let a = post(&server, "/v1/messages", &request("claude-opus-4-6", "hi")).await;
         assert_api_error(&a, 529, "overloaded_error");
         let b = post(&server, "/v1/messages", &request("claude-haiku-4-5", "hi")).await;
         assert_eq!(b.status, 200);
@@ -344,13 +344,13 @@ async fn overload_rate_and_overloaded_models_answer_529() {
         200
     );
     assert_eq!(
-        post(&server, "/v1/messages", &request("claude-opus-4-1", "x"))
+        post(&server, "/v1/messages", &request("claude-opus-4-6", "x"))
             .await
             .status,
         529
     );
     server.set_config(MockConfig {
-        model_overload_rate: [("claude-opus-4-1".to_owned(), 1.0)].into(),
+        model_overload_rate: [("claude-opus-4-6".to_owned(), 1.0)].into(),
         ..MockConfig::default()
     });
     assert_eq!(
@@ -360,7 +360,7 @@ async fn overload_rate_and_overloaded_models_answer_529() {
         200
     );
     assert_eq!(
-        post(&server, "/v1/messages", &request("claude-opus-4-1", "x"))
+        post(&server, "/v1/messages", &request("claude-opus-4-6", "x"))
             .await
             .status,
         529
@@ -375,7 +375,7 @@ async fn rate_limits_and_server_errors() {
     })
     .await
     .unwrap();
-    let a = post(&server, "/v1/messages", &request("claude-sonnet-4-5", "hi")).await;
+    let a = post(&server, "/v1/messages", &request("claude-sonnet-4-6", "hi")).await;
     assert_api_error(&a, 429, "rate_limit_error");
     assert_eq!(
         header(&a, "retry-after"),
@@ -388,7 +388,7 @@ async fn rate_limits_and_server_errors() {
         retry_after: Some(7),
         ..MockConfig::default()
     });
-    let a = post(&server, "/v1/messages", &request("claude-sonnet-4-5", "hi")).await;
+    let a = post(&server, "/v1/messages", &request("claude-sonnet-4-6", "hi")).await;
     assert_api_error(&a, 429, "rate_limit_error");
     assert_eq!(header(&a, "retry-after"), Some("7"));
 
@@ -396,7 +396,7 @@ async fn rate_limits_and_server_errors() {
         server_error_rate: 1.0,
         ..MockConfig::default()
     });
-    let a = post(&server, "/v1/messages", &request("claude-sonnet-4-5", "hi")).await;
+    let a = post(&server, "/v1/messages", &request("claude-sonnet-4-6", "hi")).await;
     assert_api_error(&a, 500, "api_error");
     assert_eq!(header(&a, "retry-after"), None);
 
@@ -404,7 +404,7 @@ async fn rate_limits_and_server_errors() {
     let c = post(
         &server,
         "/v1/messages/count_tokens",
-        &request("claude-sonnet-4-5", "hi"),
+        &request("claude-sonnet-4-6", "hi"),
     )
     .await;
     assert_api_error(&c, 500, "api_error");
@@ -425,7 +425,7 @@ async fn the_seed_makes_random_faults_reproducible() {
         .unwrap();
         let mut statuses = std::collections::BTreeMap::new();
         for i in order {
-            let body = request("claude-sonnet-4-5", &format!("q{i}"));
+            let body = request("claude-sonnet-4-6", &format!("q{i}"));
             let first = post(&server, "/v1/messages", &body).await.status;
             let again = post(&server, "/v1/messages", &body).await.status;
             statuses.insert(i, [first, again]);
@@ -465,13 +465,13 @@ async fn scripted_answers_come_first_in_order() {
         ],
     );
     server.script(
-        Some("claude-opus-4-1"),
+        Some("claude-opus-4-6"),
         vec![Scripted::Status {
             status: 429,
             retry_after: Some("2".into()),
         }],
     );
-    let opus = request("claude-opus-4-1", "hi");
+    let opus = request("claude-opus-4-6", "hi");
     let haiku = request("claude-haiku-4-5", "hi");
 
     // The model's own queue first, then the any-model queue, then the random faults.
@@ -524,7 +524,7 @@ async fn scripted_answers_come_first_in_order() {
 #[tokio::test]
 async fn stream_faults_break_the_stream_after_n_events() {
     let server = MockServer::start(MockConfig::default()).await.unwrap();
-    let body = request("claude-sonnet-4-5", "A long enough answer please");
+    let body = request("claude-sonnet-4-6", "A long enough answer please");
 
     server.script(None, vec![Scripted::StreamError { after_events: 3 }]);
     let s = post_stream(&server, &body).await;
@@ -631,7 +631,7 @@ async fn malformed_bodies_get_400_in_the_api_shape() {
 #[tokio::test]
 async fn stats_count_by_model_status_and_path() {
     let server = MockServer::start(MockConfig {
-        overloaded_models: vec!["claude-opus-4-1".into()],
+        overloaded_models: vec!["claude-opus-4-6".into()],
         ..MockConfig::default()
     })
     .await
@@ -639,7 +639,7 @@ async fn stats_count_by_model_status_and_path() {
     let haiku = request("claude-haiku-4-5", "hi");
     post(&server, "/v1/messages", &haiku).await;
     post_stream(&server, &haiku).await;
-    post(&server, "/v1/messages", &request("claude-opus-4-1", "hi")).await;
+    post(&server, "/v1/messages", &request("claude-opus-4-6", "hi")).await;
     post(&server, "/v1/messages/count_tokens", &haiku).await;
     post_raw(&server, "/v1/messages", "nope").await;
     let mut no_tokens = haiku.clone();
@@ -651,7 +651,7 @@ async fn stats_count_by_model_status_and_path() {
     assert_eq!(stats.requests, 7);
     assert_eq!(stats.by_model["claude-haiku-4-5"][&200], 3);
     assert_eq!(stats.by_model["claude-haiku-4-5"][&400], 1);
-    assert_eq!(stats.by_model["claude-opus-4-1"][&529], 1);
+    assert_eq!(stats.by_model["claude-opus-4-6"][&529], 1);
     assert_eq!(stats.by_model.len(), 2, "{:?}", stats.by_model);
     assert_eq!(stats.by_path["/v1/messages"], 5);
     assert_eq!(stats.by_path["/v1/messages/count_tokens"], 1);
@@ -687,7 +687,7 @@ async fn stats_count_by_model_status_and_path() {
 #[tokio::test]
 async fn configuration_and_scripts_change_at_run_time() {
     let server = MockServer::start(MockConfig::default()).await.unwrap();
-    let body = request("claude-sonnet-4-5", "phases");
+    let body = request("claude-sonnet-4-6", "phases");
     assert_eq!(post(&server, "/v1/messages", &body).await.status, 200);
     server.set_config(MockConfig {
         overload_rate: 1.0,
@@ -716,7 +716,7 @@ async fn configuration_and_scripts_change_at_run_time() {
     let a = post(
         &server,
         "/mock/script",
-        &json!({"model": "claude-sonnet-4-5", "responses": [
+        &json!({"model": "claude-sonnet-4-6", "responses": [
             {"kind": "status", "status": 529, "retry_after": "4"},
             {"kind": "spend_limit"},
             {"kind": "ok"},
@@ -754,7 +754,7 @@ async fn latency_and_delays_are_applied() {
     })
     .await
     .unwrap();
-    let body = request("claude-sonnet-4-5", "slow");
+    let body = request("claude-sonnet-4-6", "slow");
     let t = Instant::now();
     assert_eq!(post(&server, "/v1/messages", &body).await.status, 200);
     assert!(

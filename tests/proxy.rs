@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 mod support;
 use support::{backdate, eventually};
 
-const MODEL: &str = "claude-sonnet-4-5";
+const MODEL: &str = "claude-sonnet-4-6";
 
 struct Proxy {
     url: String,

@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 use tokio::process::Command;
 use tokio::sync::oneshot;
 
-const MODEL: &str = "claude-sonnet-4-5";
+const MODEL: &str = "claude-sonnet-4-6";
 const OVERLOADED: &str = "claude-overloaded";
 /// The whole script; it makes a few dozen loopback calls.
 const SCRIPT_TIMEOUT: Duration = Duration::from_secs(180);

@@ -66,6 +66,11 @@ impl DiskTier {
     }
 
     fn open_blocking(dir: &Path, max_bytes: u64) -> Result<DiskTier, DiskError> {
+        if dir.exists() && !dir.is_dir() {
+            return Err(DiskError::NotADirectory {
+                dir: dir.display().to_string(),
+            });
+        }
         create_private_dir(dir).map_err(|e| DiskError::Sled(e.into()))?;
         let path = dir.join("db");
         let db = match open_db(&path) {

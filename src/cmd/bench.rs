@@ -196,13 +196,7 @@ pub async fn run(args: BenchArgs, common: crate::CommonArgs) -> Result<ExitCode>
             .upstream(url)
             .credential(MOCK_KEY)
     } else {
-        if std::env::var_os("ANTHROPIC_API_KEY").is_none() {
-            eprintln!(
-                "warning: ANTHROPIC_API_KEY is not set; requests go to {} without a key \
-                 (use --mock to try bench without one)",
-                config.upstream
-            );
-        }
+        crate::warn_if_no_key(&config.upstream, "the workload's requests");
         crate::with_credential(ClientBuilder::from_config(config.clone()))
     };
     let mock_latency = mock.as_ref().map(|_| args.latency.unwrap_or(20));
@@ -321,9 +315,9 @@ fn setup_line(
 fn progress(total: usize) -> ProgressBar {
     let bar = ProgressBar::with_draw_target(Some(total as u64), ProgressDrawTarget::stderr());
     if let Ok(style) =
-        ProgressStyle::with_template("{bar:40} {pos}/{len} requests  {per_sec}  eta {eta}")
+        ProgressStyle::with_template("{bar:40} {pos}/{len} requests  {rate}  eta {eta}")
     {
-        bar.set_style(style);
+        bar.set_style(style.with_key("rate", crate::cmd::rate_key));
     }
     bar
 }
@@ -369,6 +363,9 @@ fn print_report(r: &Report, setup: &str) {
             r.invalid_lines.len(),
             bench::line_list(&r.invalid_lines)
         );
+        for line in fallthrough::jsonl::describe(&r.invalid) {
+            println!("               {line}");
+        }
     }
     println!(
         "wall time    {:.2} s, {:.1} req/s",

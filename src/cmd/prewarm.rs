@@ -18,8 +18,9 @@ pub struct PrewarmArgs {
     /// Messages request bodies, one JSON object a line; `-` for stdin.
     file: PathBuf,
     /// Requests in flight at once.
-    #[arg(long, default_value_t = 4, value_name = "N")]
-    concurrency: usize,
+    #[arg(long, default_value_t = 4, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    concurrency: u32,
     /// Count what is cached and what is missing; call nothing upstream.
     #[arg(long)]
     dry_run: bool,
@@ -48,6 +49,9 @@ pub async fn run(args: PrewarmArgs, common: crate::CommonArgs) -> Result<ExitCod
         },
         None => {
             let config = crate::load_config(&common)?;
+            if !args.dry_run {
+                crate::warn_if_no_key(&config.upstream, "the lines' requests");
+            }
             let dir = config.cache_dir();
             let client = crate::with_credential(ClientBuilder::from_config(config))
                 .build()
@@ -58,7 +62,7 @@ pub async fn run(args: PrewarmArgs, common: crate::CommonArgs) -> Result<ExitCod
     };
     let total = input.lines().filter(|l| !l.trim().is_empty()).count() as u64;
     let options = Options {
-        concurrency: args.concurrency,
+        concurrency: args.concurrency as usize,
         dry_run: args.dry_run,
     };
     let progress = Progress::new(total);
@@ -80,21 +84,22 @@ fn report(s: &Summary, json: bool, dry_run: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(s)?);
         return Ok(());
     }
+    // One column of labels, one of counts, whichever rows a run prints.
+    let row = |label: &str, count: usize| println!("{label:<16} {count}");
     if dry_run {
-        println!("cached    {}", s.already_cached);
-        println!("missing   {}", s.missing);
+        row("cached", s.already_cached as usize);
+        row("missing", s.missing as usize);
     } else {
-        println!("fetched          {}", s.fetched);
-        println!("already cached   {}", s.already_cached);
+        row("fetched", s.fetched as usize);
+        row("already cached", s.already_cached as usize);
     }
-    println!("failed           {}", s.failed.len());
+    row("failed", s.failed.len());
     for f in &s.failed {
         println!("  line {}: {} {}", f.line, f.status, f.message);
     }
-    println!("invalid lines    {}", s.invalid_lines.len());
-    if !s.invalid_lines.is_empty() {
-        let lines: Vec<String> = s.invalid_lines.iter().map(u64::to_string).collect();
-        println!("  at lines {}", lines.join(", "));
+    row("invalid lines", s.invalid.len());
+    for line in fallthrough::jsonl::describe(&s.invalid) {
+        println!("  {line}");
     }
     Ok(())
 }
@@ -115,9 +120,10 @@ impl Progress {
             let bar = ProgressBar::new(total);
             bar.set_style(
                 ProgressStyle::with_template(
-                    "{spinner} prewarm [{bar:30}] {pos}/{len} {per_sec} eta {eta} {msg}",
+                    "{spinner} prewarm [{bar:30}] {pos}/{len} {rate} eta {eta} {msg}",
                 )
                 .expect("valid template")
+                .with_key("rate", crate::cmd::rate_key)
                 .progress_chars("=> "),
             );
             bar

@@ -25,10 +25,10 @@ use super::{MockConfig, MockStats, ScriptRequest, Scripted};
 pub(super) const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
 
 pub(super) const MODELS: &[(&str, &str, &str)] = &[
-    ("claude-opus-4-1", "Claude Opus 4.1", "2025-08-05T00:00:00Z"),
+    ("claude-opus-4-6", "Claude Opus 4.6", "2025-08-05T00:00:00Z"),
     (
-        "claude-sonnet-4-5",
-        "Claude Sonnet 4.5",
+        "claude-sonnet-4-6",
+        "Claude Sonnet 4.6",
         "2025-09-29T00:00:00Z",
     ),
     (

@@ -12,7 +12,7 @@ fn usage() -> Value {
 
 fn message(content: Value, stop_reason: &str) -> Value {
     json!({"id": "msg_01ABC", "type": "message", "role": "assistant",
-           "model": "claude-sonnet-4-5", "content": content, "stop_reason": stop_reason,
+           "model": "claude-sonnet-4-6", "content": content, "stop_reason": stop_reason,
            "stop_sequence": null, "usage": usage()})
 }
 

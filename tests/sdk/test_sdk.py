@@ -13,7 +13,7 @@ import warnings
 
 import anthropic
 
-MODEL = "claude-sonnet-4-5"
+MODEL = "claude-sonnet-4-6"
 OVERLOADED = "claude-overloaded"  # the mock answers 529 for this model, always
 
 # The SDK warns about deprecated model names; the mock's names are just names.
