@@ -3,22 +3,14 @@
 
 use std::path::Path;
 use std::process::{Child, Command as StdCommand, Stdio};
-use std::time::Duration;
 
-use assert_cmd::Command;
 use fallthrough::mock::{MockConfig, MockServer};
 use serde_json::{json, Value};
 
-const MODEL: &str = "claude-sonnet-4-6";
+mod support;
+use support::bin;
 
-fn bin() -> Command {
-    let mut cmd = Command::cargo_bin("fallthrough").unwrap();
-    cmd.env_remove("ANTHROPIC_API_KEY")
-        .env_remove("FALLTHROUGH_CONFIG")
-        .env_remove("FALLTHROUGH_UPSTREAM")
-        .timeout(Duration::from_secs(60));
-    cmd
-}
+const MODEL: &str = "claude-sonnet-4-6";
 
 fn line(text: &str) -> String {
     json!({"model": MODEL, "max_tokens": 32, "messages": [{"role": "user", "content": text}]})
@@ -100,7 +92,7 @@ async fn prewarm_fetches_resumes_and_reports_invalid_lines() {
     assert!(again.status.success());
     let text = String::from_utf8_lossy(&again.stdout);
     assert!(text.contains("already cached   12"), "{text}");
-    assert!(text.contains("at lines 3"), "{text}");
+    assert!(text.contains("line 3: not JSON ("), "{text}");
     assert_eq!(calls(&mock), 12, "a rerun fetches nothing");
 }
 

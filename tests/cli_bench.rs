@@ -167,6 +167,7 @@ fn invalid_lines_are_reported_by_number_and_skipped() {
         .success();
     let stdout = String::from_utf8_lossy(&out.get_output().stdout).into_owned();
     assert!(stdout.contains("2 lines skipped: 2, 4"), "{stdout}");
+    assert!(stdout.contains("line 4: no \"model\""), "{stdout}");
 
     let mut bad = tempfile::NamedTempFile::new().unwrap();
     writeln!(bad, "nope\n\n[1, 2]").unwrap();
@@ -175,7 +176,8 @@ fn invalid_lines_are_reported_by_number_and_skipped() {
         .failure();
     let stderr = String::from_utf8_lossy(&out.get_output().stderr).into_owned();
     assert!(stderr.contains("no valid request lines"), "{stderr}");
-    assert!(stderr.contains("invalid lines: 1, 3"), "{stderr}");
+    assert!(stderr.contains("line 1: not JSON ("), "{stderr}");
+    assert!(stderr.contains("line 3: not a JSON object"), "{stderr}");
 }
 
 #[test]

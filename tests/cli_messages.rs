@@ -6,18 +6,11 @@ use std::path::Path;
 use std::process::{Command as StdCommand, Stdio};
 use std::time::Duration;
 
-use assert_cmd::Command;
 use predicates::prelude::*;
 use predicates::str::contains;
 
-fn bin() -> Command {
-    let mut cmd = Command::cargo_bin("fallthrough").unwrap();
-    cmd.env_remove("ANTHROPIC_API_KEY")
-        .env_remove("FALLTHROUGH_CONFIG")
-        .env_remove("FALLTHROUGH_UPSTREAM")
-        .timeout(Duration::from_secs(60));
-    cmd
-}
+mod support;
+use support::bin;
 
 fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
     let path = dir.join(name);

@@ -86,6 +86,15 @@ impl Proxy {
             .json(body)
     }
 
+    /// `body` with `cache-control: only-if-cached`: what the cache holds, never an upstream call.
+    async fn cached(&self, body: &Value) -> reqwest::Response {
+        self.post("/v1/messages", body)
+            .header("cache-control", "only-if-cached")
+            .send()
+            .await
+            .unwrap()
+    }
+
     fn calls(&self, model: &str) -> u64 {
         self.mock
             .stats()
@@ -276,12 +285,7 @@ async fn cache_control_and_namespace() {
         }
     };
     // only-if-cached on a miss: 504 in the API's shape, upstream untouched.
-    let r = proxy
-        .post("/v1/messages", &body)
-        .header("cache-control", "only-if-cached")
-        .send()
-        .await
-        .unwrap();
+    let r = proxy.cached(&body).await;
     assert_eq!(error_of(r).await.0, 504);
     assert_eq!(proxy.calls(MODEL), 0);
     // no-store: answered, not kept.
@@ -419,12 +423,7 @@ async fn streamed_miss_is_stored_and_equals_the_plain_answer() {
         assert_eq!(assemble(&events), direct);
         // The assembled Message was stored before the stream ended: the plain request is a
         // hit with the same answer.
-        let r = proxy
-            .post("/v1/messages", &body)
-            .header("cache-control", "only-if-cached")
-            .send()
-            .await
-            .unwrap();
+        let r = proxy.cached(&body).await;
         assert_eq!(
             header(&r, "x-fallthrough-cache"),
             "memory",
@@ -459,12 +458,7 @@ async fn error_events_and_cut_streams_store_nothing() {
                                  // decided before the cut reaches the caller: the cache now holds what it ever will.
         proxy.client.settled().await;
         let before = proxy.calls(MODEL);
-        let cached = proxy
-            .post("/v1/messages", &body)
-            .header("cache-control", "only-if-cached")
-            .send()
-            .await
-            .unwrap();
+        let cached = proxy.cached(&body).await;
         assert_eq!(cached.status(), 504, "{text} was stored");
         let r = proxy.post("/v1/messages", &body).send().await.unwrap();
         assert_eq!(

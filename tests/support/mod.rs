@@ -42,3 +42,14 @@ pub async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// The `fallthrough` binary as a user with a clean environment runs it: no API key, no
+/// configuration or upstream from the environment, and a minute at most.
+pub fn bin() -> assert_cmd::Command {
+    let mut cmd = assert_cmd::Command::cargo_bin("fallthrough").unwrap();
+    cmd.env_remove("ANTHROPIC_API_KEY")
+        .env_remove("FALLTHROUGH_CONFIG")
+        .env_remove("FALLTHROUGH_UPSTREAM")
+        .timeout(Duration::from_secs(60));
+    cmd
+}
