@@ -475,7 +475,8 @@ impl Client {
         Ok(self.engine.cache.flush().await?)
     }
 
-    /// The clock the engine decides by, for a reproducible replay ([`crate::bench`]).
+    /// The clock the engine decides by, for a reproducible replay (`crate::bench`).
+    #[cfg(feature = "bench")]
     pub(crate) fn clock(&self) -> &Clock {
         &self.engine.clock
     }

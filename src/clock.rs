@@ -53,6 +53,7 @@ impl Clock {
         }
     }
 
+    #[cfg(any(test, feature = "bench"))]
     /// Switches to the logical clock, starting at the wall-clock time now; `false` switches
     /// back to the system clocks.
     pub(crate) fn set_logical(&self, on: bool) {
@@ -60,6 +61,7 @@ impl Clock {
         self.logical.store(value, Ordering::Release);
     }
 
+    #[cfg(any(test, feature = "bench"))]
     /// Moves the logical clock on by `step`; nothing while the system clocks are in use.
     pub(crate) fn advance(&self, step: Duration) {
         let step = u64::try_from(step.as_millis()).unwrap_or(u64::MAX);

@@ -19,7 +19,13 @@
 //! - [`metrics`]: Prometheus metrics.
 //! - [`outcome`]: how a request was answered (memory, disk, miss, stale, bypass).
 //! - [`error`]: the library's typed errors and the API's error shape.
+//!
+//! # Features
+//! `cli` (on by default) builds the binary and turns on `proxy` ([`server`]), `mock` ([`mock`])
+//! and `bench` ([`bench`]). With `default-features = false` the crate is the engine alone:
+//! no axum, clap, indicatif or hdrhistogram.
 pub mod admin;
+#[cfg(feature = "bench")]
 pub mod bench;
 pub mod cache;
 pub mod client;
@@ -30,9 +36,11 @@ pub mod error;
 pub mod jsonl;
 pub mod key;
 pub mod metrics;
+#[cfg(feature = "mock")]
 pub mod mock;
 pub mod outcome;
 pub mod prewarm;
+#[cfg(feature = "proxy")]
 pub mod server;
 pub mod sse;
 pub mod upstream;
