@@ -45,12 +45,39 @@ pub enum DiskError {
          `cache_dir` in the configuration) at a directory, or move the file away"
     )]
     NotADirectory { dir: String },
-    #[error("sled")]
-    Sled(#[from] sled::Error),
+    /// The storage engine under the tier failed (its own error is the source).
+    #[error("the disk cache's storage failed")]
+    Storage(#[source] StorageError),
     #[error("I/O")]
     Io(#[source] std::io::Error),
-    #[error("the disk tier's worker thread failed")]
-    Join(#[from] tokio::task::JoinError),
+    /// The blocking thread that ran a disk operation panicked or was cancelled.
+    #[error("the disk tier's worker thread failed: {0}")]
+    Worker(String),
+}
+
+/// A failure of the storage engine under the disk tier, opaque so that the engine's own error
+/// type (sled's) is not part of this crate's API and can change without breaking callers; its
+/// message and source chain say what happened.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct StorageError(#[source] Box<dyn std::error::Error + Send + Sync>);
+
+impl StorageError {
+    pub(crate) fn new(e: impl std::error::Error + Send + Sync + 'static) -> StorageError {
+        StorageError(Box::new(e))
+    }
+}
+
+impl DiskError {
+    /// A storage engine's error as a [`DiskError::Storage`]; `map_err(DiskError::storage)`.
+    pub(crate) fn storage(e: impl std::error::Error + Send + Sync + 'static) -> DiskError {
+        DiskError::Storage(StorageError::new(e))
+    }
+
+    /// A blocking task that did not return, as a [`DiskError::Worker`].
+    pub(crate) fn worker(e: tokio::task::JoinError) -> DiskError {
+        DiskError::Worker(e.to_string())
+    }
 }
 
 /// What kind of failure the upstream gave; decides retry, stale service and the breaker.

@@ -62,7 +62,9 @@ impl DiskTier {
     /// since a cache can always be refilled.
     pub async fn open(dir: impl Into<PathBuf>, max_bytes: u64) -> Result<DiskTier, DiskError> {
         let dir = dir.into();
-        tokio::task::spawn_blocking(move || Self::open_blocking(&dir, max_bytes)).await?
+        tokio::task::spawn_blocking(move || Self::open_blocking(&dir, max_bytes))
+            .await
+            .map_err(DiskError::worker)?
     }
 
     fn open_blocking(dir: &Path, max_bytes: u64) -> Result<DiskTier, DiskError> {
@@ -71,7 +73,7 @@ impl DiskTier {
                 dir: dir.display().to_string(),
             });
         }
-        create_private_dir(dir).map_err(|e| DiskError::Sled(e.into()))?;
+        create_private_dir(dir).map_err(DiskError::storage)?;
         let path = dir.join("db");
         let db = match open_db(&path) {
             Err(sled::Error::Corruption { .. }) => {
@@ -81,7 +83,7 @@ impl DiskTier {
                     ?aside,
                     "disk cache is corrupt; moving it aside and starting empty"
                 );
-                std::fs::rename(&path, &aside).map_err(|e| DiskError::Sled(e.into()))?;
+                std::fs::rename(&path, &aside).map_err(DiskError::storage)?;
                 open_db(&path)
             }
             other => other,
@@ -92,13 +94,13 @@ impl DiskTier {
                     dir: dir.display().to_string(),
                 }
             }
-            other => DiskError::Sled(other),
+            other => DiskError::storage(other),
         })?;
-        let entries = db.open_tree("entries")?;
-        let atime = db.open_tree("atime")?;
+        let entries = db.open_tree("entries").map_err(DiskError::storage)?;
+        let atime = db.open_tree("atime").map_err(DiskError::storage)?;
         let mut bytes = 0;
         for item in entries.iter() {
-            let (_, value) = item?;
+            let (_, value) = item.map_err(DiskError::storage)?;
             bytes += value.len() as u64 + PER_ENTRY_OVERHEAD;
         }
         debug!(?path, entries = entries.len(), bytes, "disk cache open");
@@ -117,14 +119,20 @@ impl DiskTier {
     /// The entry under `key`, if it decodes. A corrupt entry is removed, logged, and a miss.
     /// Records the access for LRU eviction.
     pub fn get(&self, key: &CacheKey, now: UnixMillis) -> Result<Option<Entry>, DiskError> {
-        let Some(bytes) = self.inner.entries.get(key.as_bytes())? else {
+        let Some(bytes) = self
+            .inner
+            .entries
+            .get(key.as_bytes())
+            .map_err(DiskError::storage)?
+        else {
             return Ok(None);
         };
         match Entry::decode(&bytes) {
             Ok(entry) => {
                 self.inner
                     .atime
-                    .insert(key.as_bytes(), &now.to_be_bytes())?;
+                    .insert(key.as_bytes(), &now.to_be_bytes())
+                    .map_err(DiskError::storage)?;
                 Ok(Some(entry))
             }
             Err(e) => {
@@ -149,8 +157,14 @@ impl DiskTier {
         now: UnixMillis,
     ) -> Result<(), DiskError> {
         let inner = &self.inner;
-        let old = inner.entries.insert(key.as_bytes(), bytes)?;
-        inner.atime.insert(key.as_bytes(), &now.to_be_bytes())?;
+        let old = inner
+            .entries
+            .insert(key.as_bytes(), bytes)
+            .map_err(DiskError::storage)?;
+        inner
+            .atime
+            .insert(key.as_bytes(), &now.to_be_bytes())
+            .map_err(DiskError::storage)?;
         let added = bytes.len() as u64 + PER_ENTRY_OVERHEAD;
         let removed = old.map_or(0, |v| v.len() as u64 + PER_ENTRY_OVERHEAD);
         let total = inner.bytes.fetch_add(added, Ordering::Relaxed) + added;
@@ -162,8 +176,15 @@ impl DiskTier {
     }
 
     pub fn remove(&self, key: &CacheKey) -> Result<bool, DiskError> {
-        self.inner.atime.remove(key.as_bytes())?;
-        let old = self.inner.entries.remove(key.as_bytes())?;
+        self.inner
+            .atime
+            .remove(key.as_bytes())
+            .map_err(DiskError::storage)?;
+        let old = self
+            .inner
+            .entries
+            .remove(key.as_bytes())
+            .map_err(DiskError::storage)?;
         if let Some(v) = &old {
             self.inner
                 .bytes
@@ -185,7 +206,11 @@ impl DiskTier {
     /// the files hold the tier within its bound.
     pub async fn flush(&self) -> Result<(), DiskError> {
         self.wait_for_eviction().await;
-        self.inner.db.flush_async().await?;
+        self.inner
+            .db
+            .flush_async()
+            .await
+            .map_err(DiskError::storage)?;
         Ok(())
     }
 
@@ -250,14 +275,16 @@ impl DiskTier {
     /// most 90% of `max_bytes` (nothing more when already under `max_bytes`).
     pub async fn evict(&self, now: UnixMillis, max_bytes: u64) -> Result<Evicted, DiskError> {
         let tier = self.clone();
-        tokio::task::spawn_blocking(move || tier.evict_blocking(now, max_bytes)).await?
+        tokio::task::spawn_blocking(move || tier.evict_blocking(now, max_bytes))
+            .await
+            .map_err(DiskError::worker)?
     }
 
     fn evict_blocking(&self, now: UnixMillis, max_bytes: u64) -> Result<Evicted, DiskError> {
         let mut evicted = Evicted::default();
         let mut live: Vec<(UnixMillis, CacheKey)> = Vec::new();
         for item in self.inner.entries.iter() {
-            let (k, v) = item?;
+            let (k, v) = item.map_err(DiskError::storage)?;
             let Ok(key_bytes) = <[u8; 32]>::try_from(k.as_ref()) else {
                 continue;
             };
@@ -275,7 +302,8 @@ impl DiskTier {
                     let accessed = self
                         .inner
                         .atime
-                        .get(key.as_bytes())?
+                        .get(key.as_bytes())
+                        .map_err(DiskError::storage)?
                         .and_then(|a| a.as_ref().try_into().ok())
                         .map_or(entry.stored_at, u64::from_be_bytes);
                     live.push((accessed, key));
@@ -320,26 +348,28 @@ impl DiskTier {
         let tier = self.clone();
         tokio::task::spawn_blocking(move || {
             for item in tier.inner.entries.iter() {
-                let (k, v) = item?;
+                let (k, v) = item.map_err(DiskError::storage)?;
                 if let Ok(key) = <[u8; 32]>::try_from(k.as_ref()) {
                     f(CacheKey(key), Entry::decode(&v)).map_err(DiskError::Io)?;
                 }
             }
             Ok(())
         })
-        .await?
+        .await
+        .map_err(DiskError::worker)?
     }
 
     /// Removes every entry.
     pub async fn clear(&self) -> Result<(), DiskError> {
         let tier = self.clone();
         tokio::task::spawn_blocking(move || {
-            tier.inner.entries.clear()?;
-            tier.inner.atime.clear()?;
+            tier.inner.entries.clear().map_err(DiskError::storage)?;
+            tier.inner.atime.clear().map_err(DiskError::storage)?;
             tier.inner.bytes.store(0, Ordering::Relaxed);
             Ok(())
         })
-        .await?
+        .await
+        .map_err(DiskError::worker)?
     }
 }
 
