@@ -36,7 +36,8 @@ pub use stream::{EventStream, Reply, StreamResponse};
 
 /// Background refreshes of stale entries that may run at once; more are skipped, not queued.
 const MAX_REFRESHES: usize = 8;
-const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+/// The API key header, also read by the proxy (`server`) to tell a caller's own credential.
+pub(crate) const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 const ANTHROPIC_VERSION: HeaderName = HeaderName::from_static("anthropic-version");
 const ANTHROPIC_BETA: HeaderName = HeaderName::from_static("anthropic-beta");
 

@@ -10,6 +10,10 @@ use serde::Deserialize;
 
 use crate::error::Error;
 
+/// The largest request body the Messages API accepts: the proxy's default limit, and the
+/// fake's.
+pub const API_MAX_BODY_BYTES: u64 = 32 * 1024 * 1024;
+
 /// The whole configuration file. Every table and field is optional.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -107,7 +111,7 @@ impl Default for Config {
             cache_dir: None,
             namespace: String::new(),
             shared_across_credentials: false,
-            max_body_bytes: ByteSize::mib(32),
+            max_body_bytes: ByteSize::b(API_MAX_BODY_BYTES),
             max_concurrency: 64,
             cache: CacheConfig::default(),
             retry: RetryConfig::default(),

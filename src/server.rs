@@ -19,7 +19,7 @@ use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-use crate::client::{Client, Controls, Reply, Request, Response, StreamResponse};
+use crate::client::{Client, Controls, Reply, Request, Response, StreamResponse, X_API_KEY};
 use crate::error::{error_body, error_type_for_status, Error};
 use crate::key::CacheKey;
 use crate::outcome::Outcome;
@@ -28,7 +28,6 @@ const X_CACHE: HeaderName = HeaderName::from_static("x-fallthrough-cache");
 const X_KEY: HeaderName = HeaderName::from_static("x-fallthrough-key");
 const X_MODEL: HeaderName = HeaderName::from_static("x-fallthrough-model");
 const X_ATTEMPTS: HeaderName = HeaderName::from_static("x-fallthrough-attempts");
-const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 const X_NAMESPACE: HeaderName = HeaderName::from_static("x-fallthrough-namespace");
 const X_FALLBACK: HeaderName = HeaderName::from_static("x-fallthrough-fallback");
 const JSON: HeaderValue = HeaderValue::from_static("application/json");

@@ -22,7 +22,7 @@ use super::state::*;
 use super::{MockConfig, MockStats, ScriptRequest, Scripted};
 
 /// The real API's body limit for messages and count_tokens.
-pub(super) const MAX_BODY_BYTES: usize = 32 * 1024 * 1024;
+pub(super) const MAX_BODY_BYTES: usize = crate::config::API_MAX_BODY_BYTES as usize;
 
 pub(super) const MODELS: &[(&str, &str, &str)] = &[
     ("claude-opus-4-6", "Claude Opus 4.6", "2025-08-05T00:00:00Z"),
