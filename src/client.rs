@@ -8,7 +8,6 @@
 //! allows it, with a stale entry at hand, returns the stale entry at once.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,7 +30,10 @@ use crate::upstream::breaker::{Admission, Breakers, Verdict};
 use crate::upstream::retry::{backoff, RetryBudget};
 use crate::upstream::{self, Upstream};
 
+mod builder;
 mod stream;
+
+pub use builder::ClientBuilder;
 pub use stream::{EventStream, Reply, StreamResponse};
 
 /// Background refreshes of stale entries that may run at once; more are skipped, not queued.
@@ -139,179 +141,6 @@ impl Response {
 #[derive(Clone)]
 pub struct Client {
     engine: Arc<Engine>,
-}
-
-/// Builds a [`Client`]. Every setting defaults as in [`Config`].
-#[must_use]
-pub struct ClientBuilder {
-    config: Config,
-    credential: Option<String>,
-    cache: Option<Cache>,
-    memory_only: bool,
-    metrics: Option<Arc<Metrics>>,
-}
-
-impl ClientBuilder {
-    /// Starts from a whole configuration (as read from `fallthrough.toml`).
-    pub fn from_config(config: Config) -> Self {
-        ClientBuilder {
-            config,
-            credential: None,
-            cache: None,
-            memory_only: false,
-            metrics: None,
-        }
-    }
-
-    /// Where misses go. Default `https://api.anthropic.com`.
-    pub fn upstream(mut self, url: impl Into<String>) -> Self {
-        self.config.upstream = url.into();
-        self
-    }
-
-    /// The API key sent when a request carries no credential of its own. Default none.
-    pub fn credential(mut self, api_key: impl Into<String>) -> Self {
-        self.credential = Some(api_key.into());
-        self
-    }
-
-    /// The disk tier's directory. Default: the user cache directory's `fallthrough`.
-    pub fn cache_dir(mut self, dir: impl Into<PathBuf>) -> Self {
-        self.config.cache_dir = Some(dir.into());
-        self
-    }
-
-    /// Uses an already-open cache instead of opening one.
-    pub fn cache(mut self, cache: Cache) -> Self {
-        self.cache = Some(cache);
-        self
-    }
-
-    /// No disk tier: entries live as long as the process. Default off.
-    pub fn memory_only(mut self) -> Self {
-        self.memory_only = true;
-        self
-    }
-
-    /// Memory tier bound. Default 256 MiB.
-    pub fn memory_bytes(mut self, bytes: u64) -> Self {
-        self.config.cache.memory_bytes = bytesize::ByteSize(bytes);
-        self
-    }
-
-    /// Disk tier bound. Default 10 GiB.
-    pub fn disk_bytes(mut self, bytes: u64) -> Self {
-        self.config.cache.disk_bytes = bytesize::ByteSize(bytes);
-        self
-    }
-
-    /// Freshness and staleness periods. Default 24 h and 30 days.
-    pub fn ttl(mut self, ttl: Duration, stale_for: Duration) -> Self {
-        self.config.cache.ttl = ttl;
-        self.config.cache.stale_for = stale_for;
-        self
-    }
-
-    /// Retries per model and backoff. Default 4, 500 ms, 30 s.
-    pub fn retries(mut self, max_retries: u32, base_delay: Duration, max_delay: Duration) -> Self {
-        self.config.retry.max_retries = max_retries;
-        self.config.retry.base_delay = base_delay;
-        self.config.retry.max_delay = max_delay;
-        self
-    }
-
-    /// Quick retries of a model before its fallback is asked, and their longest wait.
-    /// Default 1 and 100 ms (see [`crate::config::RetryConfig`]).
-    pub fn before_fallback(mut self, retries: u32, max_delay: Duration) -> Self {
-        self.config.retry.retries_before_fallback = retries;
-        self.config.retry.before_fallback_delay = max_delay;
-        self
-    }
-
-    /// Longest `retry-after` waited out. Default 60 s.
-    pub fn max_retry_after(mut self, max: Duration) -> Self {
-        self.config.retry.max_retry_after = max;
-        self
-    }
-
-    /// Overall time for one request. Default 120 s.
-    pub fn deadline(mut self, deadline: Duration) -> Self {
-        self.config.retry.deadline = deadline;
-        self
-    }
-
-    /// Consecutive failures that open a model's breaker, and its cooldown. Default 5, 30 s.
-    pub fn breaker(mut self, failures: u32, cooldown: Duration) -> Self {
-        self.config.breaker.failures = failures;
-        self.config.breaker.cooldown = cooldown;
-        self
-    }
-
-    /// Models tried in turn when `model` cannot answer. Default none.
-    pub fn fallback<S: Into<String>>(
-        mut self,
-        model: impl Into<String>,
-        chain: impl IntoIterator<Item = S>,
-    ) -> Self {
-        let chain = chain.into_iter().map(Into::into).collect();
-        self.config.fallback.insert(model.into(), chain);
-        self
-    }
-
-    /// Upstream requests in flight at once. Default 64.
-    pub fn max_concurrency(mut self, n: usize) -> Self {
-        self.config.max_concurrency = n;
-        self
-    }
-
-    /// Shares the metrics registry of a server.
-    pub fn metrics(mut self, metrics: Arc<Metrics>) -> Self {
-        self.metrics = Some(metrics);
-        self
-    }
-
-    /// Validates the settings and opens the cache.
-    pub async fn build(self) -> Result<Client, Error> {
-        let config = self.config;
-        config.validate()?;
-        let upstream = Upstream::new(&config.upstream)
-            .map_err(|e| Error::Config(format!("upstream client: {e}")))?;
-        let cache = match self.cache {
-            Some(cache) => cache,
-            None if self.memory_only => Cache::memory_only(config.cache.memory_bytes.as_u64()),
-            None => {
-                Cache::open(
-                    config.cache_dir(),
-                    config.cache.memory_bytes.as_u64(),
-                    config.cache.disk_bytes.as_u64(),
-                )
-                .await?
-            }
-        };
-        let credential = self.credential.as_deref().and_then(upstream::sensitive);
-        let credential_fingerprint = self
-            .credential
-            .as_deref()
-            .filter(|_| credential.is_some())
-            .map(CredentialFingerprint::of);
-        Ok(Client {
-            engine: Arc::new(Engine {
-                breakers: Breakers::new(config.breaker.failures, config.breaker.cooldown),
-                budget: RetryBudget::new(config.retry.budget_ratio, config.retry.budget_floor),
-                permits: Arc::new(Semaphore::new(config.max_concurrency)),
-                refreshes: Arc::new(Semaphore::new(MAX_REFRESHES)),
-                flights: Mutex::new(HashMap::new()),
-                flight_ended: Notify::new(),
-                clock: Clock::system(),
-                metrics: self.metrics.unwrap_or_default(),
-                credential,
-                credential_fingerprint,
-                upstream,
-                cache,
-                config,
-            }),
-        })
-    }
 }
 
 type FlightResult = Result<Answer, UpstreamError>;
