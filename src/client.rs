@@ -23,7 +23,7 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::entry::{Entry, Freshness};
 use crate::error::{error_body, Error, UpstreamError, UpstreamErrorKind};
-use crate::key::{CacheKey, CredentialFingerprint, KeyContext};
+use crate::key::{CacheKey, CredentialFingerprint};
 use crate::metrics::Metrics;
 use crate::outcome::Outcome;
 use crate::upstream::breaker::{Admission, Breakers, Verdict};
@@ -31,9 +31,11 @@ use crate::upstream::retry::{backoff, RetryBudget};
 use crate::upstream::{self, Upstream};
 
 mod builder;
+mod prepare;
 mod stream;
 
 pub use builder::ClientBuilder;
+pub(crate) use prepare::Prepared;
 pub use stream::{EventStream, Reply, StreamResponse};
 
 /// Background refreshes of stale entries that may run at once; more are skipped, not queued.
@@ -199,20 +201,6 @@ fn request_span(p: &Prepared) -> Span {
     )
 }
 
-/// A request after parsing: what every step below needs.
-pub(crate) struct Prepared {
-    path: String,
-    /// The body as the caller sent it: valid JSON, an object with a string `model`.
-    body: Bytes,
-    model: String,
-    ctx: KeyContext,
-    key: CacheKey,
-    headers: HeaderMap,
-    controls: Controls,
-    /// The body asks for `"stream": true`.
-    stream: bool,
-}
-
 impl Client {
     pub fn builder() -> ClientBuilder {
         ClientBuilder::from_config(Config::default())
@@ -339,100 +327,6 @@ impl Engine {
         // a refresh slot taken before the stream was answered.
         let all = self.refreshes.acquire_many(MAX_REFRESHES as u32).await;
         drop(all);
-    }
-
-    /// Keys the request in one pass over its bytes (no JSON tree is built on the hit path).
-    fn prepare(&self, request: Request) -> Result<Prepared, Error> {
-        // Headers are left as the caller sent them: the defaults (credential, version) are
-        // keyed as if present and added only when a request goes upstream.
-        let headers = request.headers;
-        let ctx = self.key_context(&request.path, &headers, request.namespace);
-        let (key, facts) = ctx
-            .key_of_bytes(&request.body)
-            .map_err(|e| Error::InvalidRequest(format!("the body is not valid JSON: {e}")))?;
-        let Some(model) = facts.model else {
-            let is_object = request.body.trim_ascii_start().first() == Some(&b'{');
-            return Err(Error::InvalidRequest(match is_object {
-                true => "model: field required".into(),
-                false => "the body must be a JSON object".into(),
-            }));
-        };
-        Ok(Prepared {
-            path: request.path,
-            body: request.body,
-            model,
-            ctx,
-            key,
-            headers,
-            controls: request.controls,
-            stream: facts.stream,
-        })
-    }
-
-    /// A request's headers as sent upstream: the caller's, with the defaults filled in.
-    fn upstream_headers(&self, headers: &HeaderMap) -> HeaderMap {
-        let mut headers = headers.clone();
-        self.add_defaults(&mut headers);
-        headers
-    }
-
-    fn add_credential(&self, headers: &mut HeaderMap) {
-        let has_credential =
-            headers.contains_key(&X_API_KEY) || headers.contains_key(http::header::AUTHORIZATION);
-        if let (false, Some(credential)) = (has_credential, &self.credential) {
-            headers.insert(X_API_KEY, credential.clone());
-        }
-    }
-
-    fn add_defaults(&self, headers: &mut HeaderMap) {
-        self.add_credential(headers);
-        if !headers.contains_key(&ANTHROPIC_VERSION) {
-            headers.insert(
-                ANTHROPIC_VERSION,
-                HeaderValue::from_static(DEFAULT_ANTHROPIC_VERSION),
-            );
-        }
-        headers.insert(
-            http::header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-    }
-
-    fn key_context(
-        &self,
-        path: &str,
-        headers: &HeaderMap,
-        namespace: Option<String>,
-    ) -> KeyContext {
-        let text = |name: &HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
-        let has_credential =
-            headers.contains_key(&X_API_KEY) || headers.contains_key(http::header::AUTHORIZATION);
-        let credential = if self.config.shared_across_credentials {
-            None
-        } else if has_credential {
-            text(&X_API_KEY)
-                .or_else(|| text(&http::header::AUTHORIZATION))
-                .map(CredentialFingerprint::of)
-        } else {
-            self.credential_fingerprint
-        };
-        let anthropic_version = match headers.get(&ANTHROPIC_VERSION) {
-            None => Some(DEFAULT_ANTHROPIC_VERSION),
-            Some(v) => v.to_str().ok(),
-        };
-        KeyContext {
-            path: path.to_owned(),
-            anthropic_version: anthropic_version.map(str::to_owned),
-            betas: Vec::new(),
-            namespace: namespace.unwrap_or_else(|| self.config.namespace.clone()),
-            credential,
-        }
-        .with_betas(
-            headers
-                .get_all(&ANTHROPIC_BETA)
-                .iter()
-                .filter_map(|v| v.to_str().ok()),
-        )
     }
 
     /// The cache's part of a request, as its controls allow: a fresh entry, or a miss with
@@ -952,44 +846,6 @@ pub(crate) enum Fetched {
     Body(Bytes),
     /// A streamed answer, holding its concurrency permit until the stream ends.
     Stream(reqwest::Response, OwnedSemaphorePermit),
-}
-
-impl Prepared {
-    fn flight_key(&self) -> FlightKey {
-        (self.key, self.controls)
-    }
-
-    /// The body as a JSON tree: only the miss path needs one.
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body).unwrap_or_default()
-    }
-
-    /// The body with `"stream": true`: what a streamed call sends, whatever the caller's said.
-    fn stream_body(&self) -> Bytes {
-        if self.stream {
-            return self.body.clone();
-        }
-        let mut json = self.json();
-        json["stream"] = Value::Bool(true);
-        Bytes::from(json.to_string())
-    }
-
-    /// The body without `stream`: what plain fetches and background refreshes send.
-    fn plain_body(&self) -> Bytes {
-        if !self.stream {
-            return self.body.clone();
-        }
-        let mut json = self.json();
-        json.as_object_mut().map(|o| o.remove("stream"));
-        Bytes::from(json.to_string())
-    }
-
-    /// The key and body of this request sent to `model` instead (a fallback).
-    fn for_model(&self, model: &str) -> (CacheKey, Value) {
-        let mut json = self.json();
-        json["model"] = Value::String(model.to_owned());
-        (self.ctx.key(&json), json)
-    }
 }
 
 /// The flight's result; `None` when it ended without one.

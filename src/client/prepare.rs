@@ -1,0 +1,162 @@
+//! A request made ready for every later step: its body checked, its key computed in one pass,
+//! its headers with the defaults they go upstream with.
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue};
+use serde_json::Value;
+
+use crate::error::Error;
+use crate::key::{CacheKey, CredentialFingerprint, KeyContext};
+
+use super::{
+    Controls, Engine, FlightKey, Request, ANTHROPIC_BETA, ANTHROPIC_VERSION,
+    DEFAULT_ANTHROPIC_VERSION, X_API_KEY,
+};
+
+/// A request after parsing: what every step below needs.
+pub(crate) struct Prepared {
+    pub(super) path: String,
+    /// The body as the caller sent it: valid JSON, an object with a string `model`.
+    pub(super) body: Bytes,
+    pub(super) model: String,
+    pub(super) ctx: KeyContext,
+    pub(super) key: CacheKey,
+    pub(super) headers: HeaderMap,
+    pub(super) controls: Controls,
+    /// The body asks for `"stream": true`.
+    pub(super) stream: bool,
+}
+
+impl Engine {
+    /// Keys the request in one pass over its bytes (no JSON tree is built on the hit path).
+    pub(super) fn prepare(&self, request: Request) -> Result<Prepared, Error> {
+        // Headers are left as the caller sent them: the defaults (credential, version) are
+        // keyed as if present and added only when a request goes upstream.
+        let headers = request.headers;
+        let ctx = self.key_context(&request.path, &headers, request.namespace);
+        let (key, facts) = ctx
+            .key_of_bytes(&request.body)
+            .map_err(|e| Error::InvalidRequest(format!("the body is not valid JSON: {e}")))?;
+        let Some(model) = facts.model else {
+            let is_object = request.body.trim_ascii_start().first() == Some(&b'{');
+            return Err(Error::InvalidRequest(match is_object {
+                true => "model: field required".into(),
+                false => "the body must be a JSON object".into(),
+            }));
+        };
+        Ok(Prepared {
+            path: request.path,
+            body: request.body,
+            model,
+            ctx,
+            key,
+            headers,
+            controls: request.controls,
+            stream: facts.stream,
+        })
+    }
+
+    /// A request's headers as sent upstream: the caller's, with the defaults filled in.
+    pub(super) fn upstream_headers(&self, headers: &HeaderMap) -> HeaderMap {
+        let mut headers = headers.clone();
+        self.add_defaults(&mut headers);
+        headers
+    }
+
+    pub(super) fn add_credential(&self, headers: &mut HeaderMap) {
+        let has_credential =
+            headers.contains_key(&X_API_KEY) || headers.contains_key(http::header::AUTHORIZATION);
+        if let (false, Some(credential)) = (has_credential, &self.credential) {
+            headers.insert(X_API_KEY, credential.clone());
+        }
+    }
+
+    pub(super) fn add_defaults(&self, headers: &mut HeaderMap) {
+        self.add_credential(headers);
+        if !headers.contains_key(&ANTHROPIC_VERSION) {
+            headers.insert(
+                ANTHROPIC_VERSION,
+                HeaderValue::from_static(DEFAULT_ANTHROPIC_VERSION),
+            );
+        }
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+    }
+
+    pub(super) fn key_context(
+        &self,
+        path: &str,
+        headers: &HeaderMap,
+        namespace: Option<String>,
+    ) -> KeyContext {
+        let text = |name: &HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+        let has_credential =
+            headers.contains_key(&X_API_KEY) || headers.contains_key(http::header::AUTHORIZATION);
+        let credential = if self.config.shared_across_credentials {
+            None
+        } else if has_credential {
+            text(&X_API_KEY)
+                .or_else(|| text(&http::header::AUTHORIZATION))
+                .map(CredentialFingerprint::of)
+        } else {
+            self.credential_fingerprint
+        };
+        let anthropic_version = match headers.get(&ANTHROPIC_VERSION) {
+            None => Some(DEFAULT_ANTHROPIC_VERSION),
+            Some(v) => v.to_str().ok(),
+        };
+        KeyContext {
+            path: path.to_owned(),
+            anthropic_version: anthropic_version.map(str::to_owned),
+            betas: Vec::new(),
+            namespace: namespace.unwrap_or_else(|| self.config.namespace.clone()),
+            credential,
+        }
+        .with_betas(
+            headers
+                .get_all(&ANTHROPIC_BETA)
+                .iter()
+                .filter_map(|v| v.to_str().ok()),
+        )
+    }
+}
+
+impl Prepared {
+    pub(super) fn flight_key(&self) -> FlightKey {
+        (self.key, self.controls)
+    }
+
+    /// The body as a JSON tree: only the miss path needs one.
+    pub(super) fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_default()
+    }
+
+    /// The body with `"stream": true`: what a streamed call sends, whatever the caller's said.
+    pub(super) fn stream_body(&self) -> Bytes {
+        if self.stream {
+            return self.body.clone();
+        }
+        let mut json = self.json();
+        json["stream"] = Value::Bool(true);
+        Bytes::from(json.to_string())
+    }
+
+    /// The body without `stream`: what plain fetches and background refreshes send.
+    pub(super) fn plain_body(&self) -> Bytes {
+        if !self.stream {
+            return self.body.clone();
+        }
+        let mut json = self.json();
+        json.as_object_mut().map(|o| o.remove("stream"));
+        Bytes::from(json.to_string())
+    }
+
+    /// The key and body of this request sent to `model` instead (a fallback).
+    pub(super) fn for_model(&self, model: &str) -> (CacheKey, Value) {
+        let mut json = self.json();
+        json["model"] = Value::String(model.to_owned());
+        (self.ctx.key(&json), json)
+    }
+}
