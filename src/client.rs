@@ -22,18 +22,20 @@ use crate::cache::{Cache, Lookup, Tier};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::entry::{Entry, Freshness};
-use crate::error::{error_body, Error, UpstreamError, UpstreamErrorKind};
+use crate::error::{Error, UpstreamError, UpstreamErrorKind};
 use crate::key::{CacheKey, CredentialFingerprint};
 use crate::metrics::Metrics;
 use crate::outcome::Outcome;
-use crate::upstream::breaker::{Admission, Breakers, Verdict};
-use crate::upstream::retry::{backoff, RetryBudget};
+use crate::upstream::breaker::Breakers;
+use crate::upstream::retry::RetryBudget;
 use crate::upstream::{self, Upstream};
 
+mod attempt;
 mod builder;
 mod prepare;
 mod stream;
 
+pub(crate) use attempt::{Call, RetryPlan};
 pub use builder::ClientBuilder;
 pub(crate) use prepare::Prepared;
 pub use stream::{EventStream, Reply, StreamResponse};
@@ -635,156 +637,6 @@ impl Engine {
             Fetched::Stream(..) => unreachable!("a plain call reads its body"),
         }
     }
-
-    /// Calls one model: breaker, attempt, and retries as the policy, the budget and the deadline
-    /// allow. A stream is returned once its head has arrived: retries happen only before the
-    /// first byte reaches the caller.
-    pub(crate) async fn call_model(
-        &self,
-        p: &Prepared,
-        call: Call<'_>,
-        attempts: &mut u32,
-    ) -> Result<Fetched, UpstreamError> {
-        let Call {
-            model,
-            body,
-            deadline,
-            stream,
-            plan,
-        } = call;
-        let policy = &self.config.retry;
-        let mut retry = 0;
-        loop {
-            // Waiting here is local queueing, not the model's fault: a timeout in this queue is
-            // not held against its breaker.
-            let permit =
-                match tokio::time::timeout_at(deadline, self.permits.clone().acquire_owned()).await
-                {
-                    Ok(permit) => permit.expect("the semaphore is never closed"),
-                    Err(_) => {
-                        return Err(upstream::transport_error(UpstreamErrorKind::Timeout, model))
-                    }
-                };
-            let admission = self.breakers.admit(model, self.clock.instant());
-            if let Admission::Reject { retry_in } = admission {
-                debug!(model, ?retry_in, "breaker blocks the model");
-                return Err(breaker_error(model, retry_in));
-            }
-            if retry == 0 {
-                self.budget.deposit(self.clock.instant());
-            }
-            *attempts += 1;
-            let result = self
-                .attempt(p, model, body.clone(), deadline, stream, permit)
-                .await;
-            let error = match result {
-                Ok(body) => {
-                    let now = self.clock.instant();
-                    self.breakers
-                        .record(model, admission, Verdict::Answered, now);
-                    return Ok(body);
-                }
-                Err(e) => e,
-            };
-            let now = self.clock.instant();
-            self.breakers.record(model, admission, verdict(&error), now);
-            if !error.is_retryable() || retry >= plan.retries {
-                return Err(error);
-            }
-            let delay = match error.retry_after {
-                Some(wait) if wait > plan.max_retry_after => {
-                    info!(key = %p.key, model, status = error.status, ?wait, "retry-after too long; not waiting");
-                    return Err(error);
-                }
-                Some(wait) => wait,
-                None => backoff(policy.base_delay.min(plan.max_delay), plan.max_delay, retry),
-            };
-            if Instant::now() + delay >= deadline {
-                return Err(error);
-            }
-            if !self.budget.try_withdraw(now) {
-                info!(key = %p.key, model, status = error.status, "retry budget spent; not retrying");
-                return Err(error);
-            }
-            retry += 1;
-            info!(
-                key = %p.key,
-                model,
-                status = error.status,
-                delay_ms = delay.as_millis() as u64,
-                retry,
-                "retrying"
-            );
-            tokio::time::sleep(delay).await;
-        }
-    }
-
-    /// One upstream attempt, holding a concurrency permit; a plain body is read whole, so a
-    /// body that breaks off is a failed attempt like any other.
-    async fn attempt(
-        &self,
-        p: &Prepared,
-        model: &str,
-        body: Bytes,
-        deadline: Instant,
-        stream: bool,
-        permit: OwnedSemaphorePermit,
-    ) -> Result<Fetched, UpstreamError> {
-        let result: Result<Fetched, UpstreamError> = async {
-            let response = self
-                .upstream
-                .send(
-                    http::Method::POST,
-                    &p.path,
-                    self.upstream_headers(&p.headers),
-                    body,
-                    model,
-                    deadline,
-                )
-                .await?;
-            if stream {
-                return Ok(Fetched::Stream(response, permit));
-            }
-            let body = upstream::read_body(response, model, deadline).await?;
-            Ok(Fetched::Body(body))
-        }
-        .await;
-        let status = match &result {
-            Ok(_) => 200,
-            Err(e) => e.status,
-        };
-        self.metrics.attempt(model, status);
-        result
-    }
-}
-
-/// One model's call, as [`Engine::call_model`] makes it.
-pub(crate) struct Call<'a> {
-    pub model: &'a str,
-    pub body: Bytes,
-    pub deadline: Instant,
-    /// Return the response once its head arrives, for relaying as a stream.
-    pub stream: bool,
-    pub plan: RetryPlan,
-}
-
-/// How one model's call is retried.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct RetryPlan {
-    /// Retries after the first attempt.
-    pub retries: u32,
-    /// Cap of the backoff.
-    pub max_delay: Duration,
-    /// Longest `retry-after` waited out.
-    pub max_retry_after: Duration,
-}
-
-impl RetryPlan {
-    const NONE: RetryPlan = RetryPlan {
-        retries: 0,
-        max_delay: Duration::ZERO,
-        max_retry_after: Duration::ZERO,
-    };
 }
 
 /// Whether a request may take the answer of the flight `rx` in the map under its flight key.
@@ -853,16 +705,6 @@ async fn wait(mut rx: watch::Receiver<Option<FlightResult>>) -> Option<FlightRes
     rx.wait_for(Option::is_some).await.ok()?.clone()
 }
 
-fn verdict(error: &UpstreamError) -> Verdict {
-    if error.trips_breaker() {
-        Verdict::Failed
-    } else if matches!(error.kind, UpstreamErrorKind::RateLimited) {
-        Verdict::Neutral
-    } else {
-        Verdict::Answered
-    }
-}
-
 /// The error a caller gets when every model is exhausted: the last upstream error, saying when
 /// trying again makes sense (at least a second).
 fn exhausted(mut last: UpstreamError, attempts: u32) -> UpstreamError {
@@ -877,21 +719,6 @@ fn exhausted(mut last: UpstreamError, attempts: u32) -> UpstreamError {
 fn with_attempts(mut e: UpstreamError, attempts: u32) -> UpstreamError {
     e.attempts = attempts;
     e
-}
-
-/// What a caller gets while a model's breaker blocks it: the API's 529, saying when to retry.
-fn breaker_error(model: &str, retry_in: Duration) -> UpstreamError {
-    let secs = retry_in.as_secs_f64().ceil().max(1.0);
-    let message =
-        format!("{model} is overloaded: fallthrough's circuit breaker holds requests for {secs} s");
-    UpstreamError {
-        kind: UpstreamErrorKind::Overloaded,
-        model: model.to_owned(),
-        status: 529,
-        body: error_body("overloaded_error", &message),
-        retry_after: Some(Duration::from_secs_f64(secs)),
-        attempts: 0,
-    }
 }
 
 fn hit_answer(hit: &Lookup, now: u64) -> Answer {
