@@ -22,21 +22,23 @@ use crate::cache::{Cache, Lookup, Tier};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::entry::{Entry, Freshness};
-use crate::error::{Error, UpstreamError, UpstreamErrorKind};
+use crate::error::{Error, UpstreamError};
 use crate::key::{CacheKey, CredentialFingerprint};
 use crate::metrics::Metrics;
 use crate::outcome::Outcome;
 use crate::upstream::breaker::Breakers;
 use crate::upstream::retry::RetryBudget;
-use crate::upstream::{self, Upstream};
+use crate::upstream::Upstream;
 
 mod attempt;
 mod builder;
+mod flight;
 mod prepare;
 mod stream;
 
 pub(crate) use attempt::{Call, RetryPlan};
 pub use builder::ClientBuilder;
+use flight::{joinable, wait, FlightEntry, FlightKey, FlightResult};
 pub(crate) use prepare::Prepared;
 pub use stream::{EventStream, Reply, StreamResponse};
 
@@ -146,12 +148,6 @@ impl Response {
 pub struct Client {
     engine: Arc<Engine>,
 }
-
-type FlightResult = Result<Answer, UpstreamError>;
-
-/// Identical requests share a flight only when their controls are identical too: controls
-/// change what a fetch does (fallbacks, freshness) and stores.
-type FlightKey = (CacheKey, Controls);
 
 /// What a flight (one upstream fetch shared by identical requests) produced.
 #[derive(Debug, Clone)]
@@ -380,53 +376,6 @@ impl Engine {
         }
     }
 
-    /// Single flight: identical concurrent misses (same key, same controls) share one upstream
-    /// fetch.
-    async fn join_or_start_flight(
-        self: &Arc<Self>,
-        p: &Arc<Prepared>,
-        has_stale: bool,
-    ) -> FlightResult {
-        let rx = {
-            let mut flights = self.flights.lock().expect("flights lock");
-            match flights.get(&p.flight_key()).filter(|rx| joinable(rx, p)) {
-                Some(rx) => rx.clone(),
-                None => {
-                    let (tx, rx) = watch::channel(None);
-                    flights.insert(p.flight_key(), rx.clone());
-                    let entry = FlightEntry::new(self, p.flight_key(), &rx);
-                    let engine = self.clone();
-                    let p = p.clone();
-                    // Spawned, so the fetch completes and is stored even if every caller goes away.
-                    tokio::spawn(async move {
-                        let _entry = entry;
-                        engine.clone().fly(p.clone(), has_stale, tx).await;
-                    });
-                    rx
-                }
-            }
-        };
-        match wait(rx).await {
-            Some(result) => result,
-            // The flight ended without a word (a streamed lead whose caller went away before
-            // the first byte): fetch for ourselves.
-            None => self.fly_solo(p, has_stale).await,
-        }
-    }
-
-    /// A fetch for this request alone.
-    async fn fly_solo(self: &Arc<Self>, p: &Arc<Prepared>, has_stale: bool) -> FlightResult {
-        let (tx, rx) = watch::channel(None);
-        tokio::spawn(self.clone().fly(p.clone(), has_stale, tx));
-        wait(rx).await.unwrap_or_else(|| {
-            // Only if the spawned task panicked.
-            Err(upstream::transport_error(
-                UpstreamErrorKind::Connect,
-                &p.model,
-            ))
-        })
-    }
-
     /// One fetch: the primary model, then the fallback chain; the result goes to `tx` as soon
     /// as it is known. With a stale entry at hand, the first failure is the result (callers
     /// serve the stale entry), and a bounded background refresh carries on.
@@ -507,17 +456,6 @@ impl Engine {
             }
         }
         tx.send_replace(Some(Err(exhausted(last, attempts))));
-    }
-
-    /// The entry an identical flight stored between this request's look-up and its joining the
-    /// flights (that flight had left the map by then): a flight's first step, so that
-    /// concurrent identical misses make one upstream call however they interleave. `no-cache`
-    /// requests fetch whatever the cache holds.
-    async fn raced_answer(&self, p: &Prepared) -> Option<Answer> {
-        match p.controls.no_cache {
-            true => None,
-            false => self.fresh_answer(&p.key, p, 0).await,
-        }
     }
 
     /// A fresh entry under a fallback's `key`, as the answer after `attempts` upstream attempts.
@@ -639,54 +577,6 @@ impl Engine {
     }
 }
 
-/// Whether a request may take the answer of the flight `rx` in the map under its flight key.
-/// A flight stays in the map until its task ends (a stale refresh included, so that identical
-/// requests meanwhile serve their stale entry without a try of their own), and a request that
-/// joins after the answer takes it as it would take the entry just stored. Not a `no-cache`
-/// request: it asked for a fetch made for it, so it shares one still under way, never one that
-/// had answered before it came. (Back-to-back `no-cache` requests were once handed the earlier
-/// answer with no upstream call; the engine bench timed them as misses.)
-fn joinable(rx: &watch::Receiver<Option<FlightResult>>, p: &Prepared) -> bool {
-    !p.controls.no_cache || rx.borrow().is_none()
-}
-
-/// A flight's place in the map, removed when the flight's task ends, however it ends (a panic
-/// included), so that no key is left joined to a flight that will never answer. A flight that
-/// took its key's place (see [`joinable`]) is left where it is.
-struct FlightEntry {
-    engine: Arc<Engine>,
-    key: FlightKey,
-    rx: watch::Receiver<Option<FlightResult>>,
-}
-
-impl FlightEntry {
-    fn new(
-        engine: &Arc<Engine>,
-        key: FlightKey,
-        rx: &watch::Receiver<Option<FlightResult>>,
-    ) -> Self {
-        FlightEntry {
-            engine: engine.clone(),
-            key,
-            rx: rx.clone(),
-        }
-    }
-}
-
-impl Drop for FlightEntry {
-    fn drop(&mut self) {
-        if let Ok(mut flights) = self.engine.flights.lock() {
-            if flights
-                .get(&self.key)
-                .is_some_and(|rx| rx.same_channel(&self.rx))
-            {
-                flights.remove(&self.key);
-            }
-        }
-        self.engine.flight_ended.notify_waiters();
-    }
-}
-
 /// What the cache had for a request.
 enum LookedUp {
     Fresh(Lookup),
@@ -698,11 +588,6 @@ pub(crate) enum Fetched {
     Body(Bytes),
     /// A streamed answer, holding its concurrency permit until the stream ends.
     Stream(reqwest::Response, OwnedSemaphorePermit),
-}
-
-/// The flight's result; `None` when it ended without one.
-async fn wait(mut rx: watch::Receiver<Option<FlightResult>>) -> Option<FlightResult> {
-    rx.wait_for(Option::is_some).await.ok()?.clone()
 }
 
 /// The error a caller gets when every model is exhausted: the last upstream error, saying when
