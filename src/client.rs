@@ -16,12 +16,12 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use serde_json::Value;
 use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
-use tracing::{debug, debug_span, info, warn, Instrument, Span};
+use tracing::{debug, debug_span, info, Instrument, Span};
 
-use crate::cache::{Cache, Lookup, Tier};
+use crate::cache::{Cache, Lookup};
 use crate::clock::Clock;
 use crate::config::Config;
-use crate::entry::{Entry, Freshness};
+use crate::entry::Freshness;
 use crate::error::{Error, UpstreamError};
 use crate::key::{CacheKey, CredentialFingerprint};
 use crate::metrics::Metrics;
@@ -34,12 +34,14 @@ mod attempt;
 mod builder;
 mod flight;
 mod prepare;
+mod store;
 mod stream;
 
 pub(crate) use attempt::{Call, RetryPlan};
 pub use builder::ClientBuilder;
 use flight::{joinable, wait, FlightEntry, FlightKey, FlightResult};
 pub(crate) use prepare::Prepared;
+use store::{hit_answer, hit_response};
 pub use stream::{EventStream, Reply, StreamResponse};
 
 /// Background refreshes of stale entries that may run at once; more are skipped, not queued.
@@ -505,54 +507,6 @@ impl Engine {
         }
     }
 
-    /// Retries the primary in the background after a stale entry was served, holding one of
-    /// the [`MAX_REFRESHES`] slots (`_permit`); when none is free, no refresh is made.
-    async fn refresh(&self, p: &Prepared, deadline: Instant, _permit: OwnedSemaphorePermit) {
-        let mut attempts = 0;
-        if let Ok(body) = self
-            .call_plain(
-                p,
-                &p.model,
-                p.plain_body(),
-                deadline,
-                self.plan(p, usize::MAX, false),
-                &mut attempts,
-            )
-            .await
-        {
-            debug!(key = %p.key, "stale entry refreshed");
-            self.store(&p.key, body, &p.model, attempts, !p.controls.no_store)
-                .await;
-        }
-    }
-
-    async fn store(
-        &self,
-        key: &CacheKey,
-        body: Bytes,
-        model: &str,
-        attempts: u32,
-        store: bool,
-    ) -> Answer {
-        if store && is_complete_message(&body) {
-            let now = self.clock.millis();
-            let c = &self.config.cache;
-            // A copy of exactly the body: `body` may be a slice of the HTTP client's read buffer,
-            // which the memory tier would otherwise keep alive whole (kilobytes per entry, not
-            // counted by its byte bound).
-            let exact = Bytes::copy_from_slice(&body);
-            let entry = Entry::new(exact, model, now, c.ttl, c.stale_for);
-            self.cache.insert(*key, entry, now).await;
-        }
-        Answer {
-            body,
-            model: model.to_owned(),
-            outcome: Outcome::Miss,
-            attempts,
-            age: None,
-        }
-    }
-
     /// [`Self::call_model`] for a whole body.
     async fn call_plain(
         &self,
@@ -604,45 +558,4 @@ fn exhausted(mut last: UpstreamError, attempts: u32) -> UpstreamError {
 fn with_attempts(mut e: UpstreamError, attempts: u32) -> UpstreamError {
     e.attempts = attempts;
     e
-}
-
-fn hit_answer(hit: &Lookup, now: u64) -> Answer {
-    Answer {
-        body: hit.entry.body.clone(),
-        model: hit.entry.model.clone(),
-        outcome: match hit.tier {
-            Tier::Memory => Outcome::Memory,
-            Tier::Disk => Outcome::Disk,
-        },
-        attempts: 0,
-        age: Some(hit.entry.age(now)),
-    }
-}
-
-fn hit_response(hit: &Lookup, key: &CacheKey, now: u64) -> Response {
-    let a = hit_answer(hit, now);
-    Response {
-        body: a.body,
-        outcome: a.outcome,
-        model: a.model,
-        attempts: 0,
-        age: a.age,
-        key: *key,
-    }
-}
-
-/// Only a complete answer is stored: a Message with content and a stop reason, or a
-/// `count_tokens` answer. Anything else (a refusal in the shape of success, a cut body) is
-/// passed on but never cached.
-fn is_complete_message(body: &[u8]) -> bool {
-    match serde_json::from_slice::<Value>(body) {
-        Ok(v) => {
-            (v["type"] == "message" && v["content"].is_array() && !v["stop_reason"].is_null())
-                || v["input_tokens"].is_u64() && v.as_object().is_some_and(|o| o.len() <= 2)
-        }
-        Err(_) => {
-            warn!("upstream sent a 200 whose body is not JSON; not storing it");
-            false
-        }
-    }
 }
