@@ -1,5 +1,7 @@
 //! The streaming key against the reference canonicaliser, and its edge cases.
 
+use serde_json::Value;
+
 use super::*;
 use crate::key::CredentialFingerprint;
 use rand::rngs::StdRng;
