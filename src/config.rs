@@ -236,13 +236,9 @@ fn check_upstream(upstream: &str) -> Result<(), String> {
     let url = match reqwest::Url::parse(upstream) {
         Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => url,
         _ => {
-            let shown = if upstream.contains('@') {
-                "(with credentials, not shown)"
-            } else {
-                upstream
-            };
             return Err(format!(
-                "upstream {shown:?} is not an http:// or https:// URL with a host ({EXAMPLE})"
+                "upstream {:?} is not an http:// or https:// URL with a host ({EXAMPLE})",
+                redacted(upstream)
             ));
         }
     };
@@ -250,19 +246,29 @@ fn check_upstream(upstream: &str) -> Result<(), String> {
         return Err(format!(
             "upstream {:?} must not end in /v1: paths such as /v1/messages are appended \
              (use {})",
-            redacted(&url),
-            redacted(&url).trim_end_matches('/').trim_end_matches("/v1")
+            redacted(upstream),
+            redacted(upstream)
+                .trim_end_matches('/')
+                .trim_end_matches("/v1")
         ));
     }
     Ok(())
 }
 
-/// `url` without a user name or password, for messages and logs.
-pub fn redacted(url: &reqwest::Url) -> String {
-    let mut url = url.clone();
-    let _ = url.set_username("");
-    let _ = url.set_password(None);
-    url.to_string()
+/// An upstream URL as messages and logs may show it: without a user name or password. One
+/// that does not parse is shown as it is, unless it might hold credentials (an `@`).
+pub fn redacted(upstream: &str) -> String {
+    if !upstream.contains('@') {
+        return upstream.to_owned(); // as the user wrote it
+    }
+    match reqwest::Url::parse(upstream) {
+        Ok(mut url) => {
+            let _ = url.set_username("");
+            let _ = url.set_password(None);
+            url.to_string()
+        }
+        Err(_) => "(with credentials, not shown)".to_owned(),
+    }
 }
 
 /// A size setting: a number of bytes, or a string such as `"256MiB"` or `"1GB"`. Replaces

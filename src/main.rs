@@ -203,9 +203,7 @@ pub fn warn_if_no_key(upstream: &str, who: &str) {
     if std::env::var_os("ANTHROPIC_API_KEY").is_some_and(|k| !k.is_empty()) {
         return;
     }
-    let upstream = reqwest::Url::parse(upstream)
-        .map(|u| fallthrough::config::redacted(&u))
-        .unwrap_or_default();
+    let upstream = fallthrough::config::redacted(upstream);
     eprintln!(
         "warning: ANTHROPIC_API_KEY is not set; {who} go to {upstream} without a key and will \
          be refused there (set ANTHROPIC_API_KEY, or use --mock / `fallthrough mock` to try \
@@ -238,9 +236,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         config.listen = listen;
     }
     let listen = config.listen.clone();
-    let upstream = reqwest::Url::parse(&config.upstream)
-        .map(|u| fallthrough::config::redacted(&u))
-        .unwrap_or_default();
+    let upstream = fallthrough::config::redacted(&config.upstream);
     let cache = config.cache_dir();
     warn_if_no_key(
         &config.upstream,

@@ -292,7 +292,7 @@ fn setup_line(
             }
             parts.push(faults);
         }
-        None => parts.push(config.upstream.clone()),
+        None => parts.push(fallthrough::config::redacted(&config.upstream)),
     }
     parts.push(format!(
         "ttl {}",
