@@ -205,9 +205,9 @@ pub fn warn_if_no_key(upstream: &str, who: &str) {
     }
     let upstream = fallthrough::config::redacted(upstream);
     eprintln!(
-        "warning: ANTHROPIC_API_KEY is not set; {who} go to {upstream} without a key and will \
-         be refused there (set ANTHROPIC_API_KEY, or use --mock / `fallthrough mock` to try \
-         it without one)"
+        "warning: ANTHROPIC_API_KEY is not set; {who} go to {upstream} without a key, which \
+         the real API refuses (set ANTHROPIC_API_KEY, or point --upstream at `fallthrough \
+         mock` to try it without one)"
     );
 }
 
