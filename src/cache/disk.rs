@@ -253,15 +253,24 @@ impl DiskTier {
                     break;
                 }
             };
-            inner.evicting.send_replace(false);
-            // Writes made while the pass ran started none of their own, and the pass did not
-            // see those that came after its scan: if they took the tier over its bound, go on.
-            // (The channel's lock orders this read after those writes' byte counts, or lets
-            // the write that finds the flag down start the next pass itself.) A pass that
-            // removed nothing while nothing was added cannot do better: stop.
-            let after = inner.bytes.load(Ordering::Relaxed);
+            // Decide whether to go on while the flag is still up, so that a waiter
+            // ([`Self::wait_for_eviction`]) never sees it down while a pass is still due. Writes
+            // made during the pass only added bytes: they found this pass running and started
+            // none. (The channel's lock orders this read after those writes' byte counts.)
+            let after = {
+                let _ordered = inner.evicting.borrow();
+                inner.bytes.load(Ordering::Relaxed)
+            };
+            // A pass that removed nothing while nothing was added cannot do better: stop.
             let stuck = removed == 0 && after <= before;
-            if after <= inner.max_bytes || stuck || inner.evicting.send_replace(true) {
+            if after > inner.max_bytes && !stuck {
+                continue;
+            }
+            inner.evicting.send_replace(false);
+            // A write between that read and lowering the flag found it up and started nothing:
+            // if it took the tier over, go on, unless a write since has started its own pass.
+            let last = inner.bytes.load(Ordering::Relaxed);
+            if last <= after || last <= inner.max_bytes || inner.evicting.send_replace(true) {
                 break;
             }
         };
