@@ -8,13 +8,14 @@
 //! allows it, with a stale entry at hand, returns the stale entry at once.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use serde_json::Value;
-use tokio::sync::{watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, Notify, Semaphore};
 use tokio::time::Instant;
 use tracing::{debug, debug_span, info, Instrument, Span};
 
@@ -22,26 +23,30 @@ use crate::cache::{Cache, Lookup};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::entry::Freshness;
-use crate::error::{Error, UpstreamError};
+use crate::error::{Error, UpstreamErrorKind};
 use crate::key::{CacheKey, CredentialFingerprint};
 use crate::metrics::Metrics;
 use crate::outcome::Outcome;
 use crate::upstream::breaker::Breakers;
 use crate::upstream::retry::RetryBudget;
-use crate::upstream::Upstream;
+use crate::upstream::{self, Upstream};
 
 mod attempt;
 mod builder;
+mod chain;
 mod flight;
+mod form;
 mod prepare;
 mod store;
 mod stream;
 
 pub(crate) use attempt::{Call, RetryPlan};
 pub use builder::ClientBuilder;
-use flight::{joinable, wait, FlightEntry, FlightKey, FlightResult};
+use chain::Reached;
+use flight::{wait, Flight, FlightKey, FlightResult, Lead};
+use form::Whole;
 pub(crate) use prepare::Prepared;
-use store::{hit_answer, hit_response};
+use store::hit_response;
 pub use stream::{EventStream, Reply, StreamResponse};
 
 /// Background refreshes of stale entries that may run at once; more are skipped, not queued.
@@ -215,16 +220,23 @@ impl Client {
     pub async fn execute(&self, request: Request) -> Result<Response, Error> {
         let started = Instant::now();
         let prepared = self.engine.prepare(request)?;
-        self.execute_prepared(prepared, started).await
+        self.traced(prepared, started, Engine::answer).await
     }
 
-    async fn execute_prepared(&self, p: Prepared, started: Instant) -> Result<Response, Error> {
+    /// Runs one request's `path` in its span, then records how it ended.
+    async fn traced<T, F>(
+        &self,
+        p: Prepared,
+        started: Instant,
+        path: impl FnOnce(Arc<Engine>, Prepared) -> F,
+    ) -> Result<T, Error>
+    where
+        T: Summary,
+        F: Future<Output = Result<T, Error>>,
+    {
         let span = request_span(&p);
-        let result = self.engine.clone().answer(p).instrument(span.clone()).await;
-        let summary = result
-            .as_ref()
-            .map(|r| (r.outcome, r.model.as_str(), r.attempts));
-        self.finish(&span, summary, started);
+        let result = path(self.engine.clone(), p).instrument(span.clone()).await;
+        self.finish(&span, result.as_ref().map(Summary::summary), started);
         result
     }
 
@@ -346,7 +358,7 @@ impl Engine {
         }
     }
 
-    /// The whole path of one request after parsing.
+    /// The whole path of a plain request after parsing.
     async fn answer(self: Arc<Self>, p: Prepared) -> Result<Response, Error> {
         let now = self.clock.millis();
         let stale = match self.look_up(&p, now).await? {
@@ -354,7 +366,7 @@ impl Engine {
             LookedUp::Miss { stale } => stale,
         };
         let p = Arc::new(p);
-        let result = self.join_or_start_flight(&p, stale.is_some()).await;
+        let result = self.fetch_whole(&p, stale.is_some()).await;
         match (result, stale) {
             (Ok(a), _) => Ok(Response {
                 body: a.body,
@@ -378,155 +390,60 @@ impl Engine {
         }
     }
 
-    /// One fetch: the primary model, then the fallback chain; the result goes to `tx` as soon
-    /// as it is known. With a stale entry at hand, the first failure is the result (callers
-    /// serve the stale entry), and a bounded background refresh carries on.
-    async fn fly(
-        self: Arc<Self>,
-        p: Arc<Prepared>,
-        has_stale: bool,
-        tx: watch::Sender<Option<FlightResult>>,
-    ) {
-        if let Some(answer) = self.raced_answer(&p).await {
-            tx.send_replace(Some(Ok(answer)));
-            return;
-        }
-        let deadline = Instant::now() + self.config.retry.deadline;
-        let mut attempts = 0;
-        let store = !p.controls.no_store;
-        let primary = self
-            .call_plain(
-                &p,
-                &p.model,
-                p.plain_body(),
-                deadline,
-                self.plan(&p, 0, has_stale),
-                &mut attempts,
-            )
-            .await;
-        let mut last = match primary {
-            Ok(body) => {
-                let answer = self.store(&p.key, body, &p.model, attempts, store).await;
-                tx.send_replace(Some(Ok(answer)));
-                return;
-            }
-            Err(e) if has_stale && e.allows_stale() => {
-                // The refresh's slot is taken before the callers are answered, so that once
-                // they are, [`Engine::settled`] sees the refresh.
-                let permit = self.refreshes.clone().try_acquire_owned().ok();
-                tx.send_replace(Some(Err(with_attempts(e, attempts))));
-                if let Some(permit) = permit {
-                    self.refresh(&p, deadline, permit).await;
-                }
-                return;
-            }
-            Err(e) if !e.allows_stale() => {
-                tx.send_replace(Some(Err(with_attempts(e, attempts))));
-                return;
-            }
-            Err(e) => e,
+    /// A plain miss through single flight: it waits for the flight it joins, or leads one.
+    async fn fetch_whole(self: &Arc<Self>, p: &Arc<Prepared>, has_stale: bool) -> FlightResult {
+        let rx = match self.join_or_lead(p) {
+            Flight::Joined(rx) => rx,
+            Flight::Lead(lead) => self.spawn_fly(p, has_stale, lead),
         };
-        for (i, model) in self.chain(&p).iter().enumerate() {
-            let (key, mut json) = p.for_model(model);
-            json.as_object_mut().map(|o| o.remove("stream"));
-            let body = Bytes::from(json.to_string());
-            if let Some(answer) = self.fresh_answer(&key, &p, attempts).await {
-                tx.send_replace(Some(Ok(answer)));
-                return;
-            }
-            match self
-                .call_plain(
-                    &p,
-                    model,
-                    body,
-                    deadline,
-                    self.plan(&p, i + 1, false),
-                    &mut attempts,
-                )
-                .await
-            {
-                Ok(body) => {
-                    let answer = self.store(&key, body, model, attempts, store).await;
-                    tx.send_replace(Some(Ok(answer)));
-                    return;
-                }
-                Err(e) if !e.allows_stale() => {
-                    tx.send_replace(Some(Err(with_attempts(e, attempts))));
-                    return;
-                }
-                Err(e) => last = e,
-            }
+        if let Some(result) = wait(rx).await {
+            return result;
         }
-        tx.send_replace(Some(Err(exhausted(last, attempts))));
-    }
-
-    /// A fresh entry under a fallback's `key`, as the answer after `attempts` upstream attempts.
-    async fn fresh_answer(&self, key: &CacheKey, p: &Prepared, attempts: u32) -> Option<Answer> {
-        let now = self.clock.millis();
-        let hit = self.cache.get(key, now).await?;
-        (hit.entry.freshness(now, p.controls.max_age) == Freshness::Fresh).then(|| Answer {
-            attempts,
-            ..hit_answer(&hit, now)
+        // The flight ended without a word (a streamed lead whose caller went away before the
+        // first byte): fetch for ourselves.
+        let rx = self.spawn_fly(p, has_stale, Lead::solo());
+        wait(rx).await.unwrap_or_else(|| {
+            // Only if the spawned task panicked.
+            Err(upstream::transport_error(
+                UpstreamErrorKind::Connect,
+                &p.model,
+            ))
         })
     }
 
-    /// The fallback models of the request's model, unless the request wants its model only.
-    fn chain<'a>(&'a self, p: &Prepared) -> &'a [String] {
-        match p.controls.no_fallback {
-            true => &[],
-            false => self
-                .config
-                .fallback
-                .get(&p.model)
-                .map_or(&[], Vec::as_slice),
-        }
+    /// Fetches in a task of its own, so that the answer is stored even if every caller goes
+    /// away; its result comes on the returned receiver.
+    fn spawn_fly(
+        self: &Arc<Self>,
+        p: &Arc<Prepared>,
+        has_stale: bool,
+        lead: Lead,
+    ) -> watch::Receiver<Option<FlightResult>> {
+        let rx = lead.subscribe();
+        tokio::spawn(self.clone().fly(p.clone(), has_stale, lead));
+        rx
     }
 
-    /// How the `position`th model of the request's chain (0: the primary) is retried.
-    /// With a stale entry at hand, not at all: the entry answers at once. A model with a
-    /// fallback after it gets `retries_before_fallback` quick retries, each waiting at most
-    /// `before_fallback_delay` (a longer `retry-after` sends the request on to the fallback):
-    /// the next model answers sooner than a long backoff, and the overloaded model is spared.
-    /// The last model gets the full policy.
-    fn plan(&self, p: &Prepared, position: usize, has_stale: bool) -> RetryPlan {
-        let policy = &self.config.retry;
-        if has_stale && position == 0 {
-            RetryPlan::NONE
-        } else if position < self.chain(p).len() {
-            RetryPlan {
-                retries: policy.retries_before_fallback,
-                max_delay: policy.before_fallback_delay,
-                max_retry_after: policy.before_fallback_delay,
+    /// One plain fetch down the chain; the result is told as soon as it is known (stored
+    /// first). With a stale entry at hand, the first failure is the result (callers serve the
+    /// stale entry), and a bounded background refresh carries on.
+    async fn fly(self: Arc<Self>, p: Arc<Prepared>, has_stale: bool, lead: Lead) {
+        match self.run_chain::<Whole>(&p, has_stale).await {
+            Reached::Fetched {
+                fetched,
+                key,
+                model,
+                attempts,
+            } => {
+                let store = !p.controls.no_store;
+                let answer = self.store(&key, fetched, &model, attempts, store).await;
+                lead.tell(Ok(answer));
             }
-        } else {
-            RetryPlan {
-                retries: policy.max_retries,
-                max_delay: policy.max_delay,
-                max_retry_after: policy.max_retry_after,
+            Reached::Stored { answer, .. } => lead.tell(Ok(answer)),
+            Reached::Stale { error, deadline } => {
+                self.stale_then_refresh(&p, lead, error, deadline);
             }
-        }
-    }
-
-    /// [`Self::call_model`] for a whole body.
-    async fn call_plain(
-        &self,
-        p: &Prepared,
-        model: &str,
-        body: Bytes,
-        deadline: Instant,
-        plan: RetryPlan,
-        attempts: &mut u32,
-    ) -> Result<Bytes, UpstreamError> {
-        let call = Call {
-            model,
-            body,
-            deadline,
-            stream: false,
-            plan,
-        };
-        match self.call_model(p, call, attempts).await? {
-            Fetched::Body(body) => Ok(body),
-            Fetched::Stream(..) => unreachable!("a plain call reads its body"),
+            Reached::Failed(error) => lead.tell(Err(error)),
         }
     }
 }
@@ -537,25 +454,14 @@ enum LookedUp {
     Miss { stale: Option<Lookup> },
 }
 
-/// A successful upstream answer.
-pub(crate) enum Fetched {
-    Body(Bytes),
-    /// A streamed answer, holding its concurrency permit until the stream ends.
-    Stream(reqwest::Response, OwnedSemaphorePermit),
+/// What a request's span and metrics record of its answer.
+trait Summary {
+    /// Outcome, model that answered, upstream attempts.
+    fn summary(&self) -> (Outcome, &str, u32);
 }
 
-/// The error a caller gets when every model is exhausted: the last upstream error, saying when
-/// trying again makes sense (at least a second).
-fn exhausted(mut last: UpstreamError, attempts: u32) -> UpstreamError {
-    last.retry_after = Some(
-        last.retry_after
-            .unwrap_or_default()
-            .max(Duration::from_secs(1)),
-    );
-    with_attempts(last, attempts)
-}
-
-fn with_attempts(mut e: UpstreamError, attempts: u32) -> UpstreamError {
-    e.attempts = attempts;
-    e
+impl Summary for Response {
+    fn summary(&self) -> (Outcome, &str, u32) {
+        (self.outcome, &self.model, self.attempts)
+    }
 }

@@ -13,23 +13,23 @@ use crate::upstream;
 use crate::upstream::breaker::{Admission, Verdict};
 use crate::upstream::retry::backoff;
 
-use super::{Engine, Fetched, Prepared};
+use super::form::Form;
+use super::{Engine, Prepared};
 
 impl Engine {
     /// Calls one model: breaker, attempt, and retries as the policy, the budget and the deadline
-    /// allow. A stream is returned once its head has arrived: retries happen only before the
-    /// first byte reaches the caller.
-    pub(crate) async fn call_model(
+    /// allow. A stream is returned once its head has arrived ([`super::form::Live`]): retries
+    /// happen only before the first byte reaches the caller.
+    pub(crate) async fn call_model<F: Form>(
         &self,
         p: &Prepared,
         call: Call<'_>,
         attempts: &mut u32,
-    ) -> Result<Fetched, UpstreamError> {
+    ) -> Result<F::Fetched, UpstreamError> {
         let Call {
             model,
             body,
             deadline,
-            stream,
             plan,
         } = call;
         let policy = &self.config.retry;
@@ -55,7 +55,7 @@ impl Engine {
             }
             *attempts += 1;
             let result = self
-                .attempt(p, model, body.clone(), deadline, stream, permit)
+                .attempt::<F>(p, model, body.clone(), deadline, permit)
                 .await;
             let error = match result {
                 Ok(body) => {
@@ -99,18 +99,16 @@ impl Engine {
         }
     }
 
-    /// One upstream attempt, holding a concurrency permit; a plain body is read whole, so a
-    /// body that breaks off is a failed attempt like any other.
-    async fn attempt(
+    /// One upstream attempt, holding a concurrency permit, taken in the call's form.
+    async fn attempt<F: Form>(
         &self,
         p: &Prepared,
         model: &str,
         body: Bytes,
         deadline: Instant,
-        stream: bool,
         permit: OwnedSemaphorePermit,
-    ) -> Result<Fetched, UpstreamError> {
-        let result: Result<Fetched, UpstreamError> = async {
+    ) -> Result<F::Fetched, UpstreamError> {
+        let result = async {
             let response = self
                 .upstream
                 .send(
@@ -122,11 +120,7 @@ impl Engine {
                     deadline,
                 )
                 .await?;
-            if stream {
-                return Ok(Fetched::Stream(response, permit));
-            }
-            let body = upstream::read_body(response, model, deadline).await?;
-            Ok(Fetched::Body(body))
+            F::take(response, permit, model, deadline).await
         }
         .await;
         let status = match &result {
@@ -143,8 +137,6 @@ pub(crate) struct Call<'a> {
     pub model: &'a str,
     pub body: Bytes,
     pub deadline: Instant,
-    /// Return the response once its head arrives, for relaying as a stream.
-    pub stream: bool,
     pub plan: RetryPlan,
 }
 

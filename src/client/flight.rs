@@ -5,61 +5,25 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
-use crate::error::{UpstreamError, UpstreamErrorKind};
+use crate::error::UpstreamError;
 use crate::key::CacheKey;
-use crate::upstream;
 
 use super::{Answer, Controls, Engine, Prepared};
 
 impl Engine {
-    /// Single flight: identical concurrent misses (same key, same controls) share one upstream
-    /// fetch.
-    pub(super) async fn join_or_start_flight(
-        self: &Arc<Self>,
-        p: &Arc<Prepared>,
-        has_stale: bool,
-    ) -> FlightResult {
-        let rx = {
-            let mut flights = self.flights.lock().expect("flights lock");
-            match flights.get(&p.flight_key()).filter(|rx| joinable(rx, p)) {
-                Some(rx) => rx.clone(),
-                None => {
-                    let (tx, rx) = watch::channel(None);
-                    flights.insert(p.flight_key(), rx.clone());
-                    let entry = FlightEntry::new(self, p.flight_key(), &rx);
-                    let engine = self.clone();
-                    let p = p.clone();
-                    // Spawned, so the fetch completes and is stored even if every caller goes away.
-                    tokio::spawn(async move {
-                        let _entry = entry;
-                        engine.clone().fly(p.clone(), has_stale, tx).await;
-                    });
-                    rx
-                }
-            }
-        };
-        match wait(rx).await {
-            Some(result) => result,
-            // The flight ended without a word (a streamed lead whose caller went away before
-            // the first byte): fetch for ourselves.
-            None => self.fly_solo(p, has_stale).await,
+    /// Joins the flight of an identical miss in progress, or leads a new one. A std mutex,
+    /// held for this one map operation.
+    pub(super) fn join_or_lead(self: &Arc<Self>, p: &Prepared) -> Flight {
+        let mut flights = self.flights.lock().expect("flights lock");
+        if let Some(rx) = flights.get(&p.flight_key()).filter(|rx| joinable(rx, p)) {
+            return Flight::Joined(rx.clone());
         }
-    }
-
-    /// A fetch for this request alone.
-    pub(super) async fn fly_solo(
-        self: &Arc<Self>,
-        p: &Arc<Prepared>,
-        has_stale: bool,
-    ) -> FlightResult {
         let (tx, rx) = watch::channel(None);
-        tokio::spawn(self.clone().fly(p.clone(), has_stale, tx));
-        wait(rx).await.unwrap_or_else(|| {
-            // Only if the spawned task panicked.
-            Err(upstream::transport_error(
-                UpstreamErrorKind::Connect,
-                &p.model,
-            ))
+        let entry = FlightEntry::new(self, p.flight_key(), &rx);
+        flights.insert(p.flight_key(), rx);
+        Flight::Lead(Lead {
+            tx,
+            _entry: Some(entry),
         })
     }
 
@@ -77,14 +41,50 @@ impl Engine {
 
 pub(super) type FlightResult = Result<Answer, UpstreamError>;
 
+/// A miss's place in single flight.
+pub(super) enum Flight {
+    /// An identical miss leads: wait for its result ([`wait`]).
+    Joined(watch::Receiver<Option<FlightResult>>),
+    /// This miss leads: identical ones wait for what it tells them.
+    Lead(Lead),
+}
+
+/// The fetch that identical misses wait on. The flight stays in the map as long as its lead
+/// lives (a stale refresh included, so that identical requests meanwhile serve their stale
+/// entry without a try of their own), however it ends: a lead dropped without a word tells
+/// the waiters nothing, and they fetch for themselves.
+pub(super) struct Lead {
+    tx: watch::Sender<Option<FlightResult>>,
+    /// `None` for a lead nobody can join (a fetch for one request alone).
+    _entry: Option<FlightEntry>,
+}
+
+impl Lead {
+    /// A lead of a fetch for one request alone, outside the map.
+    pub(super) fn solo() -> Self {
+        Lead {
+            tx: watch::channel(None).0,
+            _entry: None,
+        }
+    }
+
+    /// The flight's result, as the waiters will get it.
+    pub(super) fn subscribe(&self) -> watch::Receiver<Option<FlightResult>> {
+        self.tx.subscribe()
+    }
+
+    /// Tells the waiting requests how the flight ended.
+    pub(super) fn tell(&self, result: FlightResult) {
+        self.tx.send_replace(Some(result));
+    }
+}
+
 /// Identical requests share a flight only when their controls are identical too: controls
 /// change what a fetch does (fallbacks, freshness) and stores.
 pub(super) type FlightKey = (CacheKey, Controls);
 
 /// Whether a request may take the answer of the flight `rx` in the map under its flight key.
-/// A flight stays in the map until its task ends (a stale refresh included, so that identical
-/// requests meanwhile serve their stale entry without a try of their own), and a request that
-/// joins after the answer takes it as it would take the entry just stored. Not a `no-cache`
+/// A request that joins after the answer takes it as it would take the entry just stored. Not a `no-cache`
 /// request: it asked for a fetch made for it, so it shares one still under way, never one that
 /// had answered before it came. (Back-to-back `no-cache` requests were once handed the earlier
 /// answer with no upstream call; the engine bench timed them as misses.)
@@ -92,17 +92,17 @@ pub(super) fn joinable(rx: &watch::Receiver<Option<FlightResult>>, p: &Prepared)
     !p.controls.no_cache || rx.borrow().is_none()
 }
 
-/// A flight's place in the map, removed when the flight's task ends, however it ends (a panic
-/// included), so that no key is left joined to a flight that will never answer. A flight that
+/// A flight's place in the map, removed when its lead is dropped, however that happens (a
+/// panic included), so that no key is left joined to a flight that will never answer. A flight that
 /// took its key's place (see [`joinable`]) is left where it is.
-pub(super) struct FlightEntry {
+struct FlightEntry {
     engine: Arc<Engine>,
     key: FlightKey,
     rx: watch::Receiver<Option<FlightResult>>,
 }
 
 impl FlightEntry {
-    pub(super) fn new(
+    fn new(
         engine: &Arc<Engine>,
         key: FlightKey,
         rx: &watch::Receiver<Option<FlightResult>>,

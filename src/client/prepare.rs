@@ -133,30 +133,34 @@ impl Prepared {
         serde_json::from_slice(&self.body).unwrap_or_default()
     }
 
-    /// The body with `"stream": true`: what a streamed call sends, whatever the caller's said.
-    pub(super) fn stream_body(&self) -> Bytes {
-        if self.stream {
+    /// The body as sent upstream for the request's own model: byte for byte when its
+    /// `stream` already says what the call asks (`stream`); otherwise with `"stream": true` set
+    /// or `stream` removed (a plain fetch, a background refresh).
+    pub(super) fn body(&self, stream: bool) -> Bytes {
+        if self.stream == stream {
             return self.body.clone();
         }
         let mut json = self.json();
-        json["stream"] = Value::Bool(true);
+        set_stream(&mut json, stream);
         Bytes::from(json.to_string())
     }
 
-    /// The body without `stream`: what plain fetches and background refreshes send.
-    pub(super) fn plain_body(&self) -> Bytes {
-        if !self.stream {
-            return self.body.clone();
-        }
-        let mut json = self.json();
-        json.as_object_mut().map(|o| o.remove("stream"));
-        Bytes::from(json.to_string())
-    }
-
-    /// The key and body of this request sent to `model` instead (a fallback).
-    pub(super) fn for_model(&self, model: &str) -> (CacheKey, Value) {
+    /// The key and body of this request sent to `model` instead (a fallback), asking for a
+    /// stream or not.
+    pub(super) fn for_model(&self, model: &str, stream: bool) -> (CacheKey, Bytes) {
         let mut json = self.json();
         json["model"] = Value::String(model.to_owned());
-        (self.ctx.key(&json), json)
+        let key = self.ctx.key(&json);
+        set_stream(&mut json, stream);
+        (key, Bytes::from(json.to_string()))
+    }
+}
+
+fn set_stream(json: &mut Value, stream: bool) {
+    match stream {
+        true => json["stream"] = Value::Bool(true),
+        false => {
+            json.as_object_mut().map(|o| o.remove("stream"));
+        }
     }
 }

@@ -1,6 +1,8 @@
 //! Answers in and out of the cache: storing a complete answer, refreshing a stale one in the
 //! background, and a cached entry as an answer.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use serde_json::Value;
 use tokio::sync::OwnedSemaphorePermit;
@@ -9,10 +11,12 @@ use tracing::{debug, warn};
 
 use crate::cache::{Lookup, Tier};
 use crate::entry::Entry;
+use crate::error::UpstreamError;
 use crate::key::CacheKey;
 use crate::outcome::Outcome;
 
-use super::{Answer, Engine, Prepared, Response};
+use super::form::Whole;
+use super::{Answer, Call, Engine, Lead, Prepared, Response};
 
 impl Engine {
     pub(super) async fn store(
@@ -42,26 +46,40 @@ impl Engine {
         }
     }
 
-    /// Retries the primary in the background after a stale entry was served, holding one of
-    /// the [`MAX_REFRESHES`] slots (`_permit`); when none is free, no refresh is made.
-    pub(super) async fn refresh(
-        &self,
-        p: &Prepared,
+    /// After the primary failed with a stale entry at hand: tells the waiters (each serves its
+    /// stale entry), then refreshes the entry in the background, the flight staying in the
+    /// map meanwhile so that identical requests serve theirs without a try of their own. The
+    /// refresh's slot (one of [`MAX_REFRESHES`](super::MAX_REFRESHES)) is taken before anyone
+    /// is told, so that once they are, [`Engine::settled`] sees the refresh; with no slot
+    /// free, no refresh is made.
+    pub(super) fn stale_then_refresh(
+        self: &Arc<Self>,
+        p: &Arc<Prepared>,
+        lead: Lead,
+        error: UpstreamError,
         deadline: Instant,
-        _permit: OwnedSemaphorePermit,
     ) {
+        let permit = self.refreshes.clone().try_acquire_owned().ok();
+        lead.tell(Err(error));
+        let Some(permit) = permit else { return };
+        let engine = self.clone();
+        let p = p.clone();
+        tokio::spawn(async move {
+            engine.refresh(&p, deadline, permit).await;
+            drop(lead);
+        });
+    }
+
+    /// Retries the primary, plainly, holding a refresh slot (`_permit`), and stores the answer.
+    async fn refresh(&self, p: &Prepared, deadline: Instant, _permit: OwnedSemaphorePermit) {
         let mut attempts = 0;
-        if let Ok(body) = self
-            .call_plain(
-                p,
-                &p.model,
-                p.plain_body(),
-                deadline,
-                self.plan(p, usize::MAX, false),
-                &mut attempts,
-            )
-            .await
-        {
+        let call = Call {
+            model: &p.model,
+            body: p.body(false),
+            deadline,
+            plan: self.plan(p, usize::MAX, false),
+        };
+        if let Ok(body) = self.call_model::<Whole>(p, call, &mut attempts).await {
             debug!(key = %p.key, "stale entry refreshed");
             self.store(&p.key, body, &p.model, attempts, !p.controls.no_store)
                 .await;

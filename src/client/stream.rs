@@ -10,15 +10,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use serde_json::Value;
-use tokio::sync::{mpsc, watch, OwnedSemaphorePermit};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
-use tracing::{debug, info, warn, Instrument};
+use tracing::{debug, info, warn};
 
-use super::{
-    wait, with_attempts, Answer, Call, Engine, Fetched, FlightEntry, FlightResult, LookedUp,
-    Prepared, Request, Response,
-};
+use super::form::{Live, LiveResponse};
+use super::store::hit_answer;
+use super::{wait, Answer, Engine, Flight, Lead, LookedUp, Prepared, Reached, Request, Response};
 use crate::cache::Lookup;
 use crate::error::Error;
 use crate::error::UpstreamErrorKind;
@@ -59,22 +58,6 @@ impl std::fmt::Debug for StreamResponse {
     }
 }
 
-/// The first of identical streamed misses: it holds the flight that the others wait on.
-pub(super) struct Lead {
-    tx: watch::Sender<Option<FlightResult>>,
-    /// Removes the flight from the map when the lead is done with, however that happens.
-    _entry: FlightEntry,
-}
-
-impl Lead {
-    /// Tells the waiting requests how the flight ended (and ends it).
-    fn finish(lead: Option<Lead>, result: FlightResult) {
-        if let Some(lead) = lead {
-            lead.tx.send_replace(Some(result));
-        }
-    }
-}
-
 /// An answer in the form the request asked for.
 #[derive(Debug)]
 pub enum Reply {
@@ -95,10 +78,8 @@ impl super::Client {
         let started = Instant::now();
         let prepared = self.engine.prepare(request)?;
         if !prepared.stream {
-            return self
-                .execute_prepared(prepared, started)
-                .await
-                .map(Reply::Plain);
+            let plain = self.traced(prepared, started, Engine::answer).await;
+            return plain.map(Reply::Plain);
         }
         self.stream_prepared(prepared, started)
             .await
@@ -110,22 +91,20 @@ impl super::Client {
         p: Prepared,
         started: Instant,
     ) -> Result<StreamResponse, Error> {
-        let span = super::request_span(&p);
-        let result = self
-            .engine
-            .clone()
-            .answer_stream(p)
-            .instrument(span.clone())
-            .await;
-        let summary = result
-            .as_ref()
-            .map(|r| (r.outcome, r.model.as_str(), r.attempts));
-        self.finish(&span, summary, started);
-        result
+        self.traced(p, started, Engine::answer_stream).await
+    }
+}
+
+impl super::Summary for StreamResponse {
+    fn summary(&self) -> (Outcome, &str, u32) {
+        (self.outcome, &self.model, self.attempts)
     }
 }
 
 impl Engine {
+    /// The whole path of a streamed request after parsing. Single flight, as for plain
+    /// requests: the first identical miss goes upstream and relays live; the others wait for
+    /// its stored answer and replay it.
     async fn answer_stream(self: Arc<Self>, p: Prepared) -> Result<StreamResponse, Error> {
         let now = self.clock.millis();
         let cached = match self.look_up(&p, now).await? {
@@ -133,110 +112,52 @@ impl Engine {
             LookedUp::Miss { stale } => stale,
         };
         let p = Arc::new(p);
-        // Single flight, as for plain requests: the first identical miss goes upstream and
-        // relays live; the others wait for its stored answer and replay it.
-        let joined = {
-            let mut flights = self.flights.lock().expect("flights lock");
-            match flights
-                .get(&p.flight_key())
-                .filter(|rx| super::joinable(rx, &p))
-            {
-                Some(rx) => Ok(rx.clone()),
-                None => {
-                    let (tx, rx) = watch::channel(None);
-                    let _entry = FlightEntry::new(&self, p.flight_key(), &rx);
-                    flights.insert(p.flight_key(), rx);
-                    Err(Lead { tx, _entry })
+        let lead = match self.join_or_lead(&p) {
+            Flight::Lead(lead) => lead,
+            Flight::Joined(rx) => match (wait(rx).await, cached) {
+                (Some(Ok(answer)), _) => return replay(answer, p.key),
+                (Some(Err(e)), Some(stale)) if e.allows_stale() => {
+                    return replay_hit(&stale, p.key, self.clock.millis(), Some(e.attempts))
                 }
-            }
+                (Some(Err(e)), _) => return Err(Error::Upstream(e)),
+                // The lead went away without a word (its caller left before the first byte).
+                (None, cached) => return self.fetch_stream(p, cached, Lead::solo()).await,
+            },
         };
-        let rx = match joined {
-            Ok(rx) => rx,
-            Err(lead) => return self.fetch_stream(p, cached, Some(lead)).await,
-        };
-        let Some(result) = wait(rx).await else {
-            // The lead went away without a word (its caller left before the first byte).
-            return self.fetch_stream(p, cached, None).await;
-        };
-        match (result, cached) {
-            (Ok(answer), _) => replay(answer, p.key),
-            (Err(e), Some(stale)) if e.allows_stale() => {
-                replay_hit(&stale, p.key, self.clock.millis(), Some(e.attempts))
-            }
-            (Err(e), _) => Err(Error::Upstream(e)),
-        }
+        self.fetch_stream(p, cached, lead).await
     }
 
-    /// The miss path of a stream: primary, then fallbacks, each retried until its head arrives.
-    /// With a `lead`, identical requests wait on this one: they are told how it ended.
+    /// The miss path of a stream: the chain, each model retried until its head arrives.
+    /// Identical requests wait on `lead`: they are told how it ended.
     async fn fetch_stream(
         self: Arc<Self>,
         p: Arc<Prepared>,
         stale: Option<Lookup>,
-        mut lead: Option<Lead>,
+        lead: Lead,
     ) -> Result<StreamResponse, Error> {
-        if let Some(answer) = self.raced_answer(&p).await {
-            Lead::finish(lead, Ok(answer.clone()));
-            return replay(answer, p.key);
-        }
-        let deadline = Instant::now() + self.config.retry.deadline;
-        let mut attempts = 0;
-        let call = Call {
-            model: &p.model,
-            body: p.stream_body(),
-            deadline,
-            stream: true,
-            plan: self.plan(&p, 0, stale.is_some()),
-        };
-        let mut last = match self.call_model(&p, call, &mut attempts).await {
-            Ok(fetched) => return Ok(self.relay(fetched, &p, p.key, &p.model, attempts, lead)),
-            Err(e) if e.allows_stale() && stale.is_some() => {
-                info!(key = %p.key, status = e.status, "upstream cannot answer; replaying stale");
-                // Taken before anyone is answered, as on the plain path (see `fly`).
-                let permit = self.refreshes.clone().try_acquire_owned().ok();
-                Lead::finish(lead, Err(with_attempts(e, attempts)));
-                if let Some(permit) = permit {
-                    let engine = self.clone();
-                    let refresh = p.clone();
-                    tokio::spawn(async move { engine.refresh(&refresh, deadline, permit).await });
-                }
-                let stale = stale.expect("checked");
-                return replay_hit(&stale, p.key, self.clock.millis(), Some(attempts));
-            }
-            Err(e) if !e.allows_stale() => {
-                let e = with_attempts(e, attempts);
-                Lead::finish(lead, Err(e.clone()));
-                return Err(Error::Upstream(e));
-            }
-            Err(e) => e,
-        };
-        for (i, model) in self.chain(&p).iter().enumerate() {
-            let (key, mut json) = p.for_model(model);
-            if let Some(answer) = self.fresh_answer(&key, &p, attempts).await {
-                Lead::finish(lead.take(), Ok(answer.clone()));
-                return replay(answer, key);
-            }
-            json["stream"] = Value::Bool(true);
-            let call = Call {
+        match self.run_chain::<Live>(&p, stale.is_some()).await {
+            Reached::Fetched {
+                fetched,
+                key,
                 model,
-                body: Bytes::from(json.to_string()),
-                deadline,
-                stream: true,
-                plan: self.plan(&p, i + 1, false),
-            };
-            match self.call_model(&p, call, &mut attempts).await {
-                Ok(fetched) => return Ok(self.relay(fetched, &p, key, model, attempts, lead)),
-                Err(e) if !e.allows_stale() => {
-                    let e = with_attempts(e, attempts);
-                    Lead::finish(lead, Err(e.clone()));
-                    return Err(Error::Upstream(e));
-                }
-                Err(e) => last = e,
+                attempts,
+            } => Ok(self.relay(fetched, &p, key, &model, attempts, lead)),
+            Reached::Stored { answer, key } => {
+                lead.tell(Ok(answer.clone()));
+                replay(answer, key)
+            }
+            Reached::Stale { error, deadline } => {
+                info!(key = %p.key, status = error.status, "upstream cannot answer; replaying stale");
+                let attempts = error.attempts;
+                self.stale_then_refresh(&p, lead, error, deadline);
+                let stale = stale.expect("a chain ends stale only with a stale entry at hand");
+                replay_hit(&stale, p.key, self.clock.millis(), Some(attempts))
+            }
+            Reached::Failed(error) => {
+                lead.tell(Err(error.clone()));
+                Err(Error::Upstream(error))
             }
         }
-        let e = super::exhausted(last, attempts);
-        Lead::finish(lead, Err(e.clone()));
-        Err(Error::Upstream(e))
     }
 
     /// Relays a live upstream stream to the caller through a spawned task, which assembles the
@@ -244,22 +165,19 @@ impl Engine {
     /// the caller goes away, so an answer already paid for is kept.
     fn relay(
         self: &Arc<Self>,
-        fetched: Fetched,
+        live: LiveResponse,
         p: &Prepared,
         key: CacheKey,
         model: &str,
         attempts: u32,
-        lead: Option<Lead>,
+        lead: Lead,
     ) -> StreamResponse {
-        let Fetched::Stream(response, permit) = fetched else {
-            unreachable!("a stream call returns a stream");
-        };
         let (tx, rx) = mpsc::channel(64);
         let store = !p.controls.no_store;
         let engine = self.clone();
         let model_name = model.to_owned();
         tokio::spawn(async move {
-            let message = pump(response, permit, &tx).await;
+            let message = pump(live, &tx).await;
             let shared = match (message, store) {
                 (Some(message), true) => {
                     let body = Bytes::from(message.to_string());
@@ -271,7 +189,8 @@ impl Engine {
                 )),
             };
             // Stored first, then the waiting requests are told and the flight leaves the map.
-            Lead::finish(lead, shared);
+            lead.tell(shared);
+            drop(lead);
             // Only now does the caller's stream end: a graceful shutdown, which waits for it,
             // cannot flush the disk tier before this answer is in it.
             drop(tx);
@@ -294,10 +213,14 @@ impl Engine {
 /// Copies the upstream's bytes to `tx`, assembling the Message as they pass. Returns it only
 /// when the stream ended properly: an `error` event, a malformed stream or a cut gives `None`.
 async fn pump(
-    response: reqwest::Response,
-    _permit: OwnedSemaphorePermit,
+    live: LiveResponse,
     tx: &mpsc::Sender<Result<Bytes, std::io::Error>>,
 ) -> Option<Value> {
+    // The permit is held until the stream has been read to its end.
+    let LiveResponse {
+        response,
+        permit: _permit,
+    } = live;
     let mut body = response.bytes_stream();
     let mut parser = FrameParser::new();
     let mut assembler = Assembler::new();
@@ -348,7 +271,7 @@ fn replay_hit(
     now: u64,
     stale_attempts: Option<u32>,
 ) -> Result<StreamResponse, Error> {
-    let mut answer = super::hit_answer(hit, now);
+    let mut answer = hit_answer(hit, now);
     if let Some(attempts) = stale_attempts {
         answer.outcome = Outcome::Stale;
         answer.attempts = attempts;

@@ -1,0 +1,70 @@
+//! The two forms an answer is fetched in: whole (a plain Message, read to its end) or live (an
+//! event stream, relayed as it comes). The chain of models and each model's attempts are
+//! written once, over [`Form`]; only what a successful attempt yields differs.
+
+use std::future::Future;
+
+use bytes::Bytes;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+
+use crate::error::UpstreamError;
+use crate::upstream;
+
+/// How an upstream answer is asked for and taken.
+pub(crate) trait Form {
+    /// What a successful attempt yields.
+    type Fetched: Send;
+    /// Whether the upstream is asked for an event stream (`"stream": true`).
+    const STREAM: bool;
+
+    /// Takes a response whose head said success, within the attempt: a body that breaks off
+    /// while it is read is a failed attempt like any other, retried and held against the
+    /// model's breaker.
+    fn take(
+        response: reqwest::Response,
+        permit: OwnedSemaphorePermit,
+        model: &str,
+        deadline: Instant,
+    ) -> impl Future<Output = Result<Self::Fetched, UpstreamError>> + Send;
+}
+
+/// A whole Message body; the concurrency permit is given back once it is read.
+pub(crate) struct Whole;
+
+impl Form for Whole {
+    type Fetched = Bytes;
+    const STREAM: bool = false;
+
+    async fn take(
+        response: reqwest::Response,
+        _permit: OwnedSemaphorePermit,
+        model: &str,
+        deadline: Instant,
+    ) -> Result<Bytes, UpstreamError> {
+        upstream::read_body(response, model, deadline).await
+    }
+}
+
+/// A live event stream, from its head on: retries end once the head has arrived.
+pub(crate) struct Live;
+
+/// A response to relay, holding its concurrency permit until the stream ends.
+pub(crate) struct LiveResponse {
+    pub response: reqwest::Response,
+    pub permit: OwnedSemaphorePermit,
+}
+
+impl Form for Live {
+    type Fetched = LiveResponse;
+    const STREAM: bool = true;
+
+    async fn take(
+        response: reqwest::Response,
+        permit: OwnedSemaphorePermit,
+        _model: &str,
+        _deadline: Instant,
+    ) -> Result<LiveResponse, UpstreamError> {
+        Ok(LiveResponse { response, permit })
+    }
+}
