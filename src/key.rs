@@ -10,17 +10,15 @@ use std::fmt;
 use std::io::Write;
 use std::str::FromStr;
 
-use serde_json::{Number, Value};
+use serde_json::Value;
 
+mod canonical;
 mod streaming;
 
 pub use streaming::{BodyFacts, KeyError};
 
 /// Bumped whenever the canonical form changes, so old entries are never served under new rules.
 pub const KEY_FORMAT_VERSION: u64 = 1;
-
-/// Body fields that never affect the key.
-const IGNORED_BODY_FIELDS: [&str; 2] = ["stream", "metadata"];
 
 /// A 32-byte blake3 digest, shown as 64 lowercase hex characters.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -34,12 +32,8 @@ impl CacheKey {
     /// The 64 lowercase hex characters, without allocating (the proxy's hot path sends them
     /// in a header).
     pub fn to_hex(&self) -> [u8; 64] {
-        const DIGITS: &[u8; 16] = b"0123456789abcdef";
         let mut out = [0u8; 64];
-        for (i, b) in self.0.iter().enumerate() {
-            out[2 * i] = DIGITS[(b >> 4) as usize];
-            out[2 * i + 1] = DIGITS[(b & 0xf) as usize];
-        }
+        canonical::hex_into(&self.0, &mut out);
         out
     }
 }
@@ -101,14 +95,19 @@ impl CredentialFingerprint {
         out.copy_from_slice(&hasher.finalize().as_bytes()[..16]);
         CredentialFingerprint(out)
     }
+
+    /// The 32 lowercase hex characters, as the canonical form holds them.
+    pub fn to_hex(&self) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        canonical::hex_into(&self.0, &mut out);
+        out
+    }
 }
 
 impl fmt::Display for CredentialFingerprint {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for b in self.0 {
-            write!(f, "{b:02x}")?;
-        }
-        Ok(())
+        let hex = self.to_hex();
+        f.write_str(std::str::from_utf8(&hex).expect("hex is ASCII"))
     }
 }
 
@@ -177,118 +176,19 @@ impl KeyContext {
     }
 
     fn write_canonical(&self, body: &Value, out: &mut impl Write) -> std::io::Result<()> {
-        self.write_prefix(out)?;
-        write_body(out, body)?;
-        self.write_suffix(out)
-    }
-
-    /// The canonical form up to the body. Fields in sorted order, so the whole form is
-    /// canonical JSON too.
-    fn write_prefix(&self, out: &mut impl Write) -> std::io::Result<()> {
-        write!(out, "{{\"anthropic_version\":")?;
-        write_string_or_null(out, self.anthropic_version.as_deref())?;
-        write!(out, ",\"beta\":[")?;
-        for (i, beta) in self.betas.iter().enumerate() {
-            if i > 0 {
-                out.write_all(b",")?;
-            }
-            write_string(out, beta)?;
-        }
-        write!(out, "],\"body\":")
-    }
-
-    /// The canonical form after the body.
-    fn write_suffix(&self, out: &mut impl Write) -> std::io::Result<()> {
-        write!(out, ",\"credential\":")?;
-        let fingerprint = self.credential.map(|c| c.to_string());
-        write_string_or_null(out, fingerprint.as_deref())?;
-        write!(out, ",\"namespace\":")?;
-        write_string(out, &self.namespace)?;
-        write!(out, ",\"path\":")?;
-        write_string(out, &self.path)?;
-        write!(out, ",\"v\":{KEY_FORMAT_VERSION}}}")
+        canonical::write_prefix(self, out)?;
+        canonical::write_body(out, body)?;
+        canonical::write_suffix(self, out)
     }
 }
 
-/// Writes the request body canonically, leaving out the top-level fields that never matter.
-fn write_body(out: &mut impl Write, body: &Value) -> std::io::Result<()> {
-    match body {
-        Value::Object(map) => {
-            let mut entries: Vec<(&String, &Value)> = map
-                .iter()
-                .filter(|(k, _)| !IGNORED_BODY_FIELDS.contains(&k.as_str()))
-                .collect();
-            entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
-            write_object(out, entries)
-        }
-        other => write_value(out, other),
-    }
-}
-
-fn write_value(out: &mut impl Write, value: &Value) -> std::io::Result<()> {
-    match value {
-        Value::Null => out.write_all(b"null"),
-        Value::Bool(true) => out.write_all(b"true"),
-        Value::Bool(false) => out.write_all(b"false"),
-        Value::Number(n) => write_number(out, n),
-        Value::String(s) => write_string(out, s),
-        Value::Array(items) => {
-            out.write_all(b"[")?;
-            for (i, item) in items.iter().enumerate() {
-                if i > 0 {
-                    out.write_all(b",")?;
-                }
-                write_value(out, item)?;
-            }
-            out.write_all(b"]")
-        }
-        Value::Object(map) => {
-            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
-            entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
-            write_object(out, entries)
-        }
-    }
-}
-
-fn write_object(out: &mut impl Write, entries: Vec<(&String, &Value)>) -> std::io::Result<()> {
-    out.write_all(b"{")?;
-    for (i, (k, v)) in entries.into_iter().enumerate() {
-        if i > 0 {
-            out.write_all(b",")?;
-        }
-        write_string(out, k)?;
-        out.write_all(b":")?;
-        write_value(out, v)?;
-    }
-    out.write_all(b"}")
-}
-
-/// Equal numbers are written alike: an integral float is written as an integer (`1.0`, `1e0`
-/// and `1` are all `1`; `1e17` is `100000000000000000`); other floats use the shortest form
-/// that round-trips.
-fn write_number(out: &mut impl Write, n: &Number) -> std::io::Result<()> {
-    if let Some(i) = n.as_i64() {
-        return write!(out, "{i}");
-    }
-    if let Some(u) = n.as_u64() {
-        return write!(out, "{u}");
-    }
-    let f = n.as_f64().unwrap_or(f64::NAN);
-    if f.fract() == 0.0 && f.abs() < 1e38 {
-        return write!(out, "{}", f as i128);
-    }
-    serde_json::to_writer(&mut *out, &f).map_err(std::io::Error::other)
-}
-
-fn write_string(out: &mut impl Write, s: &str) -> std::io::Result<()> {
-    serde_json::to_writer(&mut *out, s).map_err(std::io::Error::other)
-}
-
-fn write_string_or_null(out: &mut impl Write, s: Option<&str>) -> std::io::Result<()> {
-    match s {
-        Some(s) => write_string(out, s),
-        None => out.write_all(b"null"),
-    }
+/// The body part of the canonical form alone (object keys sorted at every depth, equal numbers
+/// written alike, `stream` and `metadata` left out): what decides the answer, for a fake
+/// upstream that must answer equal requests alike.
+pub fn canonical_body(body: &Value) -> String {
+    let mut out = Vec::with_capacity(256);
+    canonical::write_body(&mut out, body).expect("writing to a Vec never fails");
+    String::from_utf8(out).expect("canonical JSON is UTF-8")
 }
 
 /// One place where two canonical forms differ.

@@ -11,18 +11,19 @@
 //! - strings re-escaped as serde_json writes them: only `"`, `\` and control characters are
 //!   escaped (`\b \t \n \f \r` short, the others `\u00xx`), everything else is written as UTF-8,
 //!   so a string without escapes is copied as it stands;
-//! - numbers as [`write_number`] writes the number serde_json parses: plain integers that fit are
+//! - numbers as `canonical::write_number` writes the number serde_json parses: plain integers that fit are
 //!   copied (`-0` becomes `0`), small decimals are computed here (exactly as serde_json computes
 //!   them, see [`Parser::number`]), anything else is parsed by serde_json itself;
 //! - nesting deeper than 127 arrays/objects is rejected, as serde_json's recursion limit does.
 
 use std::cell::RefCell;
-use std::io::Write;
 
-use super::{CacheKey, KeyContext, KEY_FORMAT_VERSION};
+use super::{canonical, CacheKey, KeyContext};
 
 mod parser;
-use parser::{find_special, Member, Parser};
+use parser::{Member, Parser};
+
+const WRITE_TO_VEC: &str = "writing to a Vec never fails";
 
 /// What the key pass learns about a request body besides its key.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -89,9 +90,9 @@ impl KeyContext {
         let run = |scratch: &mut Scratch| {
             scratch.out.clear();
             scratch.out.reserve(body.len() + 256);
-            write_prefix(self, &mut scratch.out);
+            canonical::write_prefix(self, &mut scratch.out).expect(WRITE_TO_VEC);
             let facts = canonicalise_body(body, scratch)?;
-            write_suffix(self, &mut scratch.out);
+            canonical::write_suffix(self, &mut scratch.out).expect(WRITE_TO_VEC);
             Ok((f(&scratch.out), facts))
         };
         SCRATCH.with(|cell| match cell.try_borrow_mut() {
@@ -112,56 +113,7 @@ impl KeyContext {
     }
 }
 
-/// What [`KeyContext::write_prefix`] writes, without going through `fmt` and `io::Write`.
-fn write_prefix(ctx: &KeyContext, out: &mut Vec<u8>) {
-    out.extend_from_slice(b"{\"anthropic_version\":");
-    match &ctx.anthropic_version {
-        Some(version) => write_str(out, version),
-        None => out.extend_from_slice(b"null"),
-    }
-    out.extend_from_slice(b",\"beta\":[");
-    for (i, beta) in ctx.betas.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        write_str(out, beta);
-    }
-    out.extend_from_slice(b"],\"body\":");
-}
-
-/// What [`KeyContext::write_suffix`] writes.
-fn write_suffix(ctx: &KeyContext, out: &mut Vec<u8>) {
-    out.extend_from_slice(b",\"credential\":");
-    match &ctx.credential {
-        Some(fingerprint) => {
-            const HEX: &[u8; 16] = b"0123456789abcdef";
-            out.push(b'"');
-            for b in fingerprint.0 {
-                out.extend_from_slice(&[HEX[(b >> 4) as usize], HEX[(b & 0xf) as usize]]);
-            }
-            out.push(b'"');
-        }
-        None => out.extend_from_slice(b"null"),
-    }
-    out.extend_from_slice(b",\"namespace\":");
-    write_str(out, &ctx.namespace);
-    out.extend_from_slice(b",\"path\":");
-    write_str(out, &ctx.path);
-    write!(out, ",\"v\":{KEY_FORMAT_VERSION}}}").expect("writing to a Vec never fails");
-}
-
-/// A string as serde_json writes it.
-fn write_str(out: &mut Vec<u8>, s: &str) {
-    if find_special(s.as_bytes(), 0) == s.len() {
-        out.push(b'"');
-        out.extend_from_slice(s.as_bytes());
-        out.push(b'"');
-    } else {
-        serde_json::to_writer(&mut *out, s).expect("writing to a Vec never fails");
-    }
-}
-
-/// Writes the canonical body (as `write_body` does) for `body` to `scratch.out`.
+/// Writes the canonical body (as `canonical::write_body` does) for `body` to `scratch.out`.
 fn canonicalise_body(body: &[u8], scratch: &mut Scratch) -> Result<BodyFacts, KeyError> {
     if let Err(e) = std::str::from_utf8(body) {
         return Err(KeyError::InvalidUtf8 {

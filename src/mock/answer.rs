@@ -4,6 +4,8 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
+use crate::key::canonical_body;
+
 pub(super) const WORDS: &[&str] = &[
     "the",
     "cache",
@@ -74,46 +76,6 @@ pub(super) const WORDS: &[&str] = &[
 pub(super) const ALPHANUMERIC: &[u8] =
     b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
 
-/// The request without `stream`, as JSON with object keys sorted at every depth.
-pub(super) fn canonical_request(request: &Value) -> String {
-    fn write(v: &Value, out: &mut String) {
-        match v {
-            Value::Object(map) => {
-                let mut keys: Vec<&String> = map.keys().collect();
-                keys.sort();
-                out.push('{');
-                for (i, k) in keys.into_iter().enumerate() {
-                    if i > 0 {
-                        out.push(',');
-                    }
-                    out.push_str(&Value::String(k.clone()).to_string());
-                    out.push(':');
-                    write(&map[k], out);
-                }
-                out.push('}');
-            }
-            Value::Array(items) => {
-                out.push('[');
-                for (i, item) in items.iter().enumerate() {
-                    if i > 0 {
-                        out.push(',');
-                    }
-                    write(item, out);
-                }
-                out.push(']');
-            }
-            other => out.push_str(&other.to_string()),
-        }
-    }
-    let mut request = request.clone();
-    if let Some(obj) = request.as_object_mut() {
-        obj.remove("stream");
-    }
-    let mut out = String::new();
-    write(&request, &mut out);
-    out
-}
-
 /// About four characters per token, as a rough tokenizer would give.
 pub(super) fn input_tokens(canonical: &str) -> u64 {
     (canonical.len() as u64 / 4).max(1)
@@ -154,7 +116,7 @@ pub(super) fn sentence(rng: &mut StdRng, words: u64) -> String {
 
 /// The Message for a valid `/v1/messages` request: a pure function of the body without `stream`.
 pub(super) fn answer(request: &Value) -> Value {
-    let canonical = canonical_request(request);
+    let canonical = canonical_body(request);
     let mut rng = StdRng::from_seed(*blake3::hash(canonical.as_bytes()).as_bytes());
     let id = id_from(&mut rng, "msg_01", 22);
     let natural: u64 = rng.random_range(12..=30);

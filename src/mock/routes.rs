@@ -15,6 +15,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::error::{error_body, error_type_for_status};
+use crate::key::canonical_body;
 use crate::sse;
 
 use super::answer::*;
@@ -184,7 +185,7 @@ pub(super) async fn messages(
         Some(Fault::StreamCut(_)) if !stream => status_error(500, None, request_id),
         fault => match endpoint {
             Endpoint::CountTokens => {
-                let tokens = input_tokens(&canonical_request(&request));
+                let tokens = input_tokens(&canonical_body(&request));
                 json_response(200, json!({ "input_tokens": tokens }).to_string())
             }
             Endpoint::Messages => {

@@ -9,9 +9,9 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
-use super::answer::canonical_request;
 use super::routes::Endpoint;
 use super::{MockConfig, MockStats, Scripted};
+use crate::key::canonical_body;
 
 /// State shared by the handlers and the [`MockServer`] handle.
 ///
@@ -188,7 +188,7 @@ pub(super) fn fault_subject(endpoint: Endpoint, request: &Value) -> [u8; 32] {
         Endpoint::Messages => b"messages\n",
         Endpoint::CountTokens => b"count_tokens\n",
     });
-    hasher.update(canonical_request(request).as_bytes());
+    hasher.update(canonical_body(request).as_bytes());
     *hasher.finalize().as_bytes()
 }
 

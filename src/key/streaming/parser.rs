@@ -1,12 +1,12 @@
 //! The one pass itself: a JSON parser that writes the canonical form as it reads (sorted keys,
 //! serde_json's escaping and numbers), and the small writers it uses.
 
-use std::io::Write;
-
 use serde_json::Value;
 
-use super::super::{write_number, IGNORED_BODY_FIELDS};
-use super::{BodyFacts, KeyError, MAX_DEPTH};
+use super::super::canonical::{
+    find_special, write_escaped_char, write_float, write_number, IGNORED_BODY_FIELDS,
+};
+use super::{BodyFacts, KeyError, MAX_DEPTH, WRITE_TO_VEC};
 
 /// Where a member's key is, for sorting: unescaped bytes, in the source when the key had no
 /// escapes, else in `Parser::keys`.
@@ -491,14 +491,14 @@ impl Parser<'_> {
                     } else {
                         significand as f64 / pow
                     };
-                    write_float(self.out, if negative { -f } else { f });
+                    write_float(self.out, if negative { -f } else { f }).expect(WRITE_TO_VEC);
                     return Ok(());
                 }
             }
         }
         match serde_json::from_slice::<Value>(&src[start..self.pos]) {
             Ok(Value::Number(n)) => {
-                write_number(self.out, &n).expect("writing to a Vec never fails");
+                write_number(self.out, &n).expect(WRITE_TO_VEC);
                 Ok(())
             }
             _ => Err(KeyError::NumberOutOfRange { offset: start }),
@@ -522,40 +522,6 @@ pub(super) const POW10: [f64; 23] = [
 /// ASCII digits (at most 19) as a number.
 pub(super) fn parse_digits(digits: &[u8]) -> u64 {
     digits.iter().fold(0u64, |n, d| n * 10 + (d - b'0') as u64)
-}
-
-/// The float branch of [`write_number`].
-pub(super) fn write_float(out: &mut Vec<u8>, f: f64) {
-    if f.fract() == 0.0 && f.abs() < 1e38 {
-        write!(out, "{}", f as i128).expect("writing to a Vec never fails");
-    } else {
-        serde_json::to_writer(&mut *out, &f).expect("writing to a Vec never fails");
-    }
-}
-
-/// A character as serde_json writes it inside a string.
-pub(super) fn write_escaped_char(out: &mut Vec<u8>, c: char) {
-    let short = match c {
-        '"' => b'"',
-        '\\' => b'\\',
-        '\u{8}' => b'b',
-        '\t' => b't',
-        '\n' => b'n',
-        '\u{c}' => b'f',
-        '\r' => b'r',
-        c if (c as u32) < 0x20 => {
-            const HEX: &[u8; 16] = b"0123456789abcdef";
-            let b = c as usize;
-            out.extend_from_slice(&[b'\\', b'u', b'0', b'0', HEX[b >> 4], HEX[b & 0xf]]);
-            return;
-        }
-        c => {
-            let mut buf = [0u8; 4];
-            out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
-            return;
-        }
-    };
-    out.extend_from_slice(&[b'\\', short]);
 }
 
 /// Unescapes the content of a string already validated by [`Parser::string`].
@@ -601,34 +567,4 @@ pub(super) fn decode_string(raw: &[u8], out: &mut Vec<u8>) {
         out.push(c);
         i += 2;
     }
-}
-
-/// The index of the first `"`, `\` or control byte in `s[from..]`, or `s.len()`.
-#[inline]
-pub(super) fn find_special(s: &[u8], from: usize) -> usize {
-    let mut i = from;
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGH: u64 = 0x8080_8080_8080_8080;
-    while let Some(chunk) = s.get(i..i + 8) {
-        let w = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
-        let quote = w ^ (ONES * b'"' as u64);
-        let backslash = w ^ (ONES * b'\\' as u64);
-        // Each term flags a matching byte exactly at its lowest match (false positives only
-        // above a true one), so the lowest flag of the three is the first special byte.
-        let hits = (quote.wrapping_sub(ONES) & !quote)
-            | (backslash.wrapping_sub(ONES) & !backslash)
-            | (w.wrapping_sub(ONES * 0x20) & !w);
-        let hits = hits & HIGH;
-        if hits != 0 {
-            return i + (hits.trailing_zeros() / 8) as usize;
-        }
-        i += 8;
-    }
-    while let Some(&c) = s.get(i) {
-        if c == b'"' || c == b'\\' || c < 0x20 {
-            return i;
-        }
-        i += 1;
-    }
-    i
 }

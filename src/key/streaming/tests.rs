@@ -3,6 +3,7 @@
 use serde_json::Value;
 
 use super::*;
+use crate::key::canonical::find_special;
 use crate::key::CredentialFingerprint;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
