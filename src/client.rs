@@ -3,9 +3,11 @@
 //! chain, serving a stale entry when the upstream cannot answer.
 //!
 //! # Request path
-//! key -> memory -> disk (promote) -> single flight -> per model: breaker -> attempt ->
-//! retry (backoff or `retry-after`, budget, deadline) -> store -> [`Response`]. A failure that
-//! allows it, with a stale entry at hand, returns the stale entry at once.
+//! key (`prepare`) -> memory -> disk (promote) -> single flight (`flight`) -> the chain
+//! (`chain`) -> per model (`attempt`): permit, breaker, attempt, retry (backoff or
+//! `retry-after`, budget, deadline) -> store (`store`) -> [`Response`]. A failure that allows
+//! it, with a stale entry at hand, returns the stale entry at once and refreshes it behind.
+//! This file holds the public types and the plain path's top; `stream` the streamed one.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -25,7 +27,7 @@ use crate::config::Config;
 use crate::entry::Freshness;
 use crate::error::{Error, UpstreamErrorKind};
 use crate::key::{CacheKey, CredentialFingerprint};
-use crate::metrics::Metrics;
+use crate::metrics::{Gauges, Metrics, TierUsage};
 use crate::outcome::Outcome;
 use crate::upstream::breaker::Breakers;
 use crate::upstream::retry::RetryBudget;
@@ -36,6 +38,7 @@ mod builder;
 mod chain;
 mod flight;
 mod form;
+mod pass;
 mod prepare;
 mod store;
 mod stream;
@@ -45,6 +48,7 @@ pub use builder::ClientBuilder;
 use chain::Reached;
 use flight::{wait, Flight, FlightKey, FlightResult, Lead};
 use form::Whole;
+pub use pass::{PassThrough, Passed};
 pub(crate) use prepare::Prepared;
 use store::hit_response;
 pub use stream::{EventStream, Reply, StreamResponse};
@@ -283,20 +287,33 @@ impl Client {
         &self.engine.metrics
     }
 
+    /// The Prometheus text exposition: the counters, and the breakers' and tiers' gauges read
+    /// now.
+    pub async fn render_metrics(&self) -> String {
+        let usage = self.engine.cache.usage().await;
+        let gauges = Gauges {
+            breakers: (self.engine.breakers.states().into_iter())
+                .map(|(model, state)| (model, state.as_gauge()))
+                .collect(),
+            tiers: vec![
+                TierUsage {
+                    tier: "memory",
+                    entries: usage.memory_entries,
+                    bytes: usage.memory_bytes,
+                },
+                TierUsage {
+                    tier: "disk",
+                    entries: usage.disk_entries,
+                    bytes: usage.disk_bytes,
+                },
+            ],
+        };
+        self.engine.metrics.render(&gauges)
+    }
+
     /// The breaker state of every model seen so far.
     pub fn breaker_states(&self) -> Vec<(String, crate::upstream::breaker::BreakerState)> {
         self.engine.breakers.states()
-    }
-
-    /// The HTTP client of the upstream, for paths passed through uncached.
-    pub fn upstream(&self) -> &Upstream {
-        &self.engine.upstream
-    }
-
-    /// Fills in the client's credential when `headers` carry none (and nothing else: a
-    /// passed-through request keeps its own content type).
-    pub fn add_credential(&self, headers: &mut HeaderMap) {
-        self.engine.add_credential(headers);
     }
 
     /// Writes the disk tier out (on shutdown), once an eviction pass that earlier answers

@@ -1,7 +1,9 @@
 //! fallthrough: a response cache with resilient fallthrough for LLM APIs.
 //!
 //! # Layout
-//! - [`key`]: the cache key, blake3 over a canonical form of the request.
+//! - [`key`]: the cache key, blake3 over a canonical form of the request; `key/canonical.rs`
+//!   holds the form's rules once, for the value path and the one-pass byte path
+//!   (`key/streaming.rs`).
 //! - [`entry`]: a stored answer, its freshness, and its versioned, checksummed encoding.
 //! - [`cache`]: the two tiers (memory in moka, disk in sled) and promotion between them.
 //! - [`admin`]: stats, get, purge, export and import over the disk tier.
@@ -11,26 +13,32 @@
 //!   events), `replay` (a Message as events).
 //! - [`mock`]: the fault-injecting fake of the Messages API: `state` (config, scripts, counts,
 //!   fault schedule), `routes` (the HTTP face), `answer` (deterministic Messages).
-//! - [`client`]: [`Client`], the engine every front end shares: lookup, single flight, retries,
-//!   breaker, fallback chain, stale answers.
+//! - [`client`]: [`Client`], the engine every front end shares, one room per step:
+//!   `client.rs` (public types), `builder`, `prepare` (headers, key), `flight` (one
+//!   join-or-lead for plain and streamed misses), `chain` (primary, stale, fallbacks,
+//!   exhausted), `attempt` (one model: permit, breaker, budget, retries), `form` (a whole
+//!   body or a live stream), `store` (storing, stale answers and their refresh), `stream`
+//!   (streamed calls and the relay), `pass` (uncached paths, through the same limits).
 //! - [`upstream`]: one HTTP attempt and its classification; retry policy, budget, breaker.
 //! - `clock`: where the engine reads the time: the system's clocks, or a logical clock for a
 //!   reproducible bench replay.
-//! - [`bench`](mod@bench): replaying a workload through a [`Client`] and reporting hits, savings, latency.
-//! - [`server`]: the proxy, `fallthrough serve`: HTTP in front of a [`Client`].
+//! - [`bench`](mod@bench): replaying a workload through a [`Client`]; `report`: what it measured.
+//! - [`server`]: the proxy, `fallthrough serve`: routes and drain in `mod.rs`, `messages` (the
+//!   cached paths), `pass` (everything else), `errors` (the API's error shape).
 //! - [`config`]: `fallthrough.toml` and its defaults.
-//! - [`metrics`]: Prometheus metrics.
+//! - [`metrics`]: Prometheus metrics; it renders the readings the engine gathers.
 //! - [`outcome`]: how a request was answered (memory, disk, miss, stale, bypass).
 //! - [`error`]: the library's typed errors and the API's error shape.
 //!
 //! # Request path
 //! [`Client::execute`] (plain) and [`Client::stream`] share it, in `client`: `prepare` keys the
 //! request in one pass over its bytes ([`key`]); `look_up` asks the memory tier, then the disk
-//! tier ([`cache`]); a miss joins an identical request's flight or leads one
-//! (`join_or_start_flight`); the lead walks the chain (`fly`: the primary model with its retries,
-//! then a stale entry, then the fallbacks), each model through `call_model` (breaker, retry
-//! budget, concurrency permit, backoff) and one HTTP attempt ([`upstream`]); a complete answer is
-//! stored (`store`) and handed to every joined request.
+//! tier ([`cache`]); a miss joins an identical request's flight or leads one (`flight.rs`,
+//! `join_or_lead`); the lead walks the chain (`chain.rs`, `run_chain`: the primary model with
+//! its retries, then a stale entry, then the fallbacks), each model through `call_model`
+//! (`attempt.rs`: concurrency permit, breaker, retry budget, backoff) and one HTTP attempt
+//! ([`upstream`]); a complete answer is stored (`store.rs`) and handed to every joined request.
+//! Other paths take [`Client::pass_through`]: the same permit, breaker and metrics, no cache.
 //!
 //! # Features
 //! `cli` (on by default) builds the binary and turns on `proxy` ([`server`]), `mock` ([`mock`])

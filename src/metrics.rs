@@ -10,9 +10,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::cache::Usage;
 use crate::outcome::Outcome;
-use crate::upstream::breaker::BreakerState;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
 #[allow(non_camel_case_types)]
@@ -45,6 +43,28 @@ struct ModelLabel {
 struct TierLabel {
     tier: &'static str,
 }
+
+/// The gauges' readings at a scrape, gathered by the engine from the breakers and the tiers:
+/// this file renders numbers and knows neither.
+#[derive(Debug, Clone, Default)]
+pub struct Gauges {
+    /// Each model with a breaker reading: 0 passing, 1 blocking, 2 probing. Models the metrics
+    /// have seen without a reading (they never failed) are shown 0.
+    pub breakers: Vec<(String, i64)>,
+    pub tiers: Vec<TierUsage>,
+}
+
+/// Entries and bytes held by one cache tier.
+#[derive(Debug, Clone, Copy)]
+pub struct TierUsage {
+    /// `memory` or `disk`.
+    pub tier: &'static str,
+    pub entries: u64,
+    pub bytes: u64,
+}
+
+/// The breaker gauge of a model that has no reading: passing.
+const PASSING: i64 = 0;
 
 /// Distinct model labels kept before the rest are counted as `other`.
 const MAX_MODEL_LABELS: usize = 64;
@@ -140,7 +160,7 @@ impl Metrics {
     }
 
     /// Counts an upstream attempt. Model names come from callers, so past
-    /// [`MAX_MODEL_LABELS`] distinct ones the rest are counted as `other`.
+    /// `MAX_MODEL_LABELS` (64) distinct ones the rest are counted as `other`.
     pub fn attempt(&self, model: &str, status: u16) {
         let model = {
             let mut seen = self.models.lock().expect("metrics lock");
@@ -156,9 +176,8 @@ impl Metrics {
             .inc();
     }
 
-    /// The text exposition, with gauges read at this moment.
-    /// Models without a breaker entry (they never failed) are shown passing.
-    pub fn render(&self, breakers: &[(String, BreakerState)], usage: Usage) -> String {
+    /// The text exposition, with the gauges read at this moment.
+    pub fn render(&self, gauges: &Gauges) -> String {
         let seen: Vec<String> = self
             .models
             .lock()
@@ -169,22 +188,19 @@ impl Metrics {
         for model in seen {
             self.breaker
                 .get_or_create(&ModelLabel { model })
-                .set(BreakerState::Passing.as_gauge());
+                .set(PASSING);
         }
-        for (model, state) in breakers {
+        for (model, state) in &gauges.breakers {
             self.breaker
                 .get_or_create(&ModelLabel {
                     model: model.clone(),
                 })
-                .set(state.as_gauge());
+                .set(*state);
         }
-        for (tier, entries, bytes) in [
-            ("memory", usage.memory_entries, usage.memory_bytes),
-            ("disk", usage.disk_entries, usage.disk_bytes),
-        ] {
-            let label = TierLabel { tier };
-            self.entries.get_or_create(&label).set(entries as i64);
-            self.bytes.get_or_create(&label).set(bytes as i64);
+        for usage in &gauges.tiers {
+            let label = TierLabel { tier: usage.tier };
+            self.entries.get_or_create(&label).set(usage.entries as i64);
+            self.bytes.get_or_create(&label).set(usage.bytes as i64);
         }
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)

@@ -206,6 +206,81 @@ async fn count_tokens_is_cached_and_other_paths_pass_through() {
     assert_eq!(error_of(r).await, (404, "not_found_error".into()));
 }
 
+/// Pass-through is no way round the engine's limits: the concurrency limit holds it, a model's
+/// open breaker holds a passed-through request that names the model, and its attempts and
+/// requests are counted.
+#[tokio::test]
+async fn pass_through_goes_through_the_engines_limits() {
+    let slow = MockConfig {
+        latency_ms: 200,
+        ..MockConfig::default()
+    };
+    let mock = MockServer::start(slow).await.unwrap();
+    let proxy = Proxy::start_on(mock, |b| {
+        b.max_concurrency(1)
+            .breaker(1, Duration::from_secs(600))
+            .retries(0, Duration::from_millis(10), Duration::from_millis(10))
+    })
+    .await;
+    let gets: Vec<_> = (0..3)
+        .map(|_| proxy.http.get(format!("{}/v1/models", proxy.url)).send())
+        .collect();
+    for r in futures_util::future::join_all(gets).await {
+        assert_eq!(r.unwrap().status(), 200);
+    }
+    assert_eq!(
+        proxy.mock.stats().max_in_flight,
+        1,
+        "one at a time upstream"
+    );
+
+    proxy.mock.script(
+        Some(MODEL),
+        vec![Scripted::Status {
+            status: 529,
+            retry_after: None,
+        }],
+    );
+    let r = proxy
+        .post("/v1/messages", &request("open it"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 529);
+    let held = proxy
+        .http
+        .post(format!("{}/v1/messages/batches", proxy.url))
+        .json(&json!({"model": MODEL, "requests": []}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(held.status(), 529, "the open breaker holds it");
+    assert!(
+        !proxy
+            .mock
+            .stats()
+            .by_path
+            .contains_key("/v1/messages/batches"),
+        "no upstream call while the breaker is open"
+    );
+
+    let text = proxy
+        .http
+        .get(format!("{}/metrics", proxy.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for needle in [
+        "fallthrough_upstream_attempts_total{model=\"none\",status=\"200\"} 3",
+        "fallthrough_requests_total{outcome=\"bypass\"} 3",
+    ] {
+        assert!(text.contains(needle), "{needle} missing from\n{text}");
+    }
+}
+
 #[tokio::test]
 async fn credentials_are_forwarded_and_never_stored() {
     let proxy = Proxy::start().await;

@@ -170,7 +170,7 @@ fn verdict(error: &UpstreamError) -> Verdict {
 }
 
 /// What a caller gets while a model's breaker blocks it: the API's 529, saying when to retry.
-fn breaker_error(model: &str, retry_in: Duration) -> UpstreamError {
+pub(super) fn breaker_error(model: &str, retry_in: Duration) -> UpstreamError {
     let secs = retry_in.as_secs_f64().ceil().max(1.0);
     let message =
         format!("{model} is overloaded: fallthrough's circuit breaker holds requests for {secs} s");

@@ -1,6 +1,6 @@
 //! `fallthrough bench FILE.jsonl [--concurrency N] [--repeat N] [--json] [--mock ...]`
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -11,7 +11,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use fallthrough::bench::{self, Options, Report, Workload};
-use fallthrough::mock::{MockConfig, MockServer};
+use fallthrough::mock::{MockConfig, MockServer, MockStats};
 use fallthrough::{ClientBuilder, Config};
 
 /// The model the `--mock` demo falls back to when the configuration names no fallback.
@@ -226,7 +226,7 @@ pub async fn run(args: BenchArgs, common: crate::CommonArgs) -> Result<ExitCode>
     }
     report.file = Some(args.file.display().to_string());
     if let Some(mock) = &mock {
-        report.set_mock_stats(&mock.stats());
+        add_mock_stats(&mut report, &mock.stats());
     }
     if temp_dir.is_none() {
         client.flush().await.context("writing the cache out")?;
@@ -460,4 +460,16 @@ fn thousands(n: u64) -> String {
         out.push(c);
     }
     out
+}
+
+/// Adds what the in-process fake saw (`--mock`) to the report.
+fn add_mock_stats(report: &mut Report, stats: &MockStats) {
+    let mut by_status = BTreeMap::new();
+    for statuses in stats.by_model.values() {
+        for (status, n) in statuses {
+            *by_status.entry(status.to_string()).or_default() += n;
+        }
+    }
+    report.mock_requests = Some(stats.requests);
+    report.mock_by_status = Some(by_status);
 }

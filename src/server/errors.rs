@@ -1,0 +1,48 @@
+//! Every failure in the API's own error shape.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response as HttpResponse};
+use tracing::warn;
+
+use super::{header_value, JSON, X_ATTEMPTS, X_MODEL};
+use crate::error::{error_body, error_type_for_status, Error};
+
+/// Every library error as the API's error shape, with the upstream's own status and body when
+/// it was the upstream's error, and a `retry-after` so that the caller's SDK waits.
+pub(super) fn error_response(e: Error) -> HttpResponse {
+    let mut out = match e {
+        Error::Upstream(e) => {
+            let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_GATEWAY);
+            let mut out = (status, e.body.clone()).into_response();
+            let h = out.headers_mut();
+            if let Some(wait) = e.retry_after {
+                let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+                h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            }
+            h.insert(X_ATTEMPTS, HeaderValue::from(e.attempts));
+            h.insert(X_MODEL, header_value(&e.model));
+            out
+        }
+        Error::InvalidRequest(message) => api_error(400, &message),
+        Error::NotCached => api_error(
+            504,
+            "not in the cache, and the request said cache-control: only-if-cached",
+        ),
+        other => {
+            let message = crate::error::report(&other);
+            warn!(error = %message, "request failed inside the proxy");
+            api_error(500, &message)
+        }
+    };
+    out.headers_mut().insert(header::CONTENT_TYPE, JSON);
+    out
+}
+
+/// An error of the proxy's own, in the API's shape.
+pub(super) fn api_error(status: u16, message: &str) -> HttpResponse {
+    let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let body = error_body(error_type_for_status(status), message);
+    let mut out = (code, body).into_response();
+    out.headers_mut().insert(header::CONTENT_TYPE, JSON);
+    out
+}

@@ -1,0 +1,131 @@
+//! `/v1/messages` and `/v1/messages/count_tokens`: the cached paths.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response as HttpResponse};
+
+use super::errors::{api_error, error_response};
+use super::{
+    forwarded, header_text, App, JSON, X_ATTEMPTS, X_CACHE, X_FALLBACK, X_KEY, X_MODEL, X_NAMESPACE,
+};
+use crate::client::{Controls, Reply, Request, Response, StreamResponse};
+use crate::key::CacheKey;
+use crate::outcome::Outcome;
+
+pub(super) async fn messages(
+    State(app): State<Arc<App>>,
+    request: axum::extract::Request,
+) -> HttpResponse {
+    // Taken apart rather than extracted piece by piece: axum's header and URI extractors clone.
+    let (parts, body) = request.into_parts();
+    let limit = app.client.config().max_body_bytes;
+    let body = match axum::body::to_bytes(body, limit.as_u64() as usize).await {
+        Ok(body) => body,
+        Err(e) if is_too_large(&e) => {
+            return api_error(413, &format!("request body is larger than {limit}"));
+        }
+        Err(e) => return api_error(400, &format!("cannot read the request body: {e}")),
+    };
+    let headers = parts.headers;
+    let namespace = match headers.get(X_NAMESPACE).map(|v| v.to_str()) {
+        None => None,
+        Some(Ok(namespace)) => Some(namespace.to_owned()),
+        Some(Err(_)) => return api_error(400, "x-fallthrough-namespace must be visible ASCII"),
+    };
+    let request = Request {
+        path: parts.uri.path().to_owned(),
+        body,
+        controls: controls(&headers),
+        namespace,
+        headers: forwarded(headers),
+    };
+    match app.client.call(request).await {
+        Ok(Reply::Plain(response)) => plain(response),
+        Ok(Reply::Stream(response)) => streamed(response),
+        Err(e) => error_response(e),
+    }
+}
+
+/// Whether reading a body failed on the size limit.
+pub(super) fn is_too_large(e: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if s.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
+}
+
+fn plain(r: Response) -> HttpResponse {
+    let mut out = (StatusCode::OK, r.body).into_response();
+    let h = out.headers_mut();
+    h.insert(header::CONTENT_TYPE, JSON);
+    cache_headers(h, r.outcome, &r.key, &r.model, r.attempts, r.age);
+    out
+}
+
+fn streamed(r: StreamResponse) -> HttpResponse {
+    let mut out = (StatusCode::OK, Body::from_stream(r.events)).into_response();
+    let h = out.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream; charset=utf-8"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    cache_headers(h, r.outcome, &r.key, &r.model, r.attempts, r.age);
+    out
+}
+
+pub(super) fn cache_headers(
+    h: &mut HeaderMap,
+    outcome: Outcome,
+    key: &CacheKey,
+    model: &str,
+    attempts: u32,
+    age: Option<Duration>,
+) {
+    h.insert(X_CACHE, HeaderValue::from_static(outcome.as_str()));
+    if let Ok(v) = HeaderValue::from_bytes(&key.to_hex()) {
+        h.insert(X_KEY, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(model) {
+        h.insert(X_MODEL, v);
+    }
+    h.insert(X_ATTEMPTS, HeaderValue::from(attempts));
+    if let (Some(age), true) = (age, outcome.is_hit()) {
+        h.insert(header::AGE, HeaderValue::from(age.as_secs()));
+    }
+}
+
+/// `cache-control` request directives, as SPEC lists them, and `x-fallthrough-fallback: off`.
+fn controls(headers: &HeaderMap) -> Controls {
+    let mut c = Controls {
+        no_fallback: header_text(headers, X_FALLBACK)
+            .is_some_and(|v| v.eq_ignore_ascii_case("off")),
+        ..Controls::default()
+    };
+    for value in headers.get_all(header::CACHE_CONTROL) {
+        let Ok(value) = value.to_str() else { continue };
+        for directive in value.split(',').map(str::trim) {
+            let (name, arg) = directive.split_once('=').unwrap_or((directive, ""));
+            match name.to_ascii_lowercase().as_str() {
+                "no-cache" => c.no_cache = true,
+                "no-store" => c.no_store = true,
+                "only-if-cached" => c.only_if_cached = true,
+                "max-age" => {
+                    if let Ok(secs) = arg.trim_matches('"').parse::<u64>() {
+                        c.max_age = Some(Duration::from_secs(secs));
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    c
+}
