@@ -40,6 +40,13 @@
 //! ([`upstream`]); a complete answer is stored (`store.rs`) and handed to every joined request.
 //! Other paths take [`Client::pass_through`]: the same permit, breaker and metrics, no cache.
 //!
+//! # Where what SPEC plans goes
+//! - A third tier (the shared tier on Redis/Valkey): `cache/shared.rs` beside `memory.rs` and
+//!   `disk.rs`, looked up by `cache/mod.rs` after them; the engine sees one [`cache::Cache`].
+//! - A second wire format (OpenAI Chat Completions): its request canonicalisation beside
+//!   `key/canonical.rs` and its event format beside [`sse`], mapped onto the engine's
+//!   [`Request`] by a route of its own in `server/`; the engine itself does not change.
+//!
 //! # Features
 //! `cli` (on by default) builds the binary and turns on `proxy` ([`server`]), `mock` ([`mock`])
 //! and `bench` ([`bench`](mod@bench)). With `default-features = false` the crate is the engine alone:
