@@ -81,7 +81,8 @@ pub struct Controls {
 /// One request to the Messages API.
 #[derive(Debug, Clone)]
 pub struct Request {
-    /// Endpoint path: `/v1/messages` or `/v1/messages/count_tokens`.
+    /// Endpoint path: `/v1/messages` or `/v1/messages/count_tokens`, with the query if any
+    /// (`?beta=true`): it is keyed (parameters sorted) and forwarded.
     pub path: String,
     /// The JSON body as the caller wrote it; sent upstream byte for byte for the primary model.
     pub body: Bytes,
@@ -145,6 +146,9 @@ pub struct Response {
     pub age: Option<Duration>,
     /// The key the request was looked up under.
     pub key: CacheKey,
+    /// The upstream's response headers (`request-id`, `anthropic-ratelimit-*`, ...) when this
+    /// request's answer came from the upstream just now; empty for an answer from the cache.
+    pub upstream_headers: HeaderMap,
 }
 
 impl Response {
@@ -168,6 +172,8 @@ struct Answer {
     outcome: Outcome,
     attempts: u32,
     age: Option<Duration>,
+    /// The upstream's headers of a fresh answer; empty for a stored one.
+    headers: HeaderMap,
 }
 
 pub(crate) struct Engine {
@@ -395,6 +401,7 @@ impl Engine {
                 attempts: a.attempts,
                 age: a.age,
                 key: p.key,
+                upstream_headers: a.headers,
             }),
             (Err(e), Some(stale)) if e.allows_stale() => {
                 info!(key = %p.key, status = e.status, "upstream cannot answer; serving stale");
@@ -453,7 +460,9 @@ impl Engine {
                 attempts,
             } => {
                 let store = !p.controls.no_store;
-                let answer = self.store(&key, fetched, &model, attempts, store).await;
+                let answer =
+                    (self.store(&key, fetched.body, fetched.headers, &model, attempts, store))
+                        .await;
                 lead.tell(Ok(answer));
             }
             Reached::Stored { answer, .. } => lead.tell(Ok(answer)),

@@ -116,9 +116,36 @@ impl Default for Config {
             cache: CacheConfig::default(),
             retry: RetryConfig::default(),
             breaker: BreakerConfig::default(),
-            fallback: HashMap::new(),
+            fallback: default_fallbacks(),
         }
     }
+}
+
+/// The chains a user gets with no configuration file (README, "Configuration"): each model to
+/// the cheaper ones of its generation. A `[fallback]` table in the file replaces them whole;
+/// an empty one turns fallback off.
+fn default_fallbacks() -> HashMap<String, Vec<String>> {
+    let chains: [(&str, &[&str]); 4] = [
+        (
+            "claude-opus-4-6",
+            &["claude-sonnet-4-6", "claude-haiku-4-5"],
+        ),
+        ("claude-sonnet-4-6", &["claude-haiku-4-5"]),
+        (
+            "claude-opus-4-1",
+            &["claude-sonnet-4-5", "claude-haiku-4-5"],
+        ),
+        ("claude-sonnet-4-5", &["claude-haiku-4-5"]),
+    ];
+    chains
+        .into_iter()
+        .map(|(model, chain)| {
+            (
+                model.to_owned(),
+                chain.iter().map(|m| (*m).to_owned()).collect(),
+            )
+        })
+        .collect()
 }
 
 impl Default for CacheConfig {

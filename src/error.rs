@@ -115,13 +115,34 @@ pub struct UpstreamError {
     pub retry_after: Option<Duration>,
     /// Upstream attempts made for the request before giving up.
     pub attempts: u32,
+    /// The upstream's response headers (`request-id`, `retry-after`, `x-should-retry`, ...),
+    /// for a proxy to pass on; empty when no answer came. Boxed: errors travel in every
+    /// `Result` of the request path, and a header map would triple their size.
+    pub headers: Box<http::HeaderMap>,
+    /// What the upstream's `x-should-retry` said, when it said it: it decides before the
+    /// status does.
+    pub should_retry: Option<bool>,
 }
 
 impl UpstreamError {
-    /// Whether another attempt may succeed: SPEC retries 529, 429 (not a spend limit), 408,
-    /// 500, 502, 503, 504, timeouts and connection failures; other 5xx (501, 505, ...) say the
-    /// request cannot be served, however often it is sent.
+    /// Whether another attempt may succeed. The upstream's `x-should-retry` decides when it was
+    /// sent; else SPEC retries 529, 429 (not a spend limit), 408, 500, 502, 503, 504, timeouts
+    /// and connection failures; other 5xx (501, 505, ...) say the request cannot be served,
+    /// however often it is sent.
     pub fn is_retryable(&self) -> bool {
+        self.should_retry
+            .unwrap_or_else(|| self.retryable_by_kind())
+    }
+
+    /// Whether the engine owned retrying this error: it retried it, or would have, had the
+    /// budget, the deadline, the breaker or the upstream's `x-should-retry: false` allowed. A
+    /// proxy that returns such an error tells its caller not to retry on top (one retry
+    /// layer); any other error passes through exactly as the upstream sent it.
+    pub fn retried_by_engine(&self) -> bool {
+        self.retryable_by_kind() || self.should_retry == Some(true)
+    }
+
+    fn retryable_by_kind(&self) -> bool {
         match self.kind {
             UpstreamErrorKind::Client | UpstreamErrorKind::SpendLimit => false,
             UpstreamErrorKind::Server => matches!(self.status, 408 | 500 | 502 | 503 | 504),
@@ -136,17 +157,6 @@ impl UpstreamError {
             self.kind,
             UpstreamErrorKind::Overloaded
                 | UpstreamErrorKind::RateLimited
-                | UpstreamErrorKind::Server
-                | UpstreamErrorKind::Timeout
-                | UpstreamErrorKind::Connect
-        )
-    }
-
-    /// Whether this failure counts against the model's circuit breaker.
-    pub fn trips_breaker(&self) -> bool {
-        matches!(
-            self.kind,
-            UpstreamErrorKind::Overloaded
                 | UpstreamErrorKind::Server
                 | UpstreamErrorKind::Timeout
                 | UpstreamErrorKind::Connect

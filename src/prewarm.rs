@@ -201,6 +201,7 @@ async fn send(target: &Target, body: Bytes, controls: Controls) -> Result<(), Er
             if status == 504 && controls.only_if_cached {
                 return Err(Error::NotCached);
             }
+            let headers = response.headers().clone();
             let body = response.bytes().await.unwrap_or_default();
             Err(Error::Upstream(crate::error::UpstreamError {
                 kind: crate::error::UpstreamErrorKind::Client,
@@ -209,6 +210,8 @@ async fn send(target: &Target, body: Bytes, controls: Controls) -> Result<(), Er
                 body,
                 retry_after: None,
                 attempts: 0,
+                headers: Box::new(headers),
+                should_retry: None,
             }))
         }
     }

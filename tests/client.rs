@@ -45,7 +45,9 @@ fn body(model: &str, prompt: &str) -> Value {
 /// A builder aimed at `mock`, with short retry delays: timing is not the point unless a test
 /// says so (and then it sets the delays itself).
 fn fast(mock: &MockServer) -> ClientBuilder {
+    // No default chains: each test names the fallbacks it means.
     Client::builder()
+        .without_fallbacks()
         .upstream(mock.url())
         .credential("sk-test")
         .retries(4, ms(10), ms(100))

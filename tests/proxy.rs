@@ -5,141 +5,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fallthrough::mock::{MockConfig, MockServer, Scripted};
-use fallthrough::sse::{Assembler, FrameParser};
-use fallthrough::{ClientBuilder, Config};
+use fallthrough::Config;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
-use tokio::sync::{oneshot, Notify};
-use tokio::task::JoinHandle;
+use tokio::sync::Notify;
 
 mod support;
+use support::proxy::*;
 use support::{backdate, eventually};
-
-const MODEL: &str = "claude-sonnet-4-6";
-
-struct Proxy {
-    url: String,
-    mock: MockServer,
-    /// The proxy's own client, to reach its cache.
-    client: fallthrough::Client,
-    http: reqwest::Client,
-    dir: tempfile::TempDir,
-    stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<std::io::Result<()>>>,
-}
-
-impl Proxy {
-    async fn start() -> Proxy {
-        Self::start_with(|c| c).await
-    }
-
-    async fn start_with(tune: impl FnOnce(ClientBuilder) -> ClientBuilder) -> Proxy {
-        let mock = MockServer::start(MockConfig::default()).await.unwrap();
-        Self::start_on(mock, tune).await
-    }
-
-    async fn start_on(
-        mock: MockServer,
-        tune: impl FnOnce(ClientBuilder) -> ClientBuilder,
-    ) -> Proxy {
-        Self::start_full(mock, Config::default(), tune).await
-    }
-
-    async fn start_full(
-        mock: MockServer,
-        config: Config,
-        tune: impl FnOnce(ClientBuilder) -> ClientBuilder,
-    ) -> Proxy {
-        let dir = tempfile::tempdir().unwrap();
-        let builder = ClientBuilder::from_config(config)
-            .upstream(mock.url())
-            .cache_dir(dir.path().join("cache"))
-            .credential("sk-ant-proxy-default-key")
-            .retries(2, Duration::from_millis(10), Duration::from_millis(50));
-        let client = tune(builder).build().await.unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(fallthrough::server::serve(
-            listener,
-            client.clone(),
-            async {
-                let _ = stopped.await;
-            },
-        ));
-        Proxy {
-            url,
-            mock,
-            client,
-            http: reqwest::Client::new(),
-            dir,
-            stop: Some(stop),
-            task: Some(task),
-        }
-    }
-
-    fn post(&self, path: &str, body: &Value) -> reqwest::RequestBuilder {
-        self.http
-            .post(format!("{}{path}", self.url))
-            .header("x-api-key", "sk-ant-caller-key")
-            .header("anthropic-version", "2023-06-01")
-            .json(body)
-    }
-
-    /// `body` with `cache-control: only-if-cached`: what the cache holds, never an upstream call.
-    async fn cached(&self, body: &Value) -> reqwest::Response {
-        self.post("/v1/messages", body)
-            .header("cache-control", "only-if-cached")
-            .send()
-            .await
-            .unwrap()
-    }
-
-    fn calls(&self, model: &str) -> u64 {
-        self.mock
-            .stats()
-            .by_model
-            .get(model)
-            .map_or(0, |by_status| by_status.values().sum())
-    }
-
-    /// Stops the server (draining, flushing) and hands back its directory.
-    async fn shutdown(mut self) -> tempfile::TempDir {
-        self.stop.take().unwrap().send(()).unwrap();
-        self.task.take().unwrap().await.unwrap().unwrap();
-        self.dir
-    }
-}
-
-fn request(text: &str) -> Value {
-    json!({"model": MODEL, "max_tokens": 64, "messages": [{"role": "user", "content": text}]})
-}
-
-fn header<'a>(r: &'a reqwest::Response, name: &str) -> &'a str {
-    r.headers()
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-}
-
-fn assemble(bytes: &[u8]) -> Value {
-    let mut parser = FrameParser::new();
-    let mut assembler = Assembler::new();
-    for frame in parser.push(bytes) {
-        if let Some(message) = assembler.feed(&frame).unwrap() {
-            return message;
-        }
-    }
-    panic!("stream ended without message_stop")
-}
-
-async fn error_of(r: reqwest::Response) -> (u16, String) {
-    let status = r.status().as_u16();
-    let body: Value = r.json().await.unwrap();
-    assert_eq!(body["type"], "error", "{body}");
-    assert!(body["error"]["message"].is_string(), "{body}");
-    (status, body["error"]["type"].as_str().unwrap().to_owned())
-}
 
 #[tokio::test]
 async fn miss_then_hit_with_the_cache_headers() {

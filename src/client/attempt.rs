@@ -10,7 +10,7 @@ use tracing::{debug, info};
 
 use crate::error::{error_body, UpstreamError, UpstreamErrorKind};
 use crate::upstream;
-use crate::upstream::breaker::{Admission, Verdict};
+use crate::upstream::breaker::{Admission, Cause, Verdict};
 use crate::upstream::retry::backoff;
 
 use super::form::Form;
@@ -46,9 +46,9 @@ impl Engine {
                     }
                 };
             let admission = self.breakers.admit(model, self.clock.instant());
-            if let Admission::Reject { retry_in } = admission {
-                debug!(model, ?retry_in, "breaker blocks the model");
-                return Err(breaker_error(model, retry_in));
+            if let Admission::Reject { retry_in, cause } = admission {
+                debug!(model, ?retry_in, ?cause, "breaker blocks the model");
+                return Err(breaker_error(model, retry_in, cause));
             }
             if retry == 0 {
                 self.budget.deposit(self.clock.instant());
@@ -160,26 +160,52 @@ impl RetryPlan {
 }
 
 fn verdict(error: &UpstreamError) -> Verdict {
-    if error.trips_breaker() {
-        Verdict::Failed
-    } else if matches!(error.kind, UpstreamErrorKind::RateLimited) {
-        Verdict::Neutral
-    } else {
-        Verdict::Answered
+    match error.kind {
+        UpstreamErrorKind::Overloaded => Verdict::Failed(Cause::Overloaded),
+        UpstreamErrorKind::Server => Verdict::Failed(Cause::ServerError),
+        UpstreamErrorKind::Timeout | UpstreamErrorKind::Connect => {
+            Verdict::Failed(Cause::Unreachable)
+        }
+        UpstreamErrorKind::RateLimited => Verdict::Neutral,
+        UpstreamErrorKind::SpendLimit | UpstreamErrorKind::Client => Verdict::Answered,
     }
 }
 
-/// What a caller gets while a model's breaker blocks it: the API's 529, saying when to retry.
-pub(super) fn breaker_error(model: &str, retry_in: Duration) -> UpstreamError {
+/// What a caller gets while a model's breaker blocks it: the kind of failure that opened it
+/// (SPEC: an overload as 529, an unreachable upstream as 502, never an overload it did not
+/// see), saying when to retry.
+pub(super) fn breaker_error(model: &str, retry_in: Duration, cause: Cause) -> UpstreamError {
     let secs = retry_in.as_secs_f64().ceil().max(1.0);
+    let (kind, status, error_type, failure) = match cause {
+        Cause::Overloaded => (
+            UpstreamErrorKind::Overloaded,
+            529,
+            "overloaded_error",
+            "is overloaded",
+        ),
+        Cause::ServerError => (
+            UpstreamErrorKind::Server,
+            500,
+            "api_error",
+            "answered server errors",
+        ),
+        Cause::Unreachable => (
+            UpstreamErrorKind::Connect,
+            502,
+            "api_error",
+            "could not be reached",
+        ),
+    };
     let message =
-        format!("{model} is overloaded: fallthrough's circuit breaker holds requests for {secs} s");
+        format!("{model} {failure}: fallthrough's circuit breaker holds requests for {secs} s");
     UpstreamError {
-        kind: UpstreamErrorKind::Overloaded,
+        kind,
         model: model.to_owned(),
-        status: 529,
-        body: error_body("overloaded_error", &message),
+        status,
+        body: error_body(error_type, &message),
         retry_after: Some(Duration::from_secs_f64(secs)),
         attempts: 0,
+        headers: Box::default(),
+        should_retry: None,
     }
 }

@@ -126,6 +126,14 @@ impl ClientBuilder {
     }
 
     /// Models tried in turn when `model` cannot answer. Default none.
+    /// No fallback chains at all, not even the default ones ([`Config::default`]): every
+    /// request is answered by its own model or not at all, unless [`Self::fallback`] adds a
+    /// chain after this.
+    pub fn without_fallbacks(mut self) -> Self {
+        self.config.fallback.clear();
+        self
+    }
+
     pub fn fallback<S: Into<String>>(
         mut self,
         model: impl Into<String>,

@@ -5,6 +5,7 @@
 use std::future::Future;
 
 use bytes::Bytes;
+use http::HeaderMap;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
@@ -32,8 +33,14 @@ pub(crate) trait Form {
 /// A whole Message body; the concurrency permit is given back once it is read.
 pub(crate) struct Whole;
 
+/// A whole answer: its body, and the upstream's headers to pass on.
+pub(crate) struct WholeResponse {
+    pub body: Bytes,
+    pub headers: HeaderMap,
+}
+
 impl Form for Whole {
-    type Fetched = Bytes;
+    type Fetched = WholeResponse;
     const STREAM: bool = false;
 
     async fn take(
@@ -41,8 +48,10 @@ impl Form for Whole {
         _permit: OwnedSemaphorePermit,
         model: &str,
         deadline: Instant,
-    ) -> Result<Bytes, UpstreamError> {
-        upstream::read_body(response, model, deadline).await
+    ) -> Result<WholeResponse, UpstreamError> {
+        let headers = response.headers().clone();
+        let body = upstream::read_body(response, model, deadline).await?;
+        Ok(WholeResponse { body, headers })
     }
 }
 

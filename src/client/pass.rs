@@ -15,7 +15,7 @@ use super::Engine;
 use crate::error::{Error, UpstreamErrorKind};
 use crate::outcome::Outcome;
 use crate::upstream;
-use crate::upstream::breaker::{Admission, Verdict};
+use crate::upstream::breaker::{Admission, Cause, Verdict};
 
 /// Label of the attempt metric for a passed-through request that names no model.
 const NO_MODEL: &str = "none";
@@ -88,7 +88,9 @@ impl Engine {
             };
         let admission = match &model {
             Some(model) => match self.breakers.admit(model, self.clock.instant()) {
-                Admission::Reject { retry_in } => return Err(breaker_error(model, retry_in)),
+                Admission::Reject { retry_in, cause } => {
+                    return Err(breaker_error(model, retry_in, cause))
+                }
                 admission => Some(admission),
             },
             None => None,
@@ -140,7 +142,9 @@ fn named_model(body: &[u8]) -> Option<String> {
 /// overload, a server error or no answer count against it, a rate limit neither way.
 fn verdict_of_status(status: u16) -> Verdict {
     match status {
-        529 | 408 | 500..=599 => Verdict::Failed,
+        529 => Verdict::Failed(Cause::Overloaded),
+        502 | 504 => Verdict::Failed(Cause::Unreachable),
+        408 | 500..=599 => Verdict::Failed(Cause::ServerError),
         429 => Verdict::Neutral,
         _ => Verdict::Answered,
     }

@@ -33,7 +33,8 @@ impl Engine {
         // Headers are left as the caller sent them: the defaults (credential, version) are
         // keyed as if present and added only when a request goes upstream.
         let headers = request.headers;
-        let ctx = self.key_context(&request.path, &headers, request.namespace);
+        let path = sorted_query(&request.path);
+        let ctx = self.key_context(&path, &headers, request.namespace);
         let (key, facts) = ctx
             .key_of_bytes(&request.body)
             .map_err(|e| Error::InvalidRequest(format!("the body is not valid JSON: {e}")))?;
@@ -45,7 +46,7 @@ impl Engine {
             }));
         };
         Ok(Prepared {
-            path: request.path,
+            path,
             body: request.body,
             model,
             ctx,
@@ -163,4 +164,18 @@ fn set_stream(json: &mut Value, stream: bool) {
             json.as_object_mut().map(|o| o.remove("stream"));
         }
     }
+}
+
+/// The path with its query's parameters sorted (`/v1/messages?beta=true` stays as it is): the
+/// query is keyed and forwarded, and parameters in another order ask the same thing.
+pub(super) fn sorted_query(path: &str) -> String {
+    let Some((path, query)) = path.split_once('?') else {
+        return path.to_owned();
+    };
+    let mut params: Vec<&str> = query.split('&').filter(|p| !p.is_empty()).collect();
+    if params.is_empty() {
+        return path.to_owned();
+    }
+    params.sort_unstable();
+    format!("{path}?{}", params.join("&"))
 }

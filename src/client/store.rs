@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use http::HeaderMap;
 use serde_json::Value;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
@@ -23,6 +24,7 @@ impl Engine {
         &self,
         key: &CacheKey,
         body: Bytes,
+        headers: HeaderMap,
         model: &str,
         attempts: u32,
         store: bool,
@@ -43,6 +45,7 @@ impl Engine {
             outcome: Outcome::Miss,
             attempts,
             age: None,
+            headers,
         }
     }
 
@@ -79,10 +82,18 @@ impl Engine {
             deadline,
             plan: self.plan(p, usize::MAX, false),
         };
-        if let Ok(body) = self.call_model::<Whole>(p, call, &mut attempts).await {
+        if let Ok(fetched) = self.call_model::<Whole>(p, call, &mut attempts).await {
             debug!(key = %p.key, "stale entry refreshed");
-            self.store(&p.key, body, &p.model, attempts, !p.controls.no_store)
-                .await;
+            let store = !p.controls.no_store;
+            (self.store(
+                &p.key,
+                fetched.body,
+                fetched.headers,
+                &p.model,
+                attempts,
+                store,
+            ))
+            .await;
         }
     }
 }
@@ -113,6 +124,7 @@ pub(super) fn hit_answer(hit: &Lookup, now: u64) -> Answer {
         },
         attempts: 0,
         age: Some(hit.entry.age(now)),
+        headers: HeaderMap::new(),
     }
 }
 
@@ -125,5 +137,6 @@ pub(super) fn hit_response(hit: &Lookup, key: &CacheKey, now: u64) -> Response {
         attempts: 0,
         age: a.age,
         key: *key,
+        upstream_headers: a.headers,
     }
 }

@@ -44,6 +44,9 @@ pub struct StreamResponse {
     /// Age of the cached entry replayed; `None` for a live stream.
     pub age: Option<Duration>,
     pub key: CacheKey,
+    /// The upstream's response headers when the stream comes from the upstream (live, or a
+    /// joined flight's answer); empty for a replayed entry.
+    pub upstream_headers: http::HeaderMap,
 }
 
 impl std::fmt::Debug for StreamResponse {
@@ -176,12 +179,17 @@ impl Engine {
         let store = !p.controls.no_store;
         let engine = self.clone();
         let model_name = model.to_owned();
+        let headers = live.response.headers().clone();
+        let stored_headers = headers.clone();
         tokio::spawn(async move {
             let message = pump(live, &tx).await;
             let shared = match (message, store) {
                 (Some(message), true) => {
                     let body = Bytes::from(message.to_string());
-                    Ok(engine.store(&key, body, &model_name, attempts, true).await)
+                    let headers = stored_headers;
+                    Ok(engine
+                        .store(&key, body, headers, &model_name, attempts, true)
+                        .await)
                 }
                 _ => Err(upstream::transport_error(
                     UpstreamErrorKind::Connect,
@@ -206,6 +214,7 @@ impl Engine {
             attempts,
             age: None,
             key,
+            upstream_headers: headers,
         }
     }
 }
@@ -289,6 +298,7 @@ fn replay(answer: Answer, key: CacheKey) -> Result<StreamResponse, Error> {
         attempts: answer.attempts,
         age: answer.age,
         key,
+        upstream_headers: answer.headers,
     })
 }
 

@@ -166,7 +166,9 @@ pub async fn run(args: BenchArgs, common: crate::CommonArgs) -> Result<ExitCode>
     let mut demo_chain = false;
     let mut mock = None;
     let builder = if args.mock {
-        if config.fallback.is_empty() {
+        // The default chains name only the API's current models; the demo's chain covers the
+        // workload's own.
+        if config.fallback == Config::default().fallback {
             config.fallback = demo_fallbacks(&workload.models());
             demo_chain = true;
         }

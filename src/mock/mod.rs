@@ -77,6 +77,9 @@ pub enum Scripted {
         #[serde(default)]
         retry_after: Option<String>,
     },
+    /// An error in the API's shape for that status, with `x-should-retry: false`: the
+    /// upstream saying that trying this request again will not help.
+    NoRetry { status: u16 },
     /// 429 `rate_limit_error` with `error.details.error_code = "enforced_spend_limit_reached"`
     /// and no `retry-after`.
     SpendLimit,
@@ -99,6 +102,8 @@ pub struct MockStats {
     pub by_model: BTreeMap<String, BTreeMap<u16, u64>>,
     /// `/v1` path -> count.
     pub by_path: BTreeMap<String, u64>,
+    /// The query string of the last `/v1` request, if it had one (`beta=true`).
+    pub last_query: Option<String>,
     /// `x-api-key` (else `authorization`) of the last `/v1` request, to check forwarding.
     pub last_api_key: Option<String>,
     /// The other headers of the last `/v1` request (names lowercase), credentials left out.

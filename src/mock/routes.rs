@@ -61,7 +61,7 @@ pub(super) async fn dispatch(
     };
     let mut response = if is_api {
         let _in_flight = shared.enter();
-        shared.record_request(&path, &headers);
+        shared.record_request(&path, uri.query(), &headers);
         let latency = lock(&shared.config).latency_ms;
         let (response, model) = match body {
             Err(too_large) => (too_large, None),
@@ -84,6 +84,11 @@ pub(super) async fn dispatch(
     };
     if let Ok(value) = HeaderValue::from_str(&request_id) {
         response.headers_mut().insert("request-id", value);
+    }
+    if is_api {
+        // As the API sends them on every answer; the fake does not count.
+        let limit = HeaderValue::from_static("4000");
+        (response.headers_mut()).insert("anthropic-ratelimit-requests-limit", limit);
     }
     response
 }
@@ -163,6 +168,7 @@ pub(super) async fn messages(
             status,
             retry_after,
         }),
+        Some(Scripted::NoRetry { status }) => Some(Fault::NoRetry(status)),
         Some(Scripted::SpendLimit) => Some(Fault::SpendLimit),
         Some(Scripted::StreamError { after_events }) => Some(Fault::StreamError(after_events)),
         Some(Scripted::StreamCut { after_events }) => Some(Fault::StreamCut(after_events)),
@@ -180,6 +186,12 @@ pub(super) async fn messages(
             status,
             retry_after,
         }) => status_error(status, retry_after.as_deref(), request_id),
+        Some(Fault::NoRetry(status)) => {
+            let mut response = status_error(status, None, request_id);
+            let no = HeaderValue::from_static("false");
+            response.headers_mut().insert("x-should-retry", no);
+            response
+        }
         Some(Fault::SpendLimit) => spend_limit(request_id),
         Some(Fault::StreamError(_)) if !stream => status_error(529, None, request_id),
         Some(Fault::StreamCut(_)) if !stream => status_error(500, None, request_id),

@@ -97,9 +97,10 @@ impl Shared {
         InFlight(self)
     }
 
-    pub(super) fn record_request(&self, path: &str, headers: &HeaderMap) {
+    pub(super) fn record_request(&self, path: &str, query: Option<&str>, headers: &HeaderMap) {
         let mut stats = lock(&self.stats);
         stats.requests += 1;
+        stats.last_query = query.map(str::to_owned);
         *stats.by_path.entry(path.to_owned()).or_default() += 1;
         let credential = headers
             .get("x-api-key")
@@ -209,6 +210,7 @@ pub(super) enum Fault {
         status: u16,
         retry_after: Option<String>,
     },
+    NoRetry(u16),
     SpendLimit,
     StreamError(usize),
     StreamCut(usize),

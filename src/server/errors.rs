@@ -1,23 +1,33 @@
 //! Every failure in the API's own error shape.
 
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response as HttpResponse};
 use tracing::warn;
 
-use super::{header_value, JSON, X_ATTEMPTS, X_MODEL};
+use super::{copy_upstream_headers, header_value, Encoding, JSON, X_ATTEMPTS, X_MODEL};
 use crate::error::{error_body, error_type_for_status, Error};
 
-/// Every library error as the API's error shape, with the upstream's own status and body when
-/// it was the upstream's error, and a `retry-after` so that the caller's SDK waits.
+const X_SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
+
+/// Every library error as the API's error shape, with the upstream's own status, body and
+/// headers when it was the upstream's error. One retry layer: an error the engine retried (or
+/// would have, had its budget, breaker or deadline allowed) says `x-should-retry: false`, which
+/// the official SDKs obey before their own rules, and a whole-second `retry-after` saying when
+/// trying again makes sense; any other upstream error passes through as the upstream sent it.
 pub(super) fn error_response(e: Error) -> HttpResponse {
     let mut out = match e {
         Error::Upstream(e) => {
             let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_GATEWAY);
             let mut out = (status, e.body.clone()).into_response();
             let h = out.headers_mut();
-            if let Some(wait) = e.retry_after {
+            copy_upstream_headers(&e.headers, h, Encoding::Decoded);
+            if e.retried_by_engine() {
+                let wait = e.retry_after.unwrap_or_default();
                 let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
                 h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+                h.insert(X_SHOULD_RETRY, HeaderValue::from_static("false"));
+                // The upstream's retry-after-ms would contradict the proxy's own wait.
+                h.remove("retry-after-ms");
             }
             h.insert(X_ATTEMPTS, HeaderValue::from(e.attempts));
             h.insert(X_MODEL, header_value(&e.model));

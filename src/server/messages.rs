@@ -10,7 +10,8 @@ use axum::response::{IntoResponse, Response as HttpResponse};
 
 use super::errors::{api_error, error_response};
 use super::{
-    forwarded, header_text, App, JSON, X_ATTEMPTS, X_CACHE, X_FALLBACK, X_KEY, X_MODEL, X_NAMESPACE,
+    copy_upstream_headers, forwarded, header_text, App, Encoding, JSON, X_ATTEMPTS, X_CACHE,
+    X_FALLBACK, X_KEY, X_MODEL, X_NAMESPACE,
 };
 use crate::client::{Controls, Reply, Request, Response, StreamResponse};
 use crate::key::CacheKey;
@@ -37,7 +38,11 @@ pub(super) async fn messages(
         Some(Err(_)) => return api_error(400, "x-fallthrough-namespace must be visible ASCII"),
     };
     let request = Request {
-        path: parts.uri.path().to_owned(),
+        path: parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_owned(),
         body,
         controls: controls(&headers),
         namespace,
@@ -65,6 +70,7 @@ pub(super) fn is_too_large(e: &axum::Error) -> bool {
 fn plain(r: Response) -> HttpResponse {
     let mut out = (StatusCode::OK, r.body).into_response();
     let h = out.headers_mut();
+    copy_upstream_headers(&r.upstream_headers, h, Encoding::Decoded);
     h.insert(header::CONTENT_TYPE, JSON);
     cache_headers(h, r.outcome, &r.key, &r.model, r.attempts, r.age);
     out
@@ -73,6 +79,7 @@ fn plain(r: Response) -> HttpResponse {
 fn streamed(r: StreamResponse) -> HttpResponse {
     let mut out = (StatusCode::OK, Body::from_stream(r.events)).into_response();
     let h = out.headers_mut();
+    copy_upstream_headers(&r.upstream_headers, h, Encoding::Decoded);
     h.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/event-stream; charset=utf-8"),

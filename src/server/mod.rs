@@ -54,6 +54,38 @@ const NOT_FORWARDED: [HeaderName; 14] = [
     X_FALLBACK,
 ];
 
+/// Response headers of the upstream never passed back: hop-by-hop, and the length, which the
+/// server sets itself.
+const NOT_RETURNED: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TRANSFER_ENCODING,
+    header::CONTENT_LENGTH,
+    header::TRAILER,
+    header::UPGRADE,
+];
+
+/// Whether a body is passed on as the upstream encoded it, or was read (and decoded) first.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Encoding {
+    AsSent,
+    Decoded,
+}
+
+/// Copies the upstream's response headers (`request-id`, `anthropic-ratelimit-*`, ...) onto a
+/// reply, less hop-by-hop ones and the length; `content-encoding` too when the body was read.
+/// Headers the proxy sets itself are inserted after, over these.
+pub(super) fn copy_upstream_headers(from: &HeaderMap, to: &mut HeaderMap, encoding: Encoding) {
+    for (name, value) in from {
+        let skip = NOT_RETURNED.contains(name)
+            || (encoding == Encoding::Decoded && name == header::CONTENT_ENCODING);
+        if !skip {
+            to.append(name, value.clone());
+        }
+    }
+}
+
 /// How long a shutdown waits for in-flight requests.
 const DRAIN_LIMIT: Duration = Duration::from_secs(30);
 

@@ -6,24 +6,13 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderName, Method, Uri};
+use axum::http::{HeaderMap, HeaderValue, Method, Uri};
 use axum::response::Response as HttpResponse;
 use bytes::Bytes;
 
 use super::errors::{api_error, error_response};
-use super::{forwarded, App, X_CACHE};
+use super::{copy_upstream_headers, forwarded, App, Encoding, X_CACHE};
 use crate::client::PassThrough;
-
-/// Response headers of the upstream never passed back (hop-by-hop and length, which the
-/// server sets itself).
-const NOT_RETURNED: [HeaderName; 6] = [
-    axum::http::header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    axum::http::header::TRANSFER_ENCODING,
-    axum::http::header::CONTENT_LENGTH,
-    axum::http::header::TRAILER,
-    axum::http::header::UPGRADE,
-];
 
 pub(super) async fn pass_through(
     State(app): State<Arc<App>>,
@@ -45,13 +34,10 @@ pub(super) async fn pass_through(
         Ok(passed) => passed,
         Err(e) => return error_response(e),
     };
-    let mut out = HttpResponse::builder().status(passed.status);
-    for (name, value) in &passed.headers {
-        if !NOT_RETURNED.contains(name) {
-            out = out.header(name, value);
-        }
-    }
-    out.header(X_CACHE, "bypass")
-        .body(Body::from_stream(passed.body))
-        .unwrap_or_else(|_| api_error(502, "upstream sent an unusable response"))
+    let mut out = HttpResponse::new(Body::from_stream(passed.body));
+    *out.status_mut() = passed.status;
+    let h = out.headers_mut();
+    copy_upstream_headers(&passed.headers, h, Encoding::AsSent);
+    h.insert(X_CACHE, HeaderValue::from_static("bypass"));
+    out
 }

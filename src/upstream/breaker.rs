@@ -61,7 +61,21 @@ pub enum Admission {
     /// Skip the upstream; trying again makes sense in `retry_in`.
     Reject {
         retry_in: Duration,
+        /// The failure that opened the breaker, so that the refusal names it.
+        cause: Cause,
     },
+}
+
+/// What kind of failure a model's breaker counts: the refusal of a held model answers with the
+/// kind that opened it (an overload as 529, never an overload it did not see).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// 529 `overloaded_error`.
+    Overloaded,
+    /// Another 5xx (or 408).
+    ServerError,
+    /// A timeout, or no connection.
+    Unreachable,
 }
 
 /// How an attempt went, as far as the breaker cares.
@@ -70,7 +84,7 @@ pub enum Verdict {
     /// The model answered (a 200, or a 4xx that is the request's fault).
     Answered,
     /// Overloaded, 5xx, timeout, no connection.
-    Failed,
+    Failed(Cause),
     /// Rate limited: says nothing about the model's health.
     Neutral,
 }
@@ -83,6 +97,8 @@ struct ModelBreaker {
     consecutive_failures: u32,
     /// Last answers, newest at the back; true for a failure.
     recent: VecDeque<bool>,
+    /// The latest failure: what opened the breaker when it blocks.
+    cause: Cause,
 }
 
 /// Breakers of all models of one upstream.
@@ -119,9 +135,11 @@ impl Breakers {
             }
             BreakerState::Blocking => Admission::Reject {
                 retry_in: b.until - now,
+                cause: b.cause,
             },
             BreakerState::Probing => Admission::Reject {
                 retry_in: Duration::from_secs(1),
+                cause: b.cause,
             },
         }
     }
@@ -136,7 +154,8 @@ impl Breakers {
         // Callers choose model names: past MAX_MODELS, only a failure earns a new entry, so
         // the map cannot be grown without bound by answers that say nothing. (Below it,
         // successes are kept from the first answer on: the failure ratio needs them.)
-        if verdict != Verdict::Failed && models.len() >= MAX_MODELS && !models.contains_key(model) {
+        let failed = matches!(verdict, Verdict::Failed(_));
+        if !failed && models.len() >= MAX_MODELS && !models.contains_key(model) {
             return;
         }
         let b = models
@@ -146,6 +165,7 @@ impl Breakers {
                 until: now,
                 consecutive_failures: 0,
                 recent: VecDeque::with_capacity(WINDOW),
+                cause: Cause::Overloaded,
             });
         let probing = b.state == BreakerState::Probing;
         if probing && !probe {
@@ -160,13 +180,16 @@ impl Breakers {
                     b.recent.clear();
                 }
             }
-            Verdict::Failed => b.consecutive_failures += 1,
+            Verdict::Failed(cause) => {
+                b.consecutive_failures += 1;
+                b.cause = cause;
+            }
         }
         if b.recent.len() == WINDOW {
             b.recent.pop_front();
         }
-        b.recent.push_back(verdict == Verdict::Failed);
-        if verdict == Verdict::Failed && self.should_block(b) {
+        b.recent.push_back(failed);
+        if failed && self.should_block(b) {
             b.state = BreakerState::Blocking;
             b.until = now + self.cooldown;
             b.consecutive_failures = 0;
@@ -209,13 +232,23 @@ mod tests {
         let b = Breakers::new(5, COOLDOWN);
         for _ in 0..4 {
             assert_eq!(b.admit("a", Instant::now()), Admission::Pass);
-            b.record("a", Admission::Pass, Verdict::Failed, Instant::now());
+            b.record(
+                "a",
+                Admission::Pass,
+                Verdict::Failed(Cause::Overloaded),
+                Instant::now(),
+            );
         }
         assert_eq!(b.state("a"), BreakerState::Passing);
-        b.record("a", Admission::Pass, Verdict::Failed, Instant::now());
+        b.record(
+            "a",
+            Admission::Pass,
+            Verdict::Failed(Cause::Overloaded),
+            Instant::now(),
+        );
         assert_eq!(b.state("a"), BreakerState::Blocking);
         assert!(
-            matches!(b.admit("a", Instant::now()), Admission::Reject { retry_in } if retry_in <= COOLDOWN)
+            matches!(b.admit("a", Instant::now()), Admission::Reject { retry_in, .. } if retry_in <= COOLDOWN)
         );
         assert_eq!(
             b.admit("b", Instant::now()),
@@ -232,7 +265,12 @@ mod tests {
         // A late answer of a request let through before the breaker blocked decides nothing.
         b.record("a", Admission::Pass, Verdict::Answered, Instant::now());
         assert_eq!(b.state("a"), BreakerState::Probing);
-        b.record("a", Admission::Probe, Verdict::Failed, Instant::now());
+        b.record(
+            "a",
+            Admission::Probe,
+            Verdict::Failed(Cause::Overloaded),
+            Instant::now(),
+        );
         assert_eq!(
             b.state("a"),
             BreakerState::Blocking,
@@ -241,7 +279,12 @@ mod tests {
 
         tokio::time::advance(COOLDOWN).await;
         assert_eq!(b.admit("a", Instant::now()), Admission::Probe);
-        b.record("a", Admission::Pass, Verdict::Failed, Instant::now());
+        b.record(
+            "a",
+            Admission::Pass,
+            Verdict::Failed(Cause::Overloaded),
+            Instant::now(),
+        );
         assert_eq!(b.state("a"), BreakerState::Probing);
         b.record("a", Admission::Probe, Verdict::Answered, Instant::now());
         assert_eq!(b.state("a"), BreakerState::Passing);
@@ -255,7 +298,12 @@ mod tests {
         for i in 0..2000u32 {
             let run = (i / 2) % 9;
             for _ in 0..run {
-                b.record("a", Admission::Pass, Verdict::Failed, Instant::now());
+                b.record(
+                    "a",
+                    Admission::Pass,
+                    Verdict::Failed(Cause::Overloaded),
+                    Instant::now(),
+                );
             }
             for _ in 0..run {
                 b.record("a", Admission::Pass, Verdict::Answered, Instant::now());
@@ -271,7 +319,12 @@ mod tests {
             b.record("a", Admission::Pass, Verdict::Answered, Instant::now());
         }
         for _ in 0..5 {
-            b.record("a", Admission::Pass, Verdict::Failed, Instant::now());
+            b.record(
+                "a",
+                Admission::Pass,
+                Verdict::Failed(Cause::Overloaded),
+                Instant::now(),
+            );
         }
         // Five in a row, but 5 of the last 25 answers: the model still answers.
         assert_eq!(b.state("a"), BreakerState::Passing);
@@ -289,10 +342,30 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_lost_probe_is_replaced_after_a_cooldown() {
         let b = Breakers::new(1, COOLDOWN);
-        b.record("a", Admission::Pass, Verdict::Failed, Instant::now());
+        b.record(
+            "a",
+            Admission::Pass,
+            Verdict::Failed(Cause::Overloaded),
+            Instant::now(),
+        );
         tokio::time::advance(COOLDOWN).await;
         assert_eq!(b.admit("a", Instant::now()), Admission::Probe);
         tokio::time::advance(COOLDOWN).await;
         assert_eq!(b.admit("a", Instant::now()), Admission::Probe);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refusal_names_the_failure_that_opened_the_breaker() {
+        let b = Breakers::new(2, COOLDOWN);
+        for cause in [Cause::Overloaded, Cause::Unreachable] {
+            b.record("a", Admission::Pass, Verdict::Failed(cause), Instant::now());
+        }
+        assert!(matches!(
+            b.admit("a", Instant::now()),
+            Admission::Reject {
+                cause: Cause::Unreachable,
+                ..
+            }
+        ));
     }
 }

@@ -163,6 +163,17 @@ pub fn classify(
         body,
         retry_after,
         attempts: 0,
+        headers: Box::new(headers.clone()),
+        should_retry: should_retry(headers),
+    }
+}
+
+/// The upstream's `x-should-retry: true | false`, when it sent one.
+fn should_retry(headers: &HeaderMap) -> Option<bool> {
+    match headers.get("x-should-retry")?.to_str().ok()?.trim() {
+        "true" => Some(true),
+        "false" => Some(false),
+        _ => None,
     }
 }
 
@@ -206,6 +217,8 @@ pub fn transport_error(kind: UpstreamErrorKind, model: &str) -> UpstreamError {
         body: error_body(error_type, message),
         retry_after: None,
         attempts: 0,
+        headers: Box::default(),
+        should_retry: None,
     }
 }
 

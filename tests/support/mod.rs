@@ -3,6 +3,8 @@
 // Each test binary uses only some of these.
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::time::Duration;
 
 use fallthrough::entry::{now_millis, Entry};

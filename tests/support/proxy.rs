@@ -1,0 +1,139 @@
+//! The proxy over real HTTP in front of the in-process mock, for the tests that drive it.
+
+use std::time::Duration;
+
+use fallthrough::mock::{MockConfig, MockServer};
+use fallthrough::sse::{Assembler, FrameParser};
+use fallthrough::{ClientBuilder, Config};
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub const MODEL: &str = "claude-sonnet-4-6";
+
+pub struct Proxy {
+    pub url: String,
+    pub mock: MockServer,
+    /// The proxy's own client, to reach its cache.
+    pub client: fallthrough::Client,
+    pub http: reqwest::Client,
+    pub dir: tempfile::TempDir,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+impl Proxy {
+    pub async fn start() -> Proxy {
+        Self::start_with(|c| c).await
+    }
+
+    pub async fn start_with(tune: impl FnOnce(ClientBuilder) -> ClientBuilder) -> Proxy {
+        let mock = MockServer::start(MockConfig::default()).await.unwrap();
+        Self::start_on(mock, tune).await
+    }
+
+    /// A proxy on `mock` without the default fallback chains (the tests name the chains they
+    /// mean), tuned by `tune`.
+    pub async fn start_on(
+        mock: MockServer,
+        tune: impl FnOnce(ClientBuilder) -> ClientBuilder,
+    ) -> Proxy {
+        Self::start_full(mock, Config::default(), |b| tune(b.without_fallbacks())).await
+    }
+
+    pub async fn start_full(
+        mock: MockServer,
+        config: Config,
+        tune: impl FnOnce(ClientBuilder) -> ClientBuilder,
+    ) -> Proxy {
+        let dir = tempfile::tempdir().unwrap();
+        let builder = ClientBuilder::from_config(config)
+            .upstream(mock.url())
+            .cache_dir(dir.path().join("cache"))
+            .credential("sk-ant-proxy-default-key")
+            .retries(2, Duration::from_millis(10), Duration::from_millis(50));
+        let client = tune(builder).build().await.unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(fallthrough::server::serve(
+            listener,
+            client.clone(),
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        Proxy {
+            url,
+            mock,
+            client,
+            http: reqwest::Client::new(),
+            dir,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub fn post(&self, path: &str, body: &Value) -> reqwest::RequestBuilder {
+        self.http
+            .post(format!("{}{path}", self.url))
+            .header("x-api-key", "sk-ant-caller-key")
+            .header("anthropic-version", "2023-06-01")
+            .json(body)
+    }
+
+    /// `body` with `cache-control: only-if-cached`: what the cache holds, never an upstream call.
+    pub async fn cached(&self, body: &Value) -> reqwest::Response {
+        self.post("/v1/messages", body)
+            .header("cache-control", "only-if-cached")
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub fn calls(&self, model: &str) -> u64 {
+        self.mock
+            .stats()
+            .by_model
+            .get(model)
+            .map_or(0, |by_status| by_status.values().sum())
+    }
+
+    /// Stops the server (draining, flushing) and hands back its directory.
+    pub async fn shutdown(mut self) -> tempfile::TempDir {
+        self.stop.take().unwrap().send(()).unwrap();
+        self.task.take().unwrap().await.unwrap().unwrap();
+        self.dir
+    }
+}
+
+pub fn request(text: &str) -> Value {
+    json!({"model": MODEL, "max_tokens": 64, "messages": [{"role": "user", "content": text}]})
+}
+
+pub fn header<'a>(r: &'a reqwest::Response, name: &str) -> &'a str {
+    r.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+}
+
+pub fn assemble(bytes: &[u8]) -> Value {
+    let mut parser = FrameParser::new();
+    let mut assembler = Assembler::new();
+    for frame in parser.push(bytes) {
+        if let Some(message) = assembler.feed(&frame).unwrap() {
+            return message;
+        }
+    }
+    panic!("stream ended without message_stop")
+}
+
+pub async fn error_of(r: reqwest::Response) -> (u16, String) {
+    let status = r.status().as_u16();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["type"], "error", "{body}");
+    assert!(body["error"]["message"].is_string(), "{body}");
+    (status, body["error"]["type"].as_str().unwrap().to_owned())
+}
