@@ -221,7 +221,7 @@ async fn send(target: &Target, body: Bytes, controls: Controls) -> Result<(), Er
 fn strip_stream(body: Bytes) -> Bytes {
     match serde_json::from_slice::<serde_json::Value>(&body) {
         Ok(mut v) if v.get("stream").is_some() => {
-            v.as_object_mut().map(|o| o.remove("stream"));
+            v.as_object_mut().map(|o| o.shift_remove("stream"));
             Bytes::from(v.to_string())
         }
         _ => body,

@@ -161,7 +161,7 @@ fn set_stream(json: &mut Value, stream: bool) {
     match stream {
         true => json["stream"] = Value::Bool(true),
         false => {
-            json.as_object_mut().map(|o| o.remove("stream"));
+            json.as_object_mut().map(|o| o.shift_remove("stream"));
         }
     }
 }

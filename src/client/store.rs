@@ -98,15 +98,23 @@ impl Engine {
     }
 }
 
-/// Only a complete answer is stored: a Message with content and a stop reason, or a
-/// `count_tokens` answer. Anything else (a refusal in the shape of success, a cut body) is
-/// passed on but never cached.
+/// Only a complete answer is stored: a Message with content and a stop reason that replays as
+/// an event stream (a stored entry is served both ways: a text block without `text` would be
+/// a 500 for every streamed request of its lifetime), or a `count_tokens` answer. Anything
+/// else (a refusal in the shape of success, a cut body) is passed on but never cached.
 pub(super) fn is_complete_message(body: &[u8]) -> bool {
     match serde_json::from_slice::<Value>(body) {
-        Ok(v) => {
-            (v["type"] == "message" && v["content"].is_array() && !v["stop_reason"].is_null())
-                || v["input_tokens"].is_u64() && v.as_object().is_some_and(|o| o.len() <= 2)
+        Ok(v) if v["type"] == "message" => {
+            let complete = v["content"].is_array() && !v["stop_reason"].is_null();
+            let replays = complete && crate::sse::replay_frames(&v).is_ok();
+            if complete && !replays {
+                warn!(
+                    "upstream sent a Message that cannot be replayed as a stream; not storing it"
+                );
+            }
+            replays
         }
+        Ok(v) => v["input_tokens"].is_u64() && v.as_object().is_some_and(|o| o.len() <= 2),
         Err(_) => {
             warn!("upstream sent a 200 whose body is not JSON; not storing it");
             false

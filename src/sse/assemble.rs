@@ -120,7 +120,8 @@ impl Assembler {
             return Err(protocol("message_start without a message object"));
         };
         self.message = message;
-        self.message.remove("content");
+        // Emptied in place, not removed: the assembled Message keeps the upstream's field order.
+        self.message.insert("content".into(), Value::Array(Vec::new()));
         self.phase = Phase::InMessage;
         Ok(())
     }
@@ -246,12 +247,12 @@ impl Assembler {
         let Value::Object(mut data) = data else {
             return Err(protocol("message_delta is not an object"));
         };
-        if let Some(Value::Object(delta)) = data.remove("delta") {
+        if let Some(Value::Object(delta)) = data.shift_remove("delta") {
             for (field, value) in delta {
                 self.message.insert(field, value);
             }
         }
-        if let Some(Value::Object(usage)) = data.remove("usage") {
+        if let Some(Value::Object(usage)) = data.shift_remove("usage") {
             let target = self.message.entry("usage").or_insert_with(|| json!({}));
             if !target.is_object() {
                 *target = json!({});

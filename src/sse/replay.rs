@@ -15,6 +15,18 @@ pub fn replay(message: &Value) -> Result<Bytes, SseError> {
     Ok(Bytes::from(out))
 }
 
+/// Top-level Message fields that `message_start` alone carries; every other one goes in
+/// `message_delta.delta` as well (PROTOCOL.md, "Message events").
+const START_ONLY_FIELDS: [&str; 6] = ["id", "type", "role", "model", "content", "usage"];
+/// What the API's `message_delta.usage` holds, when the Message's usage has it.
+const DELTA_USAGE_FIELDS: [&str; 5] = [
+    "output_tokens",
+    "input_tokens",
+    "cache_creation_input_tokens",
+    "cache_read_input_tokens",
+    "server_tool_use",
+];
+
 /// Words per `text_delta` / `thinking_delta` chunk in a replay.
 const WORDS_PER_DELTA: usize = 4;
 /// Pieces the compact JSON of a tool input is cut into (at most) in a replay.
@@ -40,6 +52,9 @@ pub fn replay_frames(message: &Value) -> Result<Vec<(String, Value)>, SseError> 
     start.insert("content".into(), json!([]));
     start.insert("stop_reason".into(), Value::Null);
     start.insert("stop_sequence".into(), Value::Null);
+    if start.contains_key("stop_details") {
+        start.insert("stop_details".into(), Value::Null);
+    }
     if let Some(Value::Object(usage)) = start.get_mut("usage") {
         if let Some(out) = usage.get("output_tokens").and_then(Value::as_u64) {
             usage.insert("output_tokens".into(), json!(out.min(1)));
@@ -61,10 +76,21 @@ pub fn replay_frames(message: &Value) -> Result<Vec<(String, Value)>, SseError> 
             "stop_sequence": obj.get("stop_sequence").cloned().unwrap_or(Value::Null),
         },
     });
+    // Every other top-level field (`stop_details`, `container`, `context_management`, ...)
+    // travels in the delta too: both SDKs overwrite the Message's fields from it.
+    for (name, value) in obj {
+        if !START_ONLY_FIELDS.contains(&name.as_str()) && delta["delta"].get(name).is_none() {
+            delta["delta"][name] = value.clone();
+        }
+    }
     if let Some(Value::Object(usage)) = obj.get("usage") {
-        // The API's message_delta usage carries the token counts, not `service_tier`.
-        let mut usage = usage.clone();
-        usage.remove("service_tier");
+        // The API's message_delta usage holds the counts only: not `service_tier`, not the
+        // nested `cache_creation` object, which belongs to `message_start`.
+        let usage: serde_json::Map<String, Value> = usage
+            .iter()
+            .filter(|(name, _)| DELTA_USAGE_FIELDS.contains(&name.as_str()))
+            .map(|(name, value)| (name.clone(), value.clone()))
+            .collect();
         delta["usage"] = Value::Object(usage);
     }
     events.push(ev("message_delta", delta));
