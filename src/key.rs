@@ -18,7 +18,7 @@ mod streaming;
 pub use streaming::{BodyFacts, KeyError};
 
 /// Bumped whenever the canonical form changes, so old entries are never served under new rules.
-pub const KEY_FORMAT_VERSION: u64 = 1;
+pub const KEY_FORMAT_VERSION: u64 = 2;
 
 /// A 32-byte blake3 digest, shown as 64 lowercase hex characters.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -153,7 +153,9 @@ impl KeyContext {
         self
     }
 
-    /// The key of `body` (a Messages request) in this context.
+    /// The key of `body` (a Messages request) in this context. A parsed `Value` holds an
+    /// integer beyond 64 bits as a float, so such integers are keyed as that float here;
+    /// [`Self::key_of_bytes`] (what the engine uses) keys their exact digits.
     pub fn key(&self, body: &Value) -> CacheKey {
         let mut hasher = blake3::Hasher::new();
         let mut writer = HashWriter(&mut hasher);
@@ -367,7 +369,7 @@ mod tests {
         let form = ctx().canonical_form(&json!({"z":1,"a":{"y":[1.5,{"b":1,"a":2}],"x":null}}));
         assert_eq!(
             form,
-            r#"{"anthropic_version":"2023-06-01","beta":[],"body":{"a":{"x":null,"y":[1.5,{"a":2,"b":1}]},"z":1},"credential":null,"namespace":"","path":"/v1/messages","v":1}"#
+            r#"{"anthropic_version":"2023-06-01","beta":[],"body":{"a":{"x":null,"y":[1.5,{"a":2,"b":1}]},"z":1},"credential":null,"namespace":"","path":"/v1/messages","v":2}"#
         );
     }
 

@@ -16,6 +16,11 @@ use super::{KeyContext, KEY_FORMAT_VERSION};
 /// Body fields that never affect the key: a streamed and a plain request share one entry, and
 /// `metadata` names an end user, not the output.
 pub(super) const IGNORED_BODY_FIELDS: [&str; 2] = ["stream", "metadata"];
+/// Left out wherever it appears: prompt-caching breakpoints change billing, not the answer.
+pub(super) const IGNORED_EVERYWHERE: &str = "cache_control";
+/// Left out of each tool definition (the elements of the body's `tools`): some SDKs add it
+/// only when they stream.
+pub(super) const IGNORED_IN_TOOLS: &str = "eager_input_streaming";
 
 const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
 
@@ -68,12 +73,53 @@ pub(super) fn write_body(out: &mut impl Write, body: &Value) -> io::Result<()> {
             let mut entries: Vec<(&String, &Value)> = map
                 .iter()
                 .filter(|(k, _)| !IGNORED_BODY_FIELDS.contains(&k.as_str()))
+                .filter(|(k, _)| k.as_str() != IGNORED_EVERYWHERE)
                 .collect();
             entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
-            write_object(out, entries)
+            out.write_all(b"{")?;
+            for (i, (k, v)) in entries.into_iter().enumerate() {
+                if i > 0 {
+                    out.write_all(b",")?;
+                }
+                write_string(out, k)?;
+                out.write_all(b":")?;
+                match (k.as_str(), v) {
+                    ("tools", Value::Array(tools)) => write_tools(out, tools)?,
+                    _ => write_value(out, v)?,
+                }
+            }
+            out.write_all(b"}")
         }
         other => write_value(out, other),
     }
+}
+
+/// The body's `tools`: each definition without [`IGNORED_IN_TOOLS`].
+fn write_tools(out: &mut impl Write, tools: &[Value]) -> io::Result<()> {
+    out.write_all(b"[")?;
+    for (i, tool) in tools.iter().enumerate() {
+        if i > 0 {
+            out.write_all(b",")?;
+        }
+        match tool {
+            Value::Object(map) => write_object(out, sorted_members(map, IGNORED_IN_TOOLS))?,
+            other => write_value(out, other)?,
+        }
+    }
+    out.write_all(b"]")
+}
+
+/// An object's members in key order, less `cache_control` and `also_ignored`.
+fn sorted_members<'a>(
+    map: &'a serde_json::Map<String, Value>,
+    also_ignored: &str,
+) -> Vec<(&'a String, &'a Value)> {
+    let mut entries: Vec<(&String, &Value)> = map
+        .iter()
+        .filter(|(k, _)| k.as_str() != IGNORED_EVERYWHERE && k.as_str() != also_ignored)
+        .collect();
+    entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    entries
 }
 
 fn write_value(out: &mut impl Write, value: &Value) -> io::Result<()> {
@@ -93,11 +139,7 @@ fn write_value(out: &mut impl Write, value: &Value) -> io::Result<()> {
             }
             out.write_all(b"]")
         }
-        Value::Object(map) => {
-            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
-            entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
-            write_object(out, entries)
-        }
+        Value::Object(map) => write_object(out, sorted_members(map, IGNORED_EVERYWHERE)),
     }
 }
 

@@ -132,6 +132,7 @@ fn canonicalise_body(body: &[u8], scratch: &mut Scratch) -> Result<BodyFacts, Ke
         keys: &mut scratch.keys,
         members: &mut scratch.members,
         facts: BodyFacts::default(),
+        in_tools: false,
     };
     p.skip_ws();
     match p.peek() {

@@ -121,7 +121,8 @@ impl Assembler {
         };
         self.message = message;
         // Emptied in place, not removed: the assembled Message keeps the upstream's field order.
-        self.message.insert("content".into(), Value::Array(Vec::new()));
+        self.message
+            .insert("content".into(), Value::Array(Vec::new()));
         self.phase = Phase::InMessage;
         Ok(())
     }

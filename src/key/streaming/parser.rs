@@ -5,6 +5,7 @@ use serde_json::Value;
 
 use super::super::canonical::{
     find_special, write_escaped_char, write_float, write_number, IGNORED_BODY_FIELDS,
+    IGNORED_EVERYWHERE, IGNORED_IN_TOOLS,
 };
 use super::{BodyFacts, KeyError, MAX_DEPTH, WRITE_TO_VEC};
 
@@ -29,6 +30,8 @@ pub(super) struct Parser<'a> {
     pub(super) keys: &'a mut Vec<u8>,
     pub(super) members: &'a mut Vec<Member>,
     pub(super) facts: BodyFacts,
+    /// Inside the value of the body's `tools`, whose definitions leave out `IGNORED_IN_TOOLS`.
+    pub(super) in_tools: bool,
 }
 
 /// A string's content in the source, and whether it held escapes.
@@ -173,7 +176,13 @@ impl Parser<'_> {
                 self.out.push(b':');
                 let value_start = self.out.len();
                 let value_src = self.pos;
+                if top {
+                    self.in_tools = self.key_is(key_start, key_end, key_decoded, b"tools");
+                }
                 self.value()?;
+                if top {
+                    self.in_tools = false;
+                }
                 let member = Member {
                     key_start,
                     key_end,
@@ -181,7 +190,10 @@ impl Parser<'_> {
                     start,
                     end: self.out.len(),
                 };
-                let keep = !top || self.note_top_level(&member, value_start, value_src);
+                let keep = match top {
+                    true => self.note_top_level(&member, value_start, value_src),
+                    false => !self.ignored_nested(&member),
+                };
                 if keep {
                     if sorted && self.members.len() > base {
                         let prev = &self.members[self.members.len() - 1];
@@ -248,6 +260,22 @@ impl Parser<'_> {
         self.out.push(b'}');
     }
 
+    fn key_is(&self, start: usize, end: usize, decoded: bool, name: &[u8]) -> bool {
+        let bytes = match decoded {
+            true => &self.keys[start..end],
+            false => &self.src[start..end],
+        };
+        bytes == name
+    }
+
+    /// Whether a member below the top level is left out of the key: `cache_control` anywhere,
+    /// `eager_input_streaming` in a tool definition (an object right inside the body's `tools`).
+    fn ignored_nested(&self, member: &Member) -> bool {
+        let key = key_bytes(self.src, self.keys, member);
+        key == IGNORED_EVERYWHERE.as_bytes()
+            || (self.in_tools && self.depth == 3 && key == IGNORED_IN_TOOLS.as_bytes())
+    }
+
     /// Notes a top-level member's facts; false when the member is left out of the key.
     pub(super) fn note_top_level(
         &mut self,
@@ -275,6 +303,7 @@ impl Parser<'_> {
         !IGNORED_BODY_FIELDS
             .iter()
             .any(|ignored| ignored.as_bytes() == key)
+            && key != IGNORED_EVERYWHERE.as_bytes()
     }
 
     /// The unescaped content of the (already validated) string whose content starts at `at`.
@@ -465,12 +494,12 @@ impl Parser<'_> {
         }
         let int_digits = int_end - int_start;
         if frac.is_empty() && exp.is_none() {
-            if int_digits <= 18 || (!negative && int_digits <= 19) {
-                let lexeme = &src[start..self.pos];
-                self.out
-                    .extend_from_slice(if lexeme == b"-0" { b"0" } else { lexeme });
-                return Ok(());
-            }
+            // An integer is its digits (no leading zeros: one lexeme per value), however long:
+            // one too large for 64 bits is keyed exactly, never rounded to a float.
+            let lexeme = &src[start..self.pos];
+            self.out
+                .extend_from_slice(if lexeme == b"-0" { b"0" } else { lexeme });
+            return Ok(());
         } else if int_digits + frac.len() <= 15 {
             let exp10 = match &exp {
                 None => Some(0i32),
