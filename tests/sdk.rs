@@ -162,3 +162,110 @@ async fn official_python_sdk_through_the_proxy() {
     }
     mock.shutdown().await;
 }
+
+/// Runs `tests/sdk/retry_layer.py` for `model` against `base_url`: the JSON it reports.
+async fn one_failing_request(python: &Path, base_url: &str, model: &str) -> serde_json::Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/retry_layer.py");
+    let run = Command::new(python)
+        .arg(&script)
+        .arg(model)
+        .env("ANTHROPIC_BASE_URL", base_url)
+        .env("ANTHROPIC_API_KEY", "sk-test")
+        .env_remove("ANTHROPIC_AUTH_TOKEN")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = match tokio::time::timeout(SCRIPT_TIMEOUT, run).await {
+        Ok(out) => out.expect("the python script runs"),
+        Err(_) => panic!("the python script did not finish in {SCRIPT_TIMEOUT:?}"),
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "retry_layer.py failed: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("RESULT "))
+        .unwrap_or_else(|| panic!("no RESULT line in {stdout}"));
+    serde_json::from_str(line).expect("RESULT is JSON")
+}
+
+/// One retry layer, measured with the official SDK at its default `max_retries` (2), in the
+/// same test straight at the mock and through the proxy (whose `max_retries` is also 2): for
+/// a 529 and a 429 that send `retry-after: 1`, and a 529 that says `x-should-retry: false`.
+/// Through the proxy the SDK adds no call to the proxy's own, so it makes no more upstream
+/// calls than the SDK alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sdk_does_not_retry_on_top_of_the_proxy() {
+    let (python, _) = find_python()
+        .await
+        .unwrap_or_else(|why| panic!("no Python with the official anthropic SDK: {why}"));
+    let overloaded = || MockConfig {
+        overloaded_models: vec![MODEL.to_owned()],
+        retry_after: Some(1),
+        ..MockConfig::default()
+    };
+    let rate_limited = || MockConfig {
+        rate_limit_rate: 1.0,
+        retry_after: Some(1),
+        ..MockConfig::default()
+    };
+    let no_retry = || MockConfig::default();
+    let cases: [(&str, fn() -> MockConfig, u16); 3] = [
+        ("529 with retry-after", overloaded, 529),
+        ("429 with retry-after", rate_limited, 429),
+        ("529 with x-should-retry: false", no_retry, 529),
+    ];
+    for (case, config, status) in cases {
+        let script_no_retry = |mock: &MockServer| {
+            if case.contains("x-should-retry") {
+                let no = fallthrough::mock::Scripted::NoRetry { status: 529 };
+                mock.script(Some(MODEL), vec![no; 5]);
+            }
+        };
+        let straight_mock = MockServer::start(config()).await.expect("mock starts");
+        script_no_retry(&straight_mock);
+        let straight = one_failing_request(&python, &straight_mock.url(), MODEL).await;
+        let straight_calls = straight_mock.stats().requests;
+        straight_mock.shutdown().await;
+
+        let mock = MockServer::start(config()).await.expect("mock starts");
+        script_no_retry(&mock);
+        let dir = tempfile::tempdir().expect("temp dir");
+        let client = Client::builder()
+            .without_fallbacks()
+            .upstream(mock.url())
+            .cache_dir(dir.path().join("cache"))
+            .retries(2, Duration::from_millis(10), Duration::from_millis(50))
+            .build()
+            .await
+            .expect("client builds");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let proxy_url = format!("http://{}", listener.local_addr().expect("addr"));
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(fallthrough::server::serve(listener, client, async move {
+            let _ = stopped.await;
+        }));
+        let through = one_failing_request(&python, &proxy_url, MODEL).await;
+        let through_calls = mock.stats().requests;
+        let _ = stop.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(60), server).await;
+        mock.shutdown().await;
+
+        eprintln!("{case}: straight {straight_calls} calls, through the proxy {through_calls}");
+        assert_eq!(straight["status"], status, "{case}: {straight}");
+        assert_eq!(through["status"], status, "{case}: {through}");
+        assert_eq!(through["should_retry"], "false", "{case}: {through}");
+        let proxy_attempts: u64 = through["attempts"].as_str().unwrap().parse().unwrap();
+        assert_eq!(
+            through_calls, proxy_attempts,
+            "{case}: the SDK added calls to the proxy's own"
+        );
+        assert!(
+            through_calls <= straight_calls,
+            "{case}: {through_calls} calls through the proxy, {straight_calls} straight"
+        );
+    }
+}
