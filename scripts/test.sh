@@ -5,7 +5,9 @@
 #   bash scripts/test.sh --test sdk # extra arguments go to `cargo test --all-targets`
 #
 # Provisions (each only when missing, so a second run starts the tests at once):
-# - .venv with the official `anthropic` Python SDK, pinned below (tests/sdk.rs drives it).
+# - .venv with the official `anthropic` Python SDK, pinned below (tests/sdk.rs drives it);
+# - tests/ts/node_modules with the official TypeScript SDK, pinned in tests/ts/package.json
+#   and package-lock.json (tests/ts_sdk.rs drives it with node).
 # A test whose dependency cannot be provisioned fails with the reason; none is skipped.
 set -euo pipefail
 
@@ -39,7 +41,24 @@ provision_python() {
         || die "pip could not install anthropic==$ANTHROPIC_SDK_VERSION (is PyPI reachable?)"
 }
 
+# The TypeScript SDK at the version tests/ts/package-lock.json pins.
+provision_typescript() {
+    command -v node >/dev/null || die "node is not installed; tests/ts_sdk.rs needs Node.js 18+ (Debian: apt-get install nodejs npm)"
+    local want have
+    want=$(node -p 'require("./tests/ts/package.json").dependencies["@anthropic-ai/sdk"]')
+    have=$(node -p 'try { require("./tests/ts/node_modules/@anthropic-ai/sdk/package.json").version } catch { "" }')
+    if [ "$have" = "$want" ]; then
+        return
+    fi
+    command -v npm >/dev/null || die "npm is not installed; tests/ts_sdk.rs needs it to install @anthropic-ai/sdk (Debian: apt-get install npm)"
+    say "installing @anthropic-ai/sdk@$want into tests/ts/node_modules"
+    npm ci --prefix tests/ts --no-audit --no-fund --loglevel=error \
+        || die "npm could not install @anthropic-ai/sdk@$want (is the npm registry reachable?)"
+}
+
 provision_python
+provision_typescript
+export FALLTHROUGH_NODE="$(command -v node)"
 export FALLTHROUGH_PYTHON="$PWD/.venv/bin/python"
 say "python: $("$FALLTHROUGH_PYTHON" -c 'import anthropic; print("anthropic", anthropic.__version__)')"
 

@@ -3,7 +3,7 @@
 //! retried, the upstream's own `x-should-retry` obeyed), a breaker's refusal that names what
 //! opened it, the query string forwarded and keyed, the default fallback chains.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use fallthrough::mock::{MockConfig, MockServer, Scripted};
@@ -181,31 +181,6 @@ async fn the_default_chains_stand_in_without_a_config_file() {
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["model"], "claude-haiku-4-5");
 }
-
-/// An upstream that answers every `/v1/messages` with `message` as it is written (key order
-/// included), counting the calls.
-async fn fixed_upstream(message: &'static str) -> (String, std::sync::Arc<AtomicU64>) {
-    let calls = std::sync::Arc::new(AtomicU64::new(0));
-    let counted = calls.clone();
-    let app = axum::Router::new().route(
-        "/v1/messages",
-        axum::routing::post(move || {
-            let counted = counted.clone();
-            async move {
-                counted.fetch_add(1, Ordering::SeqCst);
-                ([("content-type", "application/json")], message)
-            }
-        }),
-    );
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    (url, calls)
-}
-
-/// A refusal with `stop_details`, a tool input whose keys are not sorted, and the nested
-/// `cache_creation` usage object: what a replay used to lose or move.
-const FAITHFUL: &str = r#"{"id":"msg_01","type":"message","role":"assistant","model":"claude-sonnet-4-6","content":[{"type":"text","text":"I will look."},{"type":"tool_use","id":"toolu_01","name":"search","input":{"zeta":1,"alpha":{"y":2,"b":3}}}],"stop_reason":"refusal","stop_sequence":null,"stop_details":{"category":"cyber","explanation":"Not this one."},"usage":{"input_tokens":12,"cache_creation_input_tokens":0,"cache_read_input_tokens":0,"cache_creation":{"ephemeral_5m_input_tokens":0,"ephemeral_1h_input_tokens":0},"output_tokens":9,"service_tier":"standard"}}"#;
 
 #[tokio::test]
 async fn a_streamed_hit_is_the_plain_answer_field_for_field_in_the_upstreams_order() {

@@ -202,21 +202,20 @@ async fn the_sdk_does_not_retry_on_top_of_the_proxy() {
     let (python, _) = find_python()
         .await
         .unwrap_or_else(|why| panic!("no Python with the official anthropic SDK: {why}"));
-    let overloaded = || MockConfig {
+    let overloaded = MockConfig {
         overloaded_models: vec![MODEL.to_owned()],
         retry_after: Some(1),
         ..MockConfig::default()
     };
-    let rate_limited = || MockConfig {
+    let rate_limited = MockConfig {
         rate_limit_rate: 1.0,
         retry_after: Some(1),
         ..MockConfig::default()
     };
-    let no_retry = || MockConfig::default();
-    let cases: [(&str, fn() -> MockConfig, u16); 3] = [
+    let cases = [
         ("529 with retry-after", overloaded, 529),
         ("429 with retry-after", rate_limited, 429),
-        ("529 with x-should-retry: false", no_retry, 529),
+        ("529 with x-should-retry: false", MockConfig::default(), 529),
     ];
     for (case, config, status) in cases {
         let script_no_retry = |mock: &MockServer| {
@@ -225,13 +224,15 @@ async fn the_sdk_does_not_retry_on_top_of_the_proxy() {
                 mock.script(Some(MODEL), vec![no; 5]);
             }
         };
-        let straight_mock = MockServer::start(config()).await.expect("mock starts");
+        let straight_mock = MockServer::start(config.clone())
+            .await
+            .expect("mock starts");
         script_no_retry(&straight_mock);
         let straight = one_failing_request(&python, &straight_mock.url(), MODEL).await;
         let straight_calls = straight_mock.stats().requests;
         straight_mock.shutdown().await;
 
-        let mock = MockServer::start(config()).await.expect("mock starts");
+        let mock = MockServer::start(config).await.expect("mock starts");
         script_no_retry(&mock);
         let dir = tempfile::tempdir().expect("temp dir");
         let client = Client::builder()
