@@ -72,7 +72,13 @@ fn request(model: &str, prompt: &str) -> Value {
 fn tools_request() -> Value {
     let mut r = request("claude-sonnet-4-6", "What is the weather in Paris?");
     r["tools"] = json!([{"name": "get_weather", "description": "Weather for a city",
-        "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}]);
+        "input_schema": {"type": "object", "properties": {
+            "city": {"type": "string"},
+            "units": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+            "options": {"type": "object", "properties": {"days": {"type": "integer", "minimum": 1},
+                "hourly": {"type": "boolean"}}, "required": ["days"]},
+            "note": {"type": "string"}},
+            "required": ["city", "units", "options"]}}]);
     r
 }
 
@@ -238,7 +244,29 @@ async fn tools_and_thinking_requests_get_matching_blocks() {
     assert_eq!(content[1]["type"], "tool_use");
     assert_eq!(content[1]["name"], "get_weather");
     assert!(content[1]["id"].as_str().unwrap().starts_with("toolu_"));
-    assert!(content[1]["input"]["options"].is_object(), "nested input");
+    // The input fits the tool's schema: its required properties, each of its type.
+    let input = &content[1]["input"];
+    assert!(input["city"].is_string(), "{input}");
+    assert_eq!(input["units"], "celsius", "the first of an enum");
+    assert!(
+        input["options"]["days"].as_i64().is_some_and(|d| d >= 1),
+        "{input}"
+    );
+    assert!(
+        input.get("note").is_none(),
+        "optional properties are left out: {input}"
+    );
+
+    // Given the tool's result, the agent's turn ends in words.
+    let mut follow_up = tools_request();
+    let messages = follow_up["messages"].as_array_mut().unwrap();
+    messages.push(json!({"role": "assistant", "content": [content[1].clone()]}));
+    messages.push(json!({"role": "user", "content": [{"type": "tool_result",
+        "tool_use_id": content[1]["id"], "content": "12 degrees"}]}));
+    let done = post(&server, "/v1/messages", &follow_up).await;
+    assert_eq!(done.status, 200);
+    assert_eq!(done.body["stop_reason"], "end_turn");
+    assert_eq!(done.body["content"][0]["type"], "text");
 
     let t = post(&server, "/v1/messages", &thinking_request()).await;
     assert_eq!(t.status, 200);

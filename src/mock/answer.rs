@@ -76,6 +76,65 @@ pub(super) const WORDS: &[&str] = &[
 pub(super) const ALPHANUMERIC: &[u8] =
     b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
 
+/// Whether the last message is the user's and holds a `tool_result` block.
+fn answers_a_tool_result(request: &Value) -> bool {
+    let Some(last) = request["messages"].as_array().and_then(|m| m.last()) else {
+        return false;
+    };
+    last["role"] == "user"
+        && last["content"]
+            .as_array()
+            .is_some_and(|blocks| blocks.iter().any(|b| b["type"] == "tool_result"))
+}
+
+/// A value that fits `schema` (a JSON Schema as tools declare them): its required properties
+/// (all of them when none is marked required), each of its type, the first of an `enum`.
+fn instance_of(schema: &Value, rng: &mut StdRng, depth: usize) -> Value {
+    if let Some(first) = schema["enum"].as_array().and_then(|e| e.first()) {
+        return first.clone();
+    }
+    if let Some(constant) = schema.get("const") {
+        return constant.clone();
+    }
+    let kind = match &schema["type"] {
+        Value::Array(kinds) => kinds
+            .iter()
+            .find(|k| *k != "null")
+            .cloned()
+            .unwrap_or(Value::Null),
+        kind => kind.clone(),
+    };
+    let pick = |rng: &mut StdRng| WORDS[rng.random_range(0..WORDS.len())];
+    match kind.as_str() {
+        Some("string") => json!(pick(rng)),
+        Some("integer") => json!(schema["minimum"].as_i64().unwrap_or(1)),
+        Some("number") => json!(schema["minimum"].as_f64().unwrap_or(1.0)),
+        Some("boolean") => json!(false),
+        Some("null") => Value::Null,
+        Some("array") if depth < 4 => {
+            let items = (0..schema["minItems"].as_u64().unwrap_or(1).min(3))
+                .map(|_| instance_of(&schema["items"], rng, depth + 1))
+                .collect();
+            Value::Array(items)
+        }
+        Some("array") => json!([]),
+        _ if depth >= 4 => json!({}),
+        _ => {
+            let properties = schema["properties"].as_object();
+            let required: Vec<&str> = match schema["required"].as_array() {
+                Some(names) => names.iter().filter_map(Value::as_str).collect(),
+                None => properties.map_or(Vec::new(), |p| p.keys().map(String::as_str).collect()),
+            };
+            let mut out = serde_json::Map::new();
+            for name in required {
+                let property = properties.and_then(|p| p.get(name)).unwrap_or(&Value::Null);
+                out.insert(name.to_owned(), instance_of(property, rng, depth + 1));
+            }
+            Value::Object(out)
+        }
+    }
+}
+
 /// About four characters per token, as a rough tokenizer would give.
 pub(super) fn input_tokens(canonical: &str) -> u64 {
     (canonical.len() as u64 / 4).max(1)
@@ -135,20 +194,15 @@ pub(super) fn answer(request: &Value) -> Value {
     }
     content.push(json!({"type": "text", "text": sentence(&mut rng, words)}));
 
+    // An agent's stand-in: a tool is called (the first offered) unless the conversation just
+    // gave back a tool's result, which is then answered in words; so an agent's loop ends.
     let first_tool = request["tools"].as_array().and_then(|t| t.first());
+    let first_tool = first_tool.filter(|_| !answers_a_tool_result(request));
     let stop_reason = match first_tool {
         _ if truncated => "max_tokens",
         Some(tool) => {
             let name = tool["name"].as_str().unwrap_or("tool");
-            let pick = |rng: &mut StdRng| WORDS[rng.random_range(0..WORDS.len())];
-            let input = json!({
-                "query": pick(&mut rng),
-                "options": {
-                    "limit": rng.random_range(1..=10),
-                    "tags": [pick(&mut rng), pick(&mut rng)],
-                    "exact": rng.random_bool(0.5),
-                },
-            });
+            let input = instance_of(&tool["input_schema"], &mut rng, 0);
             content.push(json!({
                 "type": "tool_use",
                 "id": id_from(&mut rng, "toolu_01", 22),
