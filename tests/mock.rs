@@ -268,6 +268,19 @@ async fn tools_and_thinking_requests_get_matching_blocks() {
     assert_eq!(done.body["stop_reason"], "end_turn");
     assert_eq!(done.body["content"][0]["type"], "text");
 
+    // Offered many tools, none asked for by name: words. Named in the prompt: that tool.
+    let mut many = tools_request();
+    let weather = many["tools"][0].clone();
+    let mut search = weather.clone();
+    search["name"] = json!("web_search");
+    many["tools"] = json!([weather, search]);
+    let words = post(&server, "/v1/messages", &many).await;
+    assert_eq!(words.body["stop_reason"], "end_turn", "{}", words.body);
+    many["messages"][0]["content"] = json!("Use web_search for the weather in Paris.");
+    let asked = post(&server, "/v1/messages", &many).await;
+    assert_eq!(asked.body["stop_reason"], "tool_use");
+    assert_eq!(asked.body["content"][1]["name"], "web_search");
+
     let t = post(&server, "/v1/messages", &thinking_request()).await;
     assert_eq!(t.status, 200);
     let content = t.body["content"].as_array().unwrap();

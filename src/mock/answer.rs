@@ -76,6 +76,52 @@ pub(super) const WORDS: &[&str] = &[
 pub(super) const ALPHANUMERIC: &[u8] =
     b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
 
+/// The tool the answer calls, as an agent's stand-in would: never right after a tool's result
+/// (that is answered in words, so an agent's loop ends) nor under `tool_choice: none`; the one
+/// `tool_choice` names; else a tool the prompt names (as a word), else the only tool offered
+/// (or, with `tool_choice: any`, the first). An agent that offers many tools (Claude Code) gets
+/// words unless it asks for one by name, so the same prompt makes the same requests every run.
+fn tool_to_call(request: &Value) -> Option<&Value> {
+    let tools = request["tools"].as_array()?;
+    let choice = &request["tool_choice"];
+    if answers_a_tool_result(request) || choice["type"] == "none" {
+        return None;
+    }
+    let named = |name: &str| tools.iter().find(|t| t["name"] == name);
+    if choice["type"] == "tool" {
+        return choice["name"].as_str().and_then(named);
+    }
+    let text = last_user_text(request).to_lowercase();
+    let words: Vec<&str> = text
+        .split(|c: char| !(c.is_alphanumeric() || c == '_' || c == '-'))
+        .collect();
+    let mentioned = tools.iter().find(|t| {
+        t["name"]
+            .as_str()
+            .is_some_and(|n| words.contains(&n.to_lowercase().as_str()))
+    });
+    mentioned.or_else(|| match (tools.len(), choice["type"] == "any") {
+        (1, _) | (_, true) => tools.first(),
+        _ => None,
+    })
+}
+
+/// The prompt itself: the last text block of the last user message (an agent puts its
+/// reminders, which name every tool, in blocks before it).
+fn last_user_text(request: &Value) -> String {
+    let Some(last) = request["messages"].as_array().and_then(|m| m.last()) else {
+        return String::new();
+    };
+    match &last["content"] {
+        Value::String(text) => text.clone(),
+        Value::Array(blocks) => (blocks.iter().rev())
+            .find_map(|b| b["text"].as_str())
+            .unwrap_or("")
+            .to_owned(),
+        _ => String::new(),
+    }
+}
+
 /// Whether the last message is the user's and holds a `tool_result` block.
 fn answers_a_tool_result(request: &Value) -> bool {
     let Some(last) = request["messages"].as_array().and_then(|m| m.last()) else {
@@ -194,11 +240,8 @@ pub(super) fn answer(request: &Value) -> Value {
     }
     content.push(json!({"type": "text", "text": sentence(&mut rng, words)}));
 
-    // An agent's stand-in: a tool is called (the first offered) unless the conversation just
-    // gave back a tool's result, which is then answered in words; so an agent's loop ends.
-    let first_tool = request["tools"].as_array().and_then(|t| t.first());
-    let first_tool = first_tool.filter(|_| !answers_a_tool_result(request));
-    let stop_reason = match first_tool {
+    let tool = tool_to_call(request);
+    let stop_reason = match tool {
         _ if truncated => "max_tokens",
         Some(tool) => {
             let name = tool["name"].as_str().unwrap_or("tool");
