@@ -137,15 +137,7 @@ async fn pass_through_goes_through_the_engines_limits() {
         "no upstream call while the breaker is open"
     );
 
-    let text = proxy
-        .http
-        .get(format!("{}/metrics", proxy.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = proxy.metrics().await;
     for needle in [
         "fallthrough_upstream_attempts_total{model=\"none\",status=\"200\"} 3",
         "fallthrough_requests_total{outcome=\"bypass\"} 3",
@@ -497,15 +489,7 @@ async fn health_and_metrics() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let text = proxy
-        .http
-        .get(format!("{}/metrics", proxy.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = proxy.metrics().await;
     for needle in [
         "fallthrough_requests_total{outcome=\"miss\"} 1",
         "fallthrough_requests_total{outcome=\"memory\"} 1",

@@ -13,12 +13,11 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use fallthrough::mock::{MockConfig, MockServer};
-use fallthrough::Client;
-use tokio::net::TcpListener;
 use tokio::process::Command;
-use tokio::sync::oneshot;
 
-const MODEL: &str = "claude-sonnet-4-6";
+mod support;
+use support::proxy::*;
+
 const OVERLOADED: &str = "claude-overloaded";
 /// The whole script; it makes a few dozen loopback calls.
 const SCRIPT_TIMEOUT: Duration = Duration::from_secs(180);
@@ -82,35 +81,11 @@ async fn official_python_sdk_through_the_proxy() {
     })
     .await
     .expect("mock starts");
-    let dir = tempfile::tempdir().expect("temp dir");
-    let client = Client::builder()
-        .upstream(mock.url())
-        .cache_dir(dir.path().join("cache"))
-        .retries(2, Duration::from_millis(10), Duration::from_millis(50))
-        .build()
-        .await
-        .expect("client builds");
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let proxy_url = format!("http://{}", listener.local_addr().expect("addr"));
-    let (stop, stopped) = oneshot::channel::<()>();
-    let server = tokio::spawn(fallthrough::server::serve(listener, client, async move {
-        let _ = stopped.await;
-    }));
+    // The proxy retries twice (10 ms to 50 ms backoff), without fallback chains.
+    let proxy = Proxy::start_on(mock, |b| b).await;
+    let proxy_url = proxy.url.clone();
 
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/test_sdk.py");
-    let run = Command::new(&python)
-        .arg(&script)
-        .env("ANTHROPIC_BASE_URL", &proxy_url)
-        .env("ANTHROPIC_API_KEY", "sk-test")
-        .env_remove("ANTHROPIC_AUTH_TOKEN")
-        .env("PYTHONUNBUFFERED", "1")
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let out = match tokio::time::timeout(SCRIPT_TIMEOUT, run).await {
-        Ok(out) => out.expect("the python script runs"),
-        Err(_) => panic!("the python script did not finish in {SCRIPT_TIMEOUT:?}"),
-    };
+    let out = run_script(&python, "test_sdk.py", &[], &proxy_url).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -125,25 +100,26 @@ async fn official_python_sdk_through_the_proxy() {
     // - plain miss + streamed hit, streamed miss + plain no-cache fetch: 3;
     // - tools: streamed miss + plain no-cache fetch (then a streamed hit): 2;
     // - count_tokens: 1 miss, 1 hit.
+    let mock = &proxy.mock;
     let stats = mock.stats();
     let context = format!("mock stats: {stats:#?}");
-    assert_eq!(calls(&mock, MODEL, 200), 8, "{context}");
+    assert_eq!(calls(mock, MODEL, 200), 8, "{context}");
     assert_eq!(
-        path_calls(&mock, "/v1/messages/count_tokens"),
+        path_calls(mock, "/v1/messages/count_tokens"),
         1,
         "{context}"
     );
-    assert_eq!(path_calls(&mock, "/v1/models"), 1, "{context}");
+    assert_eq!(path_calls(mock, "/v1/models"), 1, "{context}");
     assert_eq!(
-        path_calls(&mock, &format!("/v1/models/{MODEL}")),
+        path_calls(mock, &format!("/v1/models/{MODEL}")),
         1,
         "{context}"
     );
     // The overloaded model: 2 requests, each at most 1 + 2 retries (the breaker and the retry
     // budget may cut that short), and never a success.
-    let overloaded = calls(&mock, OVERLOADED, 529);
+    let overloaded = calls(mock, OVERLOADED, 529);
     assert!((2..=6).contains(&overloaded), "{context}");
-    assert_eq!(calls(&mock, OVERLOADED, 200), 0, "{context}");
+    assert_eq!(calls(mock, OVERLOADED, 200), 0, "{context}");
     // The SDK's key reached the upstream (newer SDKs send it as `authorization: Bearer`).
     assert!(
         matches!(
@@ -153,32 +129,40 @@ async fn official_python_sdk_through_the_proxy() {
         "{context}"
     );
 
-    let _ = stop.send(());
-    match tokio::time::timeout(Duration::from_secs(60), server).await {
-        Ok(joined) => joined
-            .expect("server task")
-            .expect("server shuts down cleanly"),
-        Err(_) => panic!("the proxy did not shut down in 60 s"),
+    // Drained and flushed; the mock stops with it.
+    drop(proxy.shutdown().await);
+}
+
+/// Runs `tests/sdk/<script>` with `args`, the SDK pointed at `base_url`, within
+/// [`SCRIPT_TIMEOUT`].
+async fn run_script(
+    python: &Path,
+    script: &str,
+    args: &[&str],
+    base_url: &str,
+) -> std::process::Output {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/sdk")
+        .join(script);
+    let run = Command::new(python)
+        .arg(&script)
+        .args(args)
+        .env("ANTHROPIC_BASE_URL", base_url)
+        .env("ANTHROPIC_API_KEY", "sk-test")
+        .env_remove("ANTHROPIC_AUTH_TOKEN")
+        .env("PYTHONUNBUFFERED", "1")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    match tokio::time::timeout(SCRIPT_TIMEOUT, run).await {
+        Ok(out) => out.expect("the python script runs"),
+        Err(_) => panic!("{} did not finish in {SCRIPT_TIMEOUT:?}", script.display()),
     }
-    mock.shutdown().await;
 }
 
 /// Runs `tests/sdk/retry_layer.py` for `model` against `base_url`: the JSON it reports.
 async fn one_failing_request(python: &Path, base_url: &str, model: &str) -> serde_json::Value {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/sdk/retry_layer.py");
-    let run = Command::new(python)
-        .arg(&script)
-        .arg(model)
-        .env("ANTHROPIC_BASE_URL", base_url)
-        .env("ANTHROPIC_API_KEY", "sk-test")
-        .env_remove("ANTHROPIC_AUTH_TOKEN")
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let out = match tokio::time::timeout(SCRIPT_TIMEOUT, run).await {
-        Ok(out) => out.expect("the python script runs"),
-        Err(_) => panic!("the python script did not finish in {SCRIPT_TIMEOUT:?}"),
-    };
+    let out = run_script(python, "retry_layer.py", &[model], base_url).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -234,26 +218,11 @@ async fn the_sdk_does_not_retry_on_top_of_the_proxy() {
 
         let mock = MockServer::start(config).await.expect("mock starts");
         script_no_retry(&mock);
-        let dir = tempfile::tempdir().expect("temp dir");
-        let client = Client::builder()
-            .without_fallbacks()
-            .upstream(mock.url())
-            .cache_dir(dir.path().join("cache"))
-            .retries(2, Duration::from_millis(10), Duration::from_millis(50))
-            .build()
-            .await
-            .expect("client builds");
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let proxy_url = format!("http://{}", listener.local_addr().expect("addr"));
-        let (stop, stopped) = oneshot::channel::<()>();
-        let server = tokio::spawn(fallthrough::server::serve(listener, client, async move {
-            let _ = stopped.await;
-        }));
-        let through = one_failing_request(&python, &proxy_url, MODEL).await;
-        let through_calls = mock.stats().requests;
-        let _ = stop.send(());
-        let _ = tokio::time::timeout(Duration::from_secs(60), server).await;
-        mock.shutdown().await;
+        // The proxy at max_retries 2, as the SDK.
+        let proxy = Proxy::start_on(mock, |b| b).await;
+        let through = one_failing_request(&python, &proxy.url, MODEL).await;
+        let through_calls = proxy.mock.stats().requests;
+        drop(proxy.shutdown().await);
 
         eprintln!("{case}: straight {straight_calls} calls, through the proxy {through_calls}");
         assert_eq!(straight["status"], status, "{case}: {straight}");

@@ -76,19 +76,7 @@ pub(super) fn write_body(out: &mut impl Write, body: &Value) -> io::Result<()> {
                 .filter(|(k, _)| k.as_str() != IGNORED_EVERYWHERE)
                 .collect();
             entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
-            out.write_all(b"{")?;
-            for (i, (k, v)) in entries.into_iter().enumerate() {
-                if i > 0 {
-                    out.write_all(b",")?;
-                }
-                write_string(out, k)?;
-                out.write_all(b":")?;
-                match (k.as_str(), v) {
-                    ("tools", Value::Array(tools)) => write_tools(out, tools)?,
-                    _ => write_value(out, v)?,
-                }
-            }
-            out.write_all(b"}")
+            write_object(out, entries, Level::Body)
         }
         other => write_value(out, other),
     }
@@ -102,7 +90,9 @@ fn write_tools(out: &mut impl Write, tools: &[Value]) -> io::Result<()> {
             out.write_all(b",")?;
         }
         match tool {
-            Value::Object(map) => write_object(out, sorted_members(map, IGNORED_IN_TOOLS))?,
+            Value::Object(map) => {
+                write_object(out, sorted_members(map, IGNORED_IN_TOOLS), Level::Nested)?
+            }
             other => write_value(out, other)?,
         }
     }
@@ -139,11 +129,25 @@ fn write_value(out: &mut impl Write, value: &Value) -> io::Result<()> {
             }
             out.write_all(b"]")
         }
-        Value::Object(map) => write_object(out, sorted_members(map, IGNORED_EVERYWHERE)),
+        Value::Object(map) => {
+            write_object(out, sorted_members(map, IGNORED_EVERYWHERE), Level::Nested)
+        }
     }
 }
 
-fn write_object(out: &mut impl Write, entries: Vec<(&String, &Value)>) -> io::Result<()> {
+/// Where an object stands: the body's own members include `tools`, whose definitions have
+/// a rule of their own.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Level {
+    Body,
+    Nested,
+}
+
+fn write_object(
+    out: &mut impl Write,
+    entries: Vec<(&String, &Value)>,
+    level: Level,
+) -> io::Result<()> {
     out.write_all(b"{")?;
     for (i, (k, v)) in entries.into_iter().enumerate() {
         if i > 0 {
@@ -151,7 +155,10 @@ fn write_object(out: &mut impl Write, entries: Vec<(&String, &Value)>) -> io::Re
         }
         write_string(out, k)?;
         out.write_all(b":")?;
-        write_value(out, v)?;
+        match (level, k.as_str(), v) {
+            (Level::Body, "tools", Value::Array(tools)) => write_tools(out, tools)?,
+            _ => write_value(out, v)?,
+        }
     }
     out.write_all(b"}")
 }

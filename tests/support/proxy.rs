@@ -102,6 +102,12 @@ impl Proxy {
     }
 
     /// Stops the server (draining, flushing) and hands back its directory.
+    /// The proxy's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        let r = self.http.get(format!("{}/metrics", self.url)).send().await;
+        r.unwrap().text().await.unwrap()
+    }
+
     pub async fn shutdown(mut self) -> tempfile::TempDir {
         self.stop.take().unwrap().send(()).unwrap();
         self.task.take().unwrap().await.unwrap().unwrap();
