@@ -34,6 +34,49 @@ fn node() -> String {
     node
 }
 
+/// Runs `tests/ts/<script>` with `args` and `env` under `node`, within [`SCRIPT_TIMEOUT`]; fails
+/// the test, with its output, unless it succeeds.
+async fn run_script(
+    node: &str,
+    script: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> std::process::Output {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/ts");
+    let run = Command::new(node)
+        .arg(dir.join(script))
+        .args(args)
+        .current_dir(&dir)
+        .envs(env.iter().copied())
+        .env_remove("ANTHROPIC_API_KEY")
+        .env_remove("ANTHROPIC_AUTH_TOKEN")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = match tokio::time::timeout(SCRIPT_TIMEOUT, run).await {
+        Ok(out) => out.unwrap_or_else(|e| panic!("{node} cannot run: {e}")),
+        Err(_) => panic!("tests/ts/{script} did not finish in {SCRIPT_TIMEOUT:?}"),
+    };
+    assert!(
+        out.status.success(),
+        "tests/ts/{script} failed ({}).\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// The `RESULT {...}` line a script printed.
+fn result_of(out: &std::process::Output) -> serde_json::Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("RESULT "))
+        .unwrap_or_else(|| panic!("no RESULT line in {stdout}"));
+    serde_json::from_str(line).expect("RESULT is JSON")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn official_typescript_sdk_through_the_proxy() {
     let node = node();
@@ -49,34 +92,14 @@ async fn official_typescript_sdk_through_the_proxy() {
         .expect("mock starts");
     let fixed = Proxy::start_on(spare, move |b| b.upstream(fixed_url)).await;
 
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/ts/test_sdk.mjs");
-    let run = Command::new(&node)
-        .arg(&script)
-        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/ts"))
-        .env("MOCK_PROXY", &proxy.url)
-        .env("FIXED_PROXY", &fixed.url)
-        .env_remove("ANTHROPIC_API_KEY")
-        .env_remove("ANTHROPIC_AUTH_TOKEN")
-        .env_remove("ANTHROPIC_BASE_URL")
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    let out = match tokio::time::timeout(SCRIPT_TIMEOUT, run).await {
-        Ok(out) => out.unwrap_or_else(|e| panic!("{node} cannot run: {e}")),
-        Err(_) => panic!("the node script did not finish in {SCRIPT_TIMEOUT:?}"),
-    };
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "tests/ts/test_sdk.mjs failed ({}).\n--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}",
-        out.status
-    );
-    let line = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("RESULT "))
-        .unwrap_or_else(|| panic!("no RESULT line in {stdout}"));
-    let result: serde_json::Value = serde_json::from_str(line).expect("RESULT is JSON");
+    let out = run_script(
+        &node,
+        "test_sdk.mjs",
+        &[],
+        &[("MOCK_PROXY", &proxy.url), ("FIXED_PROXY", &fixed.url)],
+    )
+    .await;
+    let result = result_of(&out);
 
     let stats = proxy.mock.stats();
     let by_status = |model: &str, status: u16| {
@@ -99,4 +122,67 @@ async fn official_typescript_sdk_through_the_proxy() {
         1,
         "the replay was a hit"
     );
+}
+
+/// One retry layer with the TypeScript SDK at its default `max_retries` (2), straight at the
+/// mock and through the proxy (also at 2) in the same test: for a 529 and a 429 with
+/// `retry-after: 1`, and a 529 with `x-should-retry: false`, the SDK adds no call to the
+/// proxy's own, so it makes no more upstream calls than the SDK alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_typescript_sdk_does_not_retry_on_top_of_the_proxy() {
+    let node = node();
+    let overloaded = MockConfig {
+        overloaded_models: vec![MODEL.to_owned()],
+        retry_after: Some(1),
+        ..MockConfig::default()
+    };
+    let rate_limited = MockConfig {
+        rate_limit_rate: 1.0,
+        retry_after: Some(1),
+        ..MockConfig::default()
+    };
+    let cases = [
+        ("529 with retry-after", overloaded, 529, false),
+        ("429 with retry-after", rate_limited, 429, false),
+        (
+            "529 with x-should-retry: false",
+            MockConfig::default(),
+            529,
+            true,
+        ),
+    ];
+    for (case, config, status, no_retry) in cases {
+        let start = |config: MockConfig| async move {
+            let mock = MockServer::start(config).await.expect("mock starts");
+            if no_retry {
+                let no = fallthrough::mock::Scripted::NoRetry { status: 529 };
+                mock.script(Some(MODEL), vec![no; 5]);
+            }
+            mock
+        };
+        let straight_mock = start(config.clone()).await;
+        let env = [("ANTHROPIC_BASE_URL", straight_mock.url())];
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let straight = result_of(&run_script(&node, "retry_layer.mjs", &[MODEL], &env).await);
+        let straight_calls = straight_mock.stats().requests;
+
+        let proxy = Proxy::start_on(start(config).await, |b| b).await;
+        let env = [("ANTHROPIC_BASE_URL", proxy.url.as_str())];
+        let through = result_of(&run_script(&node, "retry_layer.mjs", &[MODEL], &env).await);
+        let through_calls = proxy.mock.stats().requests;
+
+        eprintln!("{case}: straight {straight_calls} calls, through the proxy {through_calls}");
+        assert_eq!(straight["status"], status, "{case}: {straight}");
+        assert_eq!(through["status"], status, "{case}: {through}");
+        assert_eq!(through["should_retry"], "false", "{case}: {through}");
+        let proxy_attempts: u64 = through["attempts"].as_str().unwrap().parse().unwrap();
+        assert_eq!(
+            through_calls, proxy_attempts,
+            "{case}: the SDK added calls to the proxy's own"
+        );
+        assert!(
+            through_calls <= straight_calls,
+            "{case}: {through_calls} calls through the proxy, {straight_calls} straight"
+        );
+    }
 }
