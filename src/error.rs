@@ -193,6 +193,7 @@ pub fn error_type_for_status(status: u16) -> &'static str {
         402 => "billing_error",
         403 => "permission_error",
         404 => "not_found_error",
+        405 => "invalid_request_error",
         409 => "conflict_error",
         413 => "request_too_large",
         429 => "rate_limit_error",

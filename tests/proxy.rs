@@ -275,6 +275,20 @@ async fn the_proxys_own_errors_are_api_shaped_and_it_keeps_serving() {
         let r = send(body).await.unwrap();
         assert_eq!(error_of(r).await, (status, kind.to_owned()));
     }
+    // A wrong method on the proxy's own routes: 405 in the API's shape.
+    for (method, path) in [
+        (reqwest::Method::GET, "/v1/messages"),
+        (reqwest::Method::DELETE, "/v1/messages/count_tokens"),
+        (reqwest::Method::POST, "/healthz"),
+    ] {
+        let r = proxy
+            .http
+            .request(method, format!("{}{path}", proxy.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(error_of(r).await, (405, "invalid_request_error".to_owned()));
+    }
     // A namespace that is not visible ASCII is refused, not silently shared.
     let r = proxy
         .http

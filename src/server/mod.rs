@@ -103,6 +103,12 @@ pub fn router(client: Client) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .fallback(pass::pass_through)
+        // A wrong method on the proxy's own routes is refused in the API's error shape.
+        .method_not_allowed_fallback(
+            |method: axum::http::Method, uri: axum::http::Uri| async move {
+                errors::api_error(405, &format!("{method} is not allowed on {}", uri.path()))
+            },
+        )
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(app)
 }
