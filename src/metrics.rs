@@ -82,6 +82,9 @@ pub struct Metrics {
     bytes: Family<TierLabel, Gauge>,
     /// Model labels in use. A std mutex: held for one set operation, on the miss path only.
     models: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// One scrape at a time: a scrape rebuilds the breaker gauges, which another one must not
+    /// see half done.
+    rendering: std::sync::Mutex<()>,
 }
 
 impl Default for Metrics {
@@ -125,6 +128,7 @@ impl Default for Metrics {
             entries,
             bytes,
             models: Default::default(),
+            rendering: Default::default(),
         }
     }
 }
@@ -178,6 +182,7 @@ impl Metrics {
 
     /// The text exposition, with the gauges read at this moment.
     pub fn render(&self, gauges: &Gauges) -> String {
+        let _one_at_a_time = self.rendering.lock().expect("metrics render lock");
         let seen: Vec<String> = self
             .models
             .lock()
@@ -185,6 +190,8 @@ impl Metrics {
             .iter()
             .cloned()
             .collect();
+        // Rebuilt at each scrape: a model the breakers no longer track leaves no label behind.
+        self.breaker.clear();
         for model in seen {
             self.breaker
                 .get_or_create(&ModelLabel { model })

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// Models tracked before only failing ones get an entry.
+/// Models tracked at most; past it, only a failure earns an entry, in a passing one's place.
 const MAX_MODELS: usize = 256;
 /// Answers kept for the failure-ratio test.
 const WINDOW: usize = 32;
@@ -155,8 +155,21 @@ impl Breakers {
         // the map cannot be grown without bound by answers that say nothing. (Below it,
         // successes are kept from the first answer on: the failure ratio needs them.)
         let failed = matches!(verdict, Verdict::Failed(_));
-        if !failed && models.len() >= MAX_MODELS && !models.contains_key(model) {
-            return;
+        if models.len() >= MAX_MODELS && !models.contains_key(model) {
+            // Full, and failures of new names must not grow it either (a thousand made-up model
+            // names against a dead upstream): a failure takes the place of a passing entry,
+            // which holds nothing a caller relies on; a blocking or probing one is never given
+            // up. With none to give up, the new model goes untracked.
+            let passing = models
+                .iter()
+                .find(|(_, b)| b.state == BreakerState::Passing)
+                .map(|(name, _)| name.clone());
+            match (failed, passing) {
+                (true, Some(name)) => {
+                    models.remove(&name);
+                }
+                _ => return,
+            }
         }
         let b = models
             .entry(model.to_owned())
@@ -367,5 +380,32 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn made_up_model_names_cannot_grow_the_map_and_open_breakers_stay() {
+        let b = Breakers::new(1, COOLDOWN);
+        b.record(
+            "real",
+            Admission::Pass,
+            Verdict::Failed(Cause::Overloaded),
+            Instant::now(),
+        );
+        assert_eq!(b.state("real"), BreakerState::Blocking);
+        for i in 0..1000 {
+            let name = format!("made-up-{i}");
+            let failure = Verdict::Failed(Cause::Unreachable);
+            b.record(&name, Admission::Pass, failure, Instant::now());
+        }
+        assert!(
+            b.states().len() <= MAX_MODELS,
+            "{} entries",
+            b.states().len()
+        );
+        assert_eq!(
+            b.state("real"),
+            BreakerState::Blocking,
+            "an open breaker is kept"
+        );
     }
 }
