@@ -89,8 +89,14 @@ pub struct CredentialFingerprint([u8; 16]);
 
 impl CredentialFingerprint {
     pub fn of(credential: &str) -> Self {
+        Self::of_bytes(credential.as_bytes())
+    }
+
+    /// The fingerprint of a credential's raw bytes: one that is not valid header text still
+    /// gets a partition of its own, never another credential's or "none".
+    pub fn of_bytes(credential: &[u8]) -> Self {
         let mut hasher = blake3::Hasher::new_derive_key("fallthrough credential fingerprint v1");
-        hasher.update(credential.as_bytes());
+        hasher.update(credential);
         let mut out = [0u8; 16];
         out.copy_from_slice(&hasher.finalize().as_bytes()[..16]);
         CredentialFingerprint(out)

@@ -837,6 +837,25 @@ async fn controls_only_if_cached_no_store_no_cache_max_age() {
     );
 }
 
+/// A credential that is not valid header text is keyed by its bytes: two such never share a
+/// partition, nor one with the client's own credential.
+#[tokio::test]
+async fn credentials_that_are_not_text_each_have_a_partition() {
+    let (_mock, client) = start(MockConfig::default(), |b| b).await;
+    let odd = |bytes: &[u8]| {
+        let mut r = Request::json(&body(MODEL, "odd"));
+        let value = http::HeaderValue::from_bytes(bytes).unwrap();
+        r.headers.insert("x-api-key", value);
+        client.key(&r).unwrap()
+    };
+    let own = client.key(&Request::json(&body(MODEL, "odd"))).unwrap();
+    let (a, b) = (odd(b"sk-\xff"), odd(b"sk-\xfe"));
+    assert_ne!(a, b);
+    assert_ne!(a, own);
+    assert_ne!(b, own);
+    assert_eq!(a, odd(b"sk-\xff"), "the same bytes, the same partition");
+}
+
 #[tokio::test]
 async fn credentials_and_namespaces_partition_the_cache() {
     let (mock, client) = start(MockConfig::default(), |b| b).await;

@@ -2,7 +2,7 @@
 //! its headers with the defaults they go upstream with.
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue};
+use http::{HeaderMap, HeaderValue};
 use serde_json::Value;
 
 use crate::error::Error;
@@ -92,17 +92,15 @@ impl Engine {
         headers: &HeaderMap,
         namespace: Option<String>,
     ) -> KeyContext {
-        let text = |name: &HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
-        let has_credential =
-            headers.contains_key(&X_API_KEY) || headers.contains_key(http::header::AUTHORIZATION);
-        let credential = if self.config.shared_across_credentials {
-            None
-        } else if has_credential {
-            text(&X_API_KEY)
-                .or_else(|| text(&http::header::AUTHORIZATION))
-                .map(CredentialFingerprint::of)
-        } else {
-            self.credential_fingerprint
+        // The caller's credential as the bytes it sent: one that is not valid text is still
+        // its own partition.
+        let sent = headers
+            .get(&X_API_KEY)
+            .or_else(|| headers.get(http::header::AUTHORIZATION));
+        let credential = match sent {
+            _ if self.config.shared_across_credentials => None,
+            Some(value) => Some(CredentialFingerprint::of_bytes(value.as_bytes())),
+            None => self.credential_fingerprint,
         };
         let anthropic_version = match headers.get(&ANTHROPIC_VERSION) {
             None => Some(DEFAULT_ANTHROPIC_VERSION),
