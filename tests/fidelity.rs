@@ -240,3 +240,22 @@ async fn an_answer_that_cannot_be_replayed_is_passed_on_but_not_stored() {
     let r = proxy.post("/v1/messages", &streamed).send().await.unwrap();
     assert_ne!(r.status(), 500, "no stored entry to fail on");
 }
+
+#[tokio::test]
+async fn the_upstreams_userinfo_never_reaches_a_caller() {
+    let closed = {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        listener.local_addr().unwrap()
+    };
+    let mock = MockServer::start(MockConfig::default()).await.unwrap();
+    let proxy = Proxy::start_on(mock, move |b| {
+        b.upstream(format!("http://gateway-user:hunter2@{closed}"))
+    })
+    .await;
+    for path in ["/v1/messages", "/v1/models"] {
+        let r = proxy.post(path, &request("secret?")).send().await.unwrap();
+        assert_eq!(r.status(), 502);
+        let text = r.text().await.unwrap();
+        assert!(!text.contains("hunter2"), "{path}: {text}");
+    }
+}

@@ -195,10 +195,17 @@ fn reqwest_error(e: &reqwest::Error, model: &str) -> UpstreamError {
         UpstreamErrorKind::Connect
     };
     let mut err = transport_error(kind, model);
-    // reqwest's message names the URL but never headers, so no credential leaks through it.
-    let detail = std::error::Error::source(e)
+    // reqwest's message names the URL (its userinfo taken out below) but never headers.
+    let mut detail = std::error::Error::source(e)
         .map(|s| s.to_string())
         .unwrap_or_else(|| e.to_string());
+    // The URL's userinfo (an upstream given as https://user:secret@host) is never shown.
+    if let Some(url) = e
+        .url()
+        .filter(|u| !u.username().is_empty() || u.password().is_some())
+    {
+        detail = detail.replace(url.as_str(), &crate::config::redacted(url.as_str()));
+    }
     let message = format!("upstream could not be reached: {detail}");
     err.body = error_body("api_error", &message);
     err
