@@ -17,6 +17,7 @@ use tokio::process::Command;
 
 mod support;
 use support::proxy::*;
+use support::sdk::{assert_one_retry_layer, result_of};
 
 const OVERLOADED: &str = "claude-overloaded";
 /// The whole script; it makes a few dozen loopback calls.
@@ -163,79 +164,22 @@ async fn run_script(
 /// Runs `tests/sdk/retry_layer.py` for `model` against `base_url`: the JSON it reports.
 async fn one_failing_request(python: &Path, base_url: &str, model: &str) -> serde_json::Value {
     let out = run_script(python, "retry_layer.py", &[model], base_url).await;
-    let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
-        "retry_layer.py failed: {stdout}\n{}",
+        "retry_layer.py failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    let line = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("RESULT "))
-        .unwrap_or_else(|| panic!("no RESULT line in {stdout}"));
-    serde_json::from_str(line).expect("RESULT is JSON")
+    result_of(&out)
 }
 
-/// One retry layer, measured with the official SDK at its default `max_retries` (2), in the
-/// same test straight at the mock and through the proxy (whose `max_retries` is also 2): for
-/// a 529 and a 429 that send `retry-after: 1`, and a 529 that says `x-should-retry: false`.
-/// Through the proxy the SDK adds no call to the proxy's own, so it makes no more upstream
-/// calls than the SDK alone.
+/// One retry layer with the Python SDK (see [`assert_one_retry_layer`]).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sdk_does_not_retry_on_top_of_the_proxy() {
     let (python, _) = find_python()
         .await
         .unwrap_or_else(|why| panic!("no Python with the official anthropic SDK: {why}"));
-    let overloaded = MockConfig {
-        overloaded_models: vec![MODEL.to_owned()],
-        retry_after: Some(1),
-        ..MockConfig::default()
-    };
-    let rate_limited = MockConfig {
-        rate_limit_rate: 1.0,
-        retry_after: Some(1),
-        ..MockConfig::default()
-    };
-    let cases = [
-        ("529 with retry-after", overloaded, 529),
-        ("429 with retry-after", rate_limited, 429),
-        ("529 with x-should-retry: false", MockConfig::default(), 529),
-    ];
-    for (case, config, status) in cases {
-        let script_no_retry = |mock: &MockServer| {
-            if case.contains("x-should-retry") {
-                let no = fallthrough::mock::Scripted::NoRetry { status: 529 };
-                mock.script(Some(MODEL), vec![no; 5]);
-            }
-        };
-        let straight_mock = MockServer::start(config.clone())
-            .await
-            .expect("mock starts");
-        script_no_retry(&straight_mock);
-        let straight = one_failing_request(&python, &straight_mock.url(), MODEL).await;
-        let straight_calls = straight_mock.stats().requests;
-        straight_mock.shutdown().await;
-
-        let mock = MockServer::start(config).await.expect("mock starts");
-        script_no_retry(&mock);
-        // The proxy at max_retries 2, as the SDK.
-        let proxy = Proxy::start_on(mock, |b| b).await;
-        let through = one_failing_request(&python, &proxy.url, MODEL).await;
-        let through_calls = proxy.mock.stats().requests;
-        drop(proxy.shutdown().await);
-
-        eprintln!("{case}: straight {straight_calls} calls, through the proxy {through_calls}");
-        assert_eq!(straight["status"], status, "{case}: {straight}");
-        assert_eq!(through["status"], status, "{case}: {through}");
-        assert_eq!(through["should_retry"], "false", "{case}: {through}");
-        let proxy_attempts: u64 = through["attempts"].as_str().unwrap().parse().unwrap();
-        assert_eq!(
-            through_calls, proxy_attempts,
-            "{case}: the SDK added calls to the proxy's own"
-        );
-        assert!(
-            through_calls <= straight_calls,
-            "{case}: {through_calls} calls through the proxy, {straight_calls} straight"
-        );
-    }
+    let python = &python;
+    assert_one_retry_layer(|url| async move { one_failing_request(python, &url, MODEL).await })
+        .await;
 }

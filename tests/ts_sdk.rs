@@ -18,6 +18,7 @@ use tokio::process::Command;
 
 mod support;
 use support::proxy::*;
+use support::sdk::{assert_one_retry_layer, result_of};
 
 const OVERLOADED: &str = "claude-overloaded";
 const SCRIPT_TIMEOUT: Duration = Duration::from_secs(180);
@@ -67,16 +68,6 @@ async fn run_script(
     out
 }
 
-/// The `RESULT {...}` line a script printed.
-fn result_of(out: &std::process::Output) -> serde_json::Value {
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("RESULT "))
-        .unwrap_or_else(|| panic!("no RESULT line in {stdout}"));
-    serde_json::from_str(line).expect("RESULT is JSON")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn official_typescript_sdk_through_the_proxy() {
     let node = node();
@@ -124,65 +115,13 @@ async fn official_typescript_sdk_through_the_proxy() {
     );
 }
 
-/// One retry layer with the TypeScript SDK at its default `max_retries` (2), straight at the
-/// mock and through the proxy (also at 2) in the same test: for a 529 and a 429 with
-/// `retry-after: 1`, and a 529 with `x-should-retry: false`, the SDK adds no call to the
-/// proxy's own, so it makes no more upstream calls than the SDK alone.
+/// One retry layer with the TypeScript SDK (see [`assert_one_retry_layer`]).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_typescript_sdk_does_not_retry_on_top_of_the_proxy() {
-    let node = node();
-    let overloaded = MockConfig {
-        overloaded_models: vec![MODEL.to_owned()],
-        retry_after: Some(1),
-        ..MockConfig::default()
-    };
-    let rate_limited = MockConfig {
-        rate_limit_rate: 1.0,
-        retry_after: Some(1),
-        ..MockConfig::default()
-    };
-    let cases = [
-        ("529 with retry-after", overloaded, 529, false),
-        ("429 with retry-after", rate_limited, 429, false),
-        (
-            "529 with x-should-retry: false",
-            MockConfig::default(),
-            529,
-            true,
-        ),
-    ];
-    for (case, config, status, no_retry) in cases {
-        let start = |config: MockConfig| async move {
-            let mock = MockServer::start(config).await.expect("mock starts");
-            if no_retry {
-                let no = fallthrough::mock::Scripted::NoRetry { status: 529 };
-                mock.script(Some(MODEL), vec![no; 5]);
-            }
-            mock
-        };
-        let straight_mock = start(config.clone()).await;
-        let env = [("ANTHROPIC_BASE_URL", straight_mock.url())];
-        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        let straight = result_of(&run_script(&node, "retry_layer.mjs", &[MODEL], &env).await);
-        let straight_calls = straight_mock.stats().requests;
-
-        let proxy = Proxy::start_on(start(config).await, |b| b).await;
-        let env = [("ANTHROPIC_BASE_URL", proxy.url.as_str())];
-        let through = result_of(&run_script(&node, "retry_layer.mjs", &[MODEL], &env).await);
-        let through_calls = proxy.mock.stats().requests;
-
-        eprintln!("{case}: straight {straight_calls} calls, through the proxy {through_calls}");
-        assert_eq!(straight["status"], status, "{case}: {straight}");
-        assert_eq!(through["status"], status, "{case}: {through}");
-        assert_eq!(through["should_retry"], "false", "{case}: {through}");
-        let proxy_attempts: u64 = through["attempts"].as_str().unwrap().parse().unwrap();
-        assert_eq!(
-            through_calls, proxy_attempts,
-            "{case}: the SDK added calls to the proxy's own"
-        );
-        assert!(
-            through_calls <= straight_calls,
-            "{case}: {through_calls} calls through the proxy, {straight_calls} straight"
-        );
-    }
+    let node = &node();
+    assert_one_retry_layer(|url| async move {
+        let env = [("ANTHROPIC_BASE_URL", url.as_str())];
+        result_of(&run_script(node, "retry_layer.mjs", &[MODEL], &env).await)
+    })
+    .await;
 }
