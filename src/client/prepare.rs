@@ -33,7 +33,7 @@ impl Engine {
         // Headers are left as the caller sent them: the defaults (credential, version) are
         // keyed as if present and added only when a request goes upstream.
         let headers = request.headers;
-        let path = sorted_query(&request.path);
+        let path = sorted_query(request.path);
         let ctx = self.key_context(&path, &headers, request.namespace);
         let (key, facts) = ctx
             .key_of_bytes(&request.body)
@@ -166,9 +166,10 @@ fn set_stream(json: &mut Value, stream: bool) {
 
 /// The path with its query's parameters sorted (`/v1/messages?beta=true` stays as it is): the
 /// query is keyed and forwarded, and parameters in another order ask the same thing.
-pub(super) fn sorted_query(path: &str) -> String {
-    let Some((path, query)) = path.split_once('?') else {
-        return path.to_owned();
+/// (A path without a query, the usual case, is returned as it came: no copy on the hit path.)
+pub(super) fn sorted_query(full: String) -> String {
+    let Some((path, query)) = full.split_once('?') else {
+        return full;
     };
     let mut params: Vec<&str> = query.split('&').filter(|p| !p.is_empty()).collect();
     if params.is_empty() {
