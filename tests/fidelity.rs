@@ -14,15 +14,6 @@ use tokio::net::TcpListener;
 mod support;
 use support::proxy::*;
 
-fn calls_of(proxy: &Proxy, model: &str) -> u64 {
-    proxy
-        .mock
-        .stats()
-        .by_model
-        .get(model)
-        .map_or(0, |by_status| by_status.values().sum())
-}
-
 #[tokio::test]
 async fn upstream_headers_reach_the_caller_on_misses_and_errors_not_on_hits() {
     let proxy = Proxy::start().await;
@@ -89,7 +80,7 @@ async fn an_error_the_proxy_retried_tells_the_caller_not_to_retry() {
     assert!(header(&r, "retry-after").parse::<u64>().unwrap() >= 1);
     assert!(header(&r, "request-id").starts_with("req_"));
     assert_eq!(header(&r, "x-fallthrough-attempts"), "3");
-    assert_eq!(calls_of(&proxy, MODEL), 3, "the first try and two retries");
+    assert_eq!(proxy.calls(MODEL), 3, "the first try and two retries");
 }
 
 #[tokio::test]
@@ -105,7 +96,7 @@ async fn the_upstreams_x_should_retry_false_is_obeyed() {
         .await
         .unwrap();
     assert_eq!(r.status(), 529);
-    assert_eq!(calls_of(&proxy, MODEL), 1, "not retried");
+    assert_eq!(proxy.calls(MODEL), 1, "not retried");
     assert_eq!(header(&r, "x-should-retry"), "false");
 }
 

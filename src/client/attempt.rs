@@ -160,7 +160,12 @@ impl RetryPlan {
 }
 
 fn verdict(error: &UpstreamError) -> Verdict {
-    match error.kind {
+    verdict_of(error.kind)
+}
+
+/// What a failure of this kind tells the model's breaker.
+pub(super) fn verdict_of(kind: UpstreamErrorKind) -> Verdict {
+    match kind {
         UpstreamErrorKind::Overloaded => Verdict::Failed(Cause::Overloaded),
         UpstreamErrorKind::Server => Verdict::Failed(Cause::ServerError),
         UpstreamErrorKind::Timeout | UpstreamErrorKind::Connect => {

@@ -9,13 +9,13 @@ use futures_util::StreamExt;
 use http::{HeaderMap, Method, StatusCode};
 use tokio::time::Instant;
 
-use super::attempt::breaker_error;
+use super::attempt::{breaker_error, verdict_of};
 use super::stream::EventStream;
 use super::Engine;
 use crate::error::{Error, UpstreamErrorKind};
 use crate::outcome::Outcome;
 use crate::upstream;
-use crate::upstream::breaker::{Admission, Cause, Verdict};
+use crate::upstream::breaker::{Admission, Verdict};
 
 /// Label of the attempt metric for a passed-through request that names no model.
 const NO_MODEL: &str = "none";
@@ -101,15 +101,19 @@ impl Engine {
             .upstream
             .pass_through(method, &path_and_query, headers, body, deadline)
             .await;
-        let status = match &result {
-            Ok(response) => response.status().as_u16(),
-            Err(e) => e.status,
+        let (status, verdict) = match &result {
+            Ok(r) if r.status().is_success() => (r.status().as_u16(), Verdict::Answered),
+            // By the same rules as a miss's answers.
+            Ok(r) => {
+                let status = r.status().as_u16();
+                (status, verdict_of(upstream::kind_of_status(status, false)))
+            }
+            Err(e) => (e.status, verdict_of(e.kind)),
         };
         self.metrics.attempt(label, status);
         if let (Some(model), Some(admission)) = (&model, admission) {
             let now = self.clock.instant();
-            self.breakers
-                .record(model, admission, verdict_of_status(status), now);
+            self.breakers.record(model, admission, verdict, now);
         }
         let response = result?;
         let status = response.status();
@@ -136,16 +140,4 @@ fn named_model(body: &[u8]) -> Option<String> {
         model: String,
     }
     serde_json::from_slice::<Named>(body).ok().map(|n| n.model)
-}
-
-/// What a passed-through answer tells the model's breaker, by the same rules as a miss: an
-/// overload, a server error or no answer count against it, a rate limit neither way.
-fn verdict_of_status(status: u16) -> Verdict {
-    match status {
-        529 => Verdict::Failed(Cause::Overloaded),
-        502 | 504 => Verdict::Failed(Cause::Unreachable),
-        408 | 500..=599 => Verdict::Failed(Cause::ServerError),
-        429 => Verdict::Neutral,
-        _ => Verdict::Answered,
-    }
 }

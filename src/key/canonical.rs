@@ -90,9 +90,11 @@ fn write_tools(out: &mut impl Write, tools: &[Value]) -> io::Result<()> {
             out.write_all(b",")?;
         }
         match tool {
-            Value::Object(map) => {
-                write_object(out, sorted_members(map, IGNORED_IN_TOOLS), Level::Nested)?
-            }
+            Value::Object(map) => write_object(
+                out,
+                sorted_members(map, Some(IGNORED_IN_TOOLS)),
+                Level::Nested,
+            )?,
             other => write_value(out, other)?,
         }
     }
@@ -102,11 +104,11 @@ fn write_tools(out: &mut impl Write, tools: &[Value]) -> io::Result<()> {
 /// An object's members in key order, less `cache_control` and `also_ignored`.
 fn sorted_members<'a>(
     map: &'a serde_json::Map<String, Value>,
-    also_ignored: &str,
+    also_ignored: Option<&str>,
 ) -> Vec<(&'a String, &'a Value)> {
     let mut entries: Vec<(&String, &Value)> = map
         .iter()
-        .filter(|(k, _)| k.as_str() != IGNORED_EVERYWHERE && k.as_str() != also_ignored)
+        .filter(|(k, _)| k.as_str() != IGNORED_EVERYWHERE && Some(k.as_str()) != also_ignored)
         .collect();
     entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
     entries
@@ -129,9 +131,7 @@ fn write_value(out: &mut impl Write, value: &Value) -> io::Result<()> {
             }
             out.write_all(b"]")
         }
-        Value::Object(map) => {
-            write_object(out, sorted_members(map, IGNORED_EVERYWHERE), Level::Nested)
-        }
+        Value::Object(map) => write_object(out, sorted_members(map, None), Level::Nested),
     }
 }
 

@@ -139,13 +139,8 @@ pub fn classify(
     model: &str,
 ) -> UpstreamError {
     let retry_after = retry::retry_after(headers, SystemTime::now());
-    let kind = match status.as_u16() {
-        529 => UpstreamErrorKind::Overloaded,
-        429 if is_spend_limit(&body) && retry_after.is_none() => UpstreamErrorKind::SpendLimit,
-        429 => UpstreamErrorKind::RateLimited,
-        408 | 500..=599 => UpstreamErrorKind::Server,
-        _ => UpstreamErrorKind::Client,
-    };
+    let spend_limit = status == 429 && is_spend_limit(&body) && retry_after.is_none();
+    let kind = kind_of_status(status.as_u16(), spend_limit);
     let body = if serde_json::from_slice::<serde_json::Value>(&body).is_ok() {
         body
     } else {
@@ -174,6 +169,17 @@ fn should_retry(headers: &HeaderMap) -> Option<bool> {
         "true" => Some(true),
         "false" => Some(false),
         _ => None,
+    }
+}
+
+/// What an error status means; `spend_limit`: a 429 that says a spend limit was reached.
+pub fn kind_of_status(status: u16, spend_limit: bool) -> UpstreamErrorKind {
+    match status {
+        529 => UpstreamErrorKind::Overloaded,
+        429 if spend_limit => UpstreamErrorKind::SpendLimit,
+        429 => UpstreamErrorKind::RateLimited,
+        408 | 500..=599 => UpstreamErrorKind::Server,
+        _ => UpstreamErrorKind::Client,
     }
 }
 
