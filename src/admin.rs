@@ -4,6 +4,10 @@
 //! An exported line is `{"key":…,"model":…,"stored_at":…,"fresh_until":…,"stale_until":…,
 //! "body":<the Message JSON, verbatim>}` with times in Unix milliseconds. Import keeps the
 //! times, so an entry is exactly as fresh on the new machine as it was on the old one.
+//!
+//! The first line, `{"key_secret":…}`, carries the secret the keys' credential partitions were
+//! computed with ([`crate::key::KeySecret`]): without it, no imported entry that was stored for
+//! a credential would ever match again.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
@@ -16,7 +20,7 @@ use serde_json::value::RawValue;
 use crate::cache::DiskTier;
 use crate::entry::{Entry, Freshness, UnixMillis};
 use crate::error::DiskError;
-use crate::key::CacheKey;
+use crate::key::{secret, CacheKey};
 
 /// What the disk tier holds.
 #[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
@@ -52,6 +56,31 @@ pub struct Imported {
     pub expired: u64,
     /// Line numbers (from 1) that are not valid export lines.
     pub invalid_lines: Vec<u64>,
+    /// What became of the export's key secret.
+    pub secret: SecretImport,
+}
+
+/// An export's key secret, as an import met it.
+#[derive(Debug, Default, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SecretImport {
+    /// The export carried none (an older export): keys stay as they were computed.
+    #[default]
+    NotCarried,
+    /// The cache already used the same secret.
+    Same,
+    /// The cache was empty and now uses the export's secret.
+    Adopted,
+    /// The cache holds entries under another secret (or `FALLTHROUGH_KEY_SECRET` sets one):
+    /// entries stored for a credential will not match here.
+    Differs,
+}
+
+/// The export's first line.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Header {
+    key_secret: String,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -123,6 +152,9 @@ pub async fn purge(disk: &DiskTier, purge: Purge, now: UnixMillis) -> Result<u64
 /// Writes every entry that decodes as one JSONL line; returns how many were written.
 pub async fn export(disk: &DiskTier, out: impl Write + Send + 'static) -> Result<u64, DiskError> {
     let mut out = std::io::BufWriter::new(out);
+    let key_secret = secret::text_for_dir(disk.dir()).map_err(DiskError::Io)?;
+    let header = serde_json::to_string(&Header { key_secret }).expect("a string field");
+    writeln!(out, "{header}").map_err(DiskError::Io)?;
     let (tx, rx) = std::sync::mpsc::channel();
     disk.visit(move |key, entry| {
         let Ok(entry) = entry else { return Ok(()) };
@@ -163,6 +195,12 @@ pub async fn import(
         if line.trim().is_empty() {
             continue;
         }
+        if n == 0 {
+            if let Ok(header) = serde_json::from_str::<Header>(&line) {
+                report.secret = adopt_secret(disk, &header.key_secret)?;
+                continue;
+            }
+        }
         let Some((key, entry)) = parse_line(&line) else {
             report.invalid_lines.push(n as u64 + 1);
             continue;
@@ -176,6 +214,19 @@ pub async fn import(
     }
     disk.flush().await?;
     Ok(report)
+}
+
+/// Takes an export's secret when the cache is empty and no environment variable decides.
+fn adopt_secret(disk: &DiskTier, text: &str) -> Result<SecretImport, DiskError> {
+    let ours = secret::text_for_dir(disk.dir()).map_err(DiskError::Io)?;
+    if ours == text.trim() {
+        return Ok(SecretImport::Same);
+    }
+    if secret::from_env().is_some() || disk.usage().0 > 0 {
+        return Ok(SecretImport::Differs);
+    }
+    secret::replace_in_dir(disk.dir(), text).map_err(DiskError::Io)?;
+    Ok(SecretImport::Adopted)
 }
 
 fn parse_line(line: &str) -> Option<(CacheKey, Entry)> {

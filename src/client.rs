@@ -26,7 +26,7 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::entry::Freshness;
 use crate::error::{Error, UpstreamErrorKind};
-use crate::key::{CacheKey, CredentialFingerprint};
+use crate::key::{CacheKey, CredentialFingerprint, KeySecret};
 use crate::metrics::{Gauges, Metrics, TierUsage};
 use crate::outcome::Outcome;
 use crate::upstream::breaker::Breakers;
@@ -91,6 +91,10 @@ pub struct Request {
     pub headers: HeaderMap,
     /// Overrides the configured namespace.
     pub namespace: Option<String>,
+    /// Partitions the request's entries by this name instead of by its credential, and sends
+    /// it upstream with the client's own credential: the proxy sets it to the name of the
+    /// access token a caller was admitted by (whose headers then carry no credential).
+    pub partition: Option<String>,
     pub controls: Controls,
 }
 
@@ -102,6 +106,7 @@ impl Request {
             body: body.into(),
             headers: HeaderMap::new(),
             namespace: None,
+            partition: None,
             controls: Controls::default(),
         }
     }
@@ -200,6 +205,8 @@ pub(crate) struct Engine {
     credential: Option<HeaderValue>,
     /// Its fingerprint, computed once: most library requests carry no credential of their own.
     credential_fingerprint: Option<CredentialFingerprint>,
+    /// What every credential fingerprint is keyed with.
+    key_secret: KeySecret,
 }
 
 /// One span per request: key, model asked for, and, once known, outcome, model that answered

@@ -36,8 +36,75 @@ pub struct Config {
     pub cache: CacheConfig,
     pub retry: RetryConfig,
     pub breaker: BreakerConfig,
-    /// Model -> models to try in turn when it cannot answer. Default none.
+    /// Model -> models to try in turn when it cannot answer. Default: the chains of
+    /// [`default_fallbacks`].
     pub fallback: HashMap<String, Vec<String>>,
+    pub access: AccessConfig,
+    pub server: ServerConfig,
+}
+
+/// `[access]`: who may use the proxy (SPEC, "Access").
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AccessConfig {
+    /// Every caller must present a listed token. Default (`None`): false when listening on a
+    /// loopback address, true otherwise.
+    pub require_token: Option<bool>,
+    /// Origins whose pages may call the proxy (`Origin` header, e.g. `http://localhost:3000`).
+    /// Default none: a request with an `Origin` is refused.
+    pub allowed_origins: Vec<String>,
+    /// `Host` names accepted besides loopback names and the listen address. Default none.
+    pub allowed_hosts: Vec<String>,
+    pub tokens: Vec<TokenConfig>,
+}
+
+/// One `[[access.tokens]]` entry: a token is stored as its hash, so the file holds no secret.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// Shown in logs and metrics, and the partition of the caller's entries.
+    pub name: String,
+    /// The hex SHA-256 of the token.
+    pub sha256: String,
+    /// May use the admin endpoints. Default false.
+    #[serde(default)]
+    pub admin: bool,
+}
+
+/// `[server]`: the proxy's limits on slow, stalled and too many callers (SPEC, "Limits").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Time to send a request's headers, from the connection's first byte. Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// Time to send a request's body once its headers are in. Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub body_timeout: Duration,
+    /// A keep-alive connection with no request in it closes after this. Default 75 s.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// A caller that takes no bytes of its answer for this long is disconnected. Default 60 s.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+    /// Connections open at once; more wait to be accepted. Default 4096.
+    pub max_connections: usize,
+    /// Misses waiting for an upstream slot; past it a miss is refused at once with 529.
+    /// Default 1024.
+    pub max_queued: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(75),
+            write_timeout: Duration::from_secs(60),
+            max_connections: 4096,
+            max_queued: 1024,
+        }
+    }
 }
 
 /// `[cache]`
@@ -117,6 +184,8 @@ impl Default for Config {
             retry: RetryConfig::default(),
             breaker: BreakerConfig::default(),
             fallback: default_fallbacks(),
+            access: AccessConfig::default(),
+            server: ServerConfig::default(),
         }
     }
 }
@@ -225,6 +294,23 @@ impl Config {
         if self.cache.ttl.is_zero() {
             return bad("cache.ttl must be more than zero");
         }
+        let s = &self.server;
+        if s.max_connections == 0 {
+            return bad("server.max_connections must be at least 1");
+        }
+        for (name, timeout) in [
+            ("header_timeout", s.header_timeout),
+            ("body_timeout", s.body_timeout),
+            ("idle_timeout", s.idle_timeout),
+            ("write_timeout", s.write_timeout),
+        ] {
+            if timeout.is_zero() {
+                return Err(Error::Config(format!(
+                    "server.{name} must be more than zero"
+                )));
+            }
+        }
+        self.access.validate()?;
         for (model, chain) in &self.fallback {
             if chain.iter().any(|m| m == model) {
                 return Err(Error::Config(format!(
@@ -242,6 +328,38 @@ impl Config {
             Some(dir) => expand_home(dir),
             None => default_cache_dir(),
         }
+    }
+}
+
+impl AccessConfig {
+    fn validate(&self) -> Result<(), Error> {
+        let mut names = std::collections::HashSet::new();
+        for token in &self.tokens {
+            if token.name.is_empty() {
+                return Err(Error::Config("access.tokens: a token needs a name".into()));
+            }
+            if !names.insert(&token.name) {
+                return Err(Error::Config(format!(
+                    "access.tokens: the name {:?} is used twice",
+                    token.name
+                )));
+            }
+            if token.digest().is_none() {
+                return Err(Error::Config(format!(
+                    "access.tokens: sha256 of {:?} is not 64 hex characters (make one with \
+                     `fallthrough token {}`)",
+                    token.name, token.name
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl TokenConfig {
+    /// The token's SHA-256, when `sha256` is 64 hex characters.
+    pub fn digest(&self) -> Option<[u8; 32]> {
+        crate::key::hex32(self.sha256.trim())
     }
 }
 

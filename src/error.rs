@@ -196,6 +196,8 @@ pub fn error_type_for_status(status: u16) -> &'static str {
         405 => "invalid_request_error",
         409 => "conflict_error",
         413 => "request_too_large",
+        415 => "invalid_request_error",
+        431 => "invalid_request_error",
         429 => "rate_limit_error",
         504 => "timeout_error",
         529 => "overloaded_error",

@@ -13,8 +13,10 @@ use std::str::FromStr;
 use serde_json::Value;
 
 mod canonical;
+pub mod secret;
 mod streaming;
 
+pub use secret::KeySecret;
 pub use streaming::{BodyFacts, KeyError};
 
 /// Bumped whenever the canonical form changes, so old entries are never served under new rules.
@@ -60,18 +62,28 @@ impl FromStr for CacheKey {
     type Err = ParseKeyError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let s = s.as_bytes();
-        if s.len() != 64 {
-            return Err(ParseKeyError);
-        }
-        let mut out = [0u8; 32];
-        for (i, pair) in s.chunks_exact(2).enumerate() {
-            let hi = hex_digit(pair[0]).ok_or(ParseKeyError)?;
-            let lo = hex_digit(pair[1]).ok_or(ParseKeyError)?;
-            out[i] = hi << 4 | lo;
-        }
-        Ok(CacheKey(out))
+        hex32(s).map(CacheKey).ok_or(ParseKeyError)
     }
+}
+
+/// `bytes` as lowercase hex.
+pub fn hex(bytes: &[u8]) -> String {
+    let mut out = vec![0u8; bytes.len() * 2];
+    canonical::hex_into(bytes, &mut out);
+    String::from_utf8(out).expect("hex is ASCII")
+}
+
+/// 32 bytes from their 64 hex characters (either case): keys, token hashes, key secrets.
+pub(crate) fn hex32(s: &str) -> Option<[u8; 32]> {
+    let s = s.as_bytes();
+    if s.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in s.chunks_exact(2).enumerate() {
+        out[i] = hex_digit(pair[0])? << 4 | hex_digit(pair[1])?;
+    }
+    Some(out)
 }
 
 fn hex_digit(c: u8) -> Option<u8> {
@@ -84,19 +96,41 @@ fn hex_digit(c: u8) -> Option<u8> {
 }
 
 /// A one-way fingerprint of a credential: partitions the cache by API key without keeping it.
+/// Keyed with the cache's [`KeySecret`], so that a key shown to anyone cannot be used to test
+/// guesses of the credential offline.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct CredentialFingerprint([u8; 16]);
 
+/// What a fingerprint stands for; the two never collide, whatever the bytes.
+#[derive(Clone, Copy)]
+enum Partition {
+    /// A credential sent upstream, as its raw bytes.
+    Credential = 0,
+    /// The name an access token admitted its caller as.
+    TokenName = 1,
+}
+
 impl CredentialFingerprint {
-    pub fn of(credential: &str) -> Self {
-        Self::of_bytes(credential.as_bytes())
+    pub fn of(secret: &KeySecret, credential: &str) -> Self {
+        Self::of_bytes(secret, credential.as_bytes())
     }
 
     /// The fingerprint of a credential's raw bytes: one that is not valid header text still
     /// gets a partition of its own, never another credential's or "none".
-    pub fn of_bytes(credential: &[u8]) -> Self {
-        let mut hasher = blake3::Hasher::new_derive_key("fallthrough credential fingerprint v1");
-        hasher.update(credential);
+    pub fn of_bytes(secret: &KeySecret, credential: &[u8]) -> Self {
+        Self::keyed(secret, Partition::Credential, credential)
+    }
+
+    /// The partition of a caller admitted by an access token: by the token's name, so that a
+    /// token can be replaced without losing its entries, and two tokens never share.
+    pub fn of_token_name(secret: &KeySecret, name: &str) -> Self {
+        Self::keyed(secret, Partition::TokenName, name.as_bytes())
+    }
+
+    fn keyed(secret: &KeySecret, what: Partition, bytes: &[u8]) -> Self {
+        let mut hasher = blake3::Hasher::new_keyed(&secret.0);
+        hasher.update(&[what as u8]);
+        hasher.update(bytes);
         let mut out = [0u8; 16];
         out.copy_from_slice(&hasher.finalize().as_bytes()[..16]);
         CredentialFingerprint(out)
@@ -344,10 +378,16 @@ mod tests {
         other.namespace = "tenant-a".into();
         assert_ne!(base, other.key(&body));
         let mut other = ctx();
-        other.credential = Some(CredentialFingerprint::of("sk-ant-1"));
+        other.credential = Some(CredentialFingerprint::of(
+            &KeySecret::from_text("test"),
+            "sk-ant-1",
+        ));
         let with_one = other.key(&body);
         assert_ne!(base, with_one);
-        other.credential = Some(CredentialFingerprint::of("sk-ant-2"));
+        other.credential = Some(CredentialFingerprint::of(
+            &KeySecret::from_text("test"),
+            "sk-ant-2",
+        ));
         assert_ne!(with_one, other.key(&body));
         let other = ctx().with_betas(["tools-2024"]);
         assert_ne!(base, other.key(&body));
@@ -364,7 +404,10 @@ mod tests {
     #[test]
     fn canonical_form_never_holds_the_credential() {
         let mut c = ctx();
-        c.credential = Some(CredentialFingerprint::of("sk-ant-secret-value"));
+        c.credential = Some(CredentialFingerprint::of(
+            &KeySecret::from_text("test"),
+            "sk-ant-secret-value",
+        ));
         let form = c.canonical_form(&json!({"model":"m"}));
         assert!(!form.contains("sk-ant-secret-value"));
         assert!(form.contains(&c.credential.unwrap().to_string()));

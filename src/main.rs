@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
 use fallthrough::cache::DiskTier;
+use fallthrough::key::KeySecret;
 use fallthrough::mock::{self, MockConfig};
 
 mod cmd;
@@ -54,6 +55,17 @@ enum Command {
         common: CommonArgs,
         #[command(subcommand)]
         command: cmd::cache::CacheCommand,
+    },
+    /// Print a new random access token and the `[[access.tokens]]` lines that admit it.
+    Token {
+        /// The name the token's callers are admitted as (logs, metrics, cache partition).
+        name: String,
+        /// Let the token use the admin endpoints.
+        #[arg(long)]
+        admin: bool,
+        /// Print JSON: `{"name", "token", "sha256"}`.
+        #[arg(long)]
+        json: bool,
     },
     /// Print a request's canonical form and key; with --diff, why two requests' keys differ.
     Key {
@@ -161,15 +173,51 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 .with_context(|| format!("opening the cache in {}", dir.display()))?;
             cmd::cache::run(command, disk).await
         }
+        Command::Token { name, admin, json } => Ok(print_token(&name, admin, json)),
         Command::Key { common, args } => {
             let config = load_config(&common)?;
+            // Keyed with the cache directory's secret, as `serve` on that directory keys.
+            let secret = KeySecret::for_dir(&config.cache_dir()).with_context(|| {
+                format!("reading the key secret in {}", config.cache_dir().display())
+            })?;
             let client = with_credential(ClientBuilder::from_config(config))
                 .memory_only()
+                .key_secret(secret)
                 .build()
                 .await?;
             cmd::key::run(args, client).await
         }
     }
+}
+
+/// `fallthrough token NAME`: the token on stdout's first line, so that scripts can take it,
+/// then the lines that admit it.
+fn print_token(name: &str, admin: bool, json: bool) -> ExitCode {
+    let token = fallthrough::server::new_token();
+    let sha256 = fallthrough::server::token_sha256(&token);
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"name": name, "token": token, "sha256": sha256, "admin": admin})
+        );
+        return ExitCode::SUCCESS;
+    }
+    println!("{token}");
+    println!();
+    println!("# Add to fallthrough.toml; callers send the token above as their API key");
+    println!("# (x-api-key, or authorization: Bearer). It is shown once and stored nowhere.");
+    println!("[[access.tokens]]");
+    println!("name = {}", toml_string(name));
+    println!("sha256 = \"{sha256}\"");
+    if admin {
+        println!("admin = true");
+    }
+    ExitCode::SUCCESS
+}
+
+/// A TOML basic string (JSON's escapes are TOML's).
+fn toml_string(text: &str) -> String {
+    serde_json::Value::String(text.to_owned()).to_string()
 }
 
 /// The configuration: file, then environment and flags over it.
@@ -236,6 +284,13 @@ async fn serve(args: ServeArgs) -> Result<ExitCode> {
         config.listen = listen;
     }
     let listen = config.listen.clone();
+    // Refused before anything is bound: an open proxy must never listen beyond loopback,
+    // even for a moment.
+    if let Ok(addrs) = tokio::net::lookup_host(&listen).await {
+        for addr in addrs {
+            fallthrough::server::check_access(&config.access, addr)?;
+        }
+    }
     let upstream = fallthrough::config::redacted(&config.upstream);
     let cache = config.cache_dir();
     warn_if_no_key(

@@ -40,6 +40,11 @@ struct ModelLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallerLabel {
+    caller: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TierLabel {
     tier: &'static str,
 }
@@ -80,6 +85,7 @@ pub struct Metrics {
     breaker: Family<ModelLabel, Gauge>,
     entries: Family<TierLabel, Gauge>,
     bytes: Family<TierLabel, Gauge>,
+    callers: Family<CallerLabel, Counter>,
     /// Model labels in use. A std mutex: held for one set operation, on the miss path only.
     models: std::sync::Mutex<std::collections::HashSet<String>>,
     /// One scrape at a time: a scrape rebuilds the breaker gauges, which another one must not
@@ -119,6 +125,12 @@ impl Default for Metrics {
         registry.register("cache_entries", "Entries held, by tier", entries.clone());
         let bytes = Family::<TierLabel, Gauge>::default();
         registry.register("cache_bytes", "Bytes held, by tier", bytes.clone());
+        let callers = Family::<CallerLabel, Counter>::default();
+        registry.register(
+            "caller_requests",
+            "Requests admitted by an access token, by the token's name",
+            callers.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -127,6 +139,7 @@ impl Default for Metrics {
             breaker,
             entries,
             bytes,
+            callers,
             models: Default::default(),
             rendering: Default::default(),
         }
@@ -161,6 +174,15 @@ impl Metrics {
             .get_or_create(&label)
             .observe(elapsed.as_secs_f64());
         self.requests.get_or_create(&label).inc();
+    }
+
+    /// Counts a request admitted by the access token named `name` (names come from the
+    /// configuration, so the labels are bounded).
+    pub fn caller(&self, name: &str) {
+        let label = CallerLabel {
+            caller: name.to_owned(),
+        };
+        self.callers.get_or_create(&label).inc();
     }
 
     /// Counts an upstream attempt. Model names come from callers, so past

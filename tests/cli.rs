@@ -265,16 +265,21 @@ async fn cache_stats_get_purge_export_import() {
 
     // get: the key the proxy would use, as `key` prints it.
     std::fs::write(dir.path().join("q0.json"), line("question 0")).unwrap();
-    let key_out = bin()
-        .arg("key")
-        .arg(dir.path().join("q0.json"))
-        .output()
-        .unwrap();
-    let key = String::from_utf8_lossy(&key_out.stdout)
-        .lines()
-        .last()
-        .unwrap()
-        .to_owned();
+    let key_of = |cache: &Path| {
+        let out = bin()
+            .arg("key")
+            .arg(dir.path().join("q0.json"))
+            .arg("--cache-dir")
+            .arg(cache)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .last()
+            .unwrap()
+            .to_owned()
+    };
+    let key = key_of(&cache);
     let got = cache_cmd(&["get", &key]).output().unwrap();
     assert!(got.status.success());
     let body: Value = serde_json::from_slice(&got.stdout).unwrap();
@@ -284,7 +289,8 @@ async fn cache_stats_get_purge_export_import() {
     // export, then import into another directory: the same entries, byte for byte.
     let export = dir.path().join("export.jsonl");
     cache_cmd(&["export"]).arg(&export).assert().success();
-    assert_eq!(std::fs::read_to_string(&export).unwrap().lines().count(), 5);
+    // The key secret's line, then one line an entry.
+    assert_eq!(std::fs::read_to_string(&export).unwrap().lines().count(), 6);
     let other = dir.path().join("other");
     bin()
         .args(["cache", "--cache-dir"])
@@ -294,6 +300,8 @@ async fn cache_stats_get_purge_export_import() {
         .assert()
         .success()
         .stdout(predicates::str::contains("imported 5"));
+    // The empty cache took the export's key secret: its keys are the exporter's.
+    assert_eq!(key_of(&other), key);
     let again = dir.path().join("again.jsonl");
     bin()
         .args(["cache", "--cache-dir"])
@@ -360,10 +368,12 @@ async fn key_matches_the_proxy_and_diff_names_the_field() {
     for (name, v) in [("a", &a), ("b", &b), ("c", &c)] {
         std::fs::write(dir.path().join(format!("{name}.json")), v.to_string()).unwrap();
     }
+    let cache = dir.path().join("cache");
     let out = bin()
         .arg("key")
         .arg(dir.path().join("a.json"))
-        .args(["--header", "x-api-key: sk-ant-key-1"])
+        .args(["--header", "x-api-key: sk-ant-key-1", "--cache-dir"])
+        .arg(&cache)
         .output()
         .unwrap();
     assert!(out.status.success());
@@ -375,8 +385,9 @@ async fn key_matches_the_proxy_and_diff_names_the_field() {
     let key = lines.next().unwrap();
     assert_eq!(key.len(), 64);
 
-    // The proxy computes the same key for the same request and credential.
-    let server = Server::start(&mock.url(), &dir.path().join("cache"));
+    // The proxy computes the same key for the same request and credential on that cache (keyed
+    // with its secret); another cache's secret gives another key.
+    let server = Server::start(&mock.url(), &cache);
     let r = reqwest::Client::new()
         .post(format!("{}/v1/messages", server.url))
         .header("x-api-key", "sk-ant-key-1")
@@ -386,12 +397,27 @@ async fn key_matches_the_proxy_and_diff_names_the_field() {
         .await
         .unwrap();
     assert_eq!(r.headers()["x-fallthrough-key"].to_str().unwrap(), key);
+    let elsewhere = bin()
+        .arg("key")
+        .arg(dir.path().join("a.json"))
+        .args(["--header", "x-api-key: sk-ant-key-1", "--cache-dir"])
+        .arg(dir.path().join("elsewhere"))
+        .output()
+        .unwrap();
+    let elsewhere = String::from_utf8_lossy(&elsewhere.stdout).to_string();
+    assert_ne!(
+        elsewhere.lines().nth(1),
+        Some(key),
+        "a key depends on its cache's secret"
+    );
 
     bin()
         .arg("key")
         .arg(dir.path().join("a.json"))
         .arg("--diff")
         .arg(dir.path().join("b.json"))
+        .arg("--cache-dir")
+        .arg(&cache)
         .assert()
         .success()
         .stdout(predicates::str::contains("same key"));
@@ -400,6 +426,8 @@ async fn key_matches_the_proxy_and_diff_names_the_field() {
         .arg(dir.path().join("a.json"))
         .arg("--diff")
         .arg(dir.path().join("c.json"))
+        .arg("--cache-dir")
+        .arg(&cache)
         .arg("--json")
         .output()
         .unwrap();

@@ -241,7 +241,11 @@ fn serve_names_its_upstream_and_cache_and_warns_without_a_key() {
 
 #[test]
 fn the_key_example_files_of_the_readme_exist() {
+    // As written in the README: the default cache directory (here a fresh one), whose key
+    // secret `key` creates with it.
+    let home = tempfile::tempdir().unwrap();
     bin()
+        .env("XDG_CACHE_HOME", home.path())
         .args([
             "key",
             "examples/key-a.json",

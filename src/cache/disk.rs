@@ -34,6 +34,8 @@ pub struct DiskTier {
 }
 
 struct Inner {
+    /// The cache directory: sled's database is its `db`.
+    dir: PathBuf,
     db: sled::Db,
     entries: sled::Tree,
     atime: sled::Tree,
@@ -106,6 +108,7 @@ impl DiskTier {
         debug!(?path, entries = entries.len(), bytes, "disk cache open");
         Ok(DiskTier {
             inner: Arc::new(Inner {
+                dir: dir.to_owned(),
                 db,
                 entries,
                 atime,
@@ -114,6 +117,11 @@ impl DiskTier {
                 evicting: watch::Sender::new(false),
             }),
         })
+    }
+
+    /// The cache directory the tier was opened in.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
     }
 
     /// The entry under `key`, if it decodes. A corrupt entry is removed, logged, and a miss.
@@ -391,7 +399,7 @@ fn open_db(path: &Path) -> sled::Result<sled::Db> {
 }
 
 /// Creates `dir` (and parents) readable by its owner only: entries are users' conversations.
-fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+pub(crate) fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     let mut builder = std::fs::DirBuilder::new();
     builder.recursive(true);
     #[cfg(unix)]

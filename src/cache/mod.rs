@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use tracing::warn;
 
+pub(crate) use disk::create_private_dir;
 pub use disk::{DiskTier, Evicted, Scanned};
 pub use memory::MemoryTier;
 

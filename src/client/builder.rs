@@ -11,7 +11,7 @@ use crate::cache::Cache;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::error::Error;
-use crate::key::CredentialFingerprint;
+use crate::key::{secret, CredentialFingerprint, KeySecret};
 use crate::metrics::Metrics;
 use crate::upstream::breaker::Breakers;
 use crate::upstream::retry::RetryBudget;
@@ -27,6 +27,7 @@ pub struct ClientBuilder {
     cache: Option<Cache>,
     memory_only: bool,
     metrics: Option<Arc<Metrics>>,
+    key_secret: Option<KeySecret>,
 }
 
 impl ClientBuilder {
@@ -38,6 +39,7 @@ impl ClientBuilder {
             cache: None,
             memory_only: false,
             metrics: None,
+            key_secret: None,
         }
     }
 
@@ -150,6 +152,14 @@ impl ClientBuilder {
         self
     }
 
+    /// The secret credential fingerprints are keyed with ([`KeySecret`]). Default:
+    /// `FALLTHROUGH_KEY_SECRET`, else the cache directory's, else (a memory-only cache) a
+    /// random one.
+    pub fn key_secret(mut self, secret: KeySecret) -> Self {
+        self.key_secret = Some(secret);
+        self
+    }
+
     /// Shares the metrics registry of a server.
     pub fn metrics(mut self, metrics: Arc<Metrics>) -> Self {
         self.metrics = Some(metrics);
@@ -174,12 +184,19 @@ impl ClientBuilder {
                 .await?
             }
         };
+        let key_secret = match (self.key_secret, cache.disk()) {
+            (Some(secret), _) => secret,
+            (None, Some(disk)) => KeySecret::for_dir(disk.dir())
+                .map_err(|e| Error::Config(format!("the cache's key secret: {e}")))?,
+            (None, None) => secret::from_env()
+                .map_or_else(KeySecret::random, |text| KeySecret::from_text(&text)),
+        };
         let credential = self.credential.as_deref().and_then(upstream::sensitive);
         let credential_fingerprint = self
             .credential
             .as_deref()
             .filter(|_| credential.is_some())
-            .map(CredentialFingerprint::of);
+            .map(|c| CredentialFingerprint::of(&key_secret, c));
         Ok(Client {
             engine: Arc::new(Engine {
                 breakers: Breakers::new(config.breaker.failures, config.breaker.cooldown),
@@ -192,6 +209,7 @@ impl ClientBuilder {
                 metrics: self.metrics.unwrap_or_default(),
                 credential,
                 credential_fingerprint,
+                key_secret,
                 upstream,
                 cache,
                 config,

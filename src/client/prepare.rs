@@ -34,7 +34,7 @@ impl Engine {
         // keyed as if present and added only when a request goes upstream.
         let headers = request.headers;
         let path = sorted_query(request.path);
-        let ctx = self.key_context(&path, &headers, request.namespace);
+        let ctx = self.key_context(&path, &headers, request.namespace, request.partition);
         let (key, facts) = ctx
             .key_of_bytes(&request.body)
             .map_err(|e| Error::InvalidRequest(format!("the body is not valid JSON: {e}")))?;
@@ -91,16 +91,19 @@ impl Engine {
         path: &str,
         headers: &HeaderMap,
         namespace: Option<String>,
+        partition: Option<String>,
     ) -> KeyContext {
         // The caller's credential as the bytes it sent: one that is not valid text is still
         // its own partition.
         let sent = headers
             .get(&X_API_KEY)
             .or_else(|| headers.get(http::header::AUTHORIZATION));
-        let credential = match sent {
+        let secret = &self.key_secret;
+        let credential = match (partition, sent) {
             _ if self.config.shared_across_credentials => None,
-            Some(value) => Some(CredentialFingerprint::of_bytes(value.as_bytes())),
-            None => self.credential_fingerprint,
+            (Some(name), _) => Some(CredentialFingerprint::of_token_name(secret, &name)),
+            (None, Some(value)) => Some(CredentialFingerprint::of_bytes(secret, value.as_bytes())),
+            (None, None) => self.credential_fingerprint,
         };
         let anthropic_version = match headers.get(&ANTHROPIC_VERSION) {
             None => Some(DEFAULT_ANTHROPIC_VERSION),

@@ -124,6 +124,14 @@ pub async fn run(command: CacheCommand, disk: DiskTier) -> Result<ExitCode> {
                 report.expired,
                 report.invalid_lines.len()
             );
+            if report.secret == admin::SecretImport::Differs {
+                eprintln!(
+                    "warning: this cache keys credentials with another secret than the export's: \
+                     entries stored for an API key or token will not match here. Import into an \
+                     empty cache directory, or set FALLTHROUGH_KEY_SECRET to the exporting cache's \
+                     key-secret file's content"
+                );
+            }
             if !report.invalid_lines.is_empty() {
                 println!("invalid lines: {:?}", report.invalid_lines);
                 return Ok(ExitCode::FAILURE);

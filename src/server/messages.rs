@@ -8,6 +8,7 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response as HttpResponse};
 
+use super::access::Caller;
 use super::errors::{api_error, error_response};
 use super::{
     copy_upstream_headers, forwarded, header_text, App, Encoding, JSON, X_ATTEMPTS, X_CACHE,
@@ -32,6 +33,7 @@ pub(super) async fn messages(
         Err(e) => return api_error(400, &format!("cannot read the request body: {e}")),
     };
     let headers = parts.headers;
+    let partition = parts.extensions.get::<Caller>().and_then(Caller::partition);
     let namespace = match headers.get(X_NAMESPACE).map(|v| v.to_str()) {
         None => None,
         Some(Ok(namespace)) => Some(namespace.to_owned()),
@@ -46,6 +48,7 @@ pub(super) async fn messages(
         body,
         controls: controls(&headers),
         namespace,
+        partition,
         headers: forwarded(headers),
     };
     match app.client.call(request).await {

@@ -7,9 +7,12 @@
 //! - `pass`: every other path, sent upstream as it is through the engine's limits;
 //! - `errors`: every failure in the API's own error shape.
 
+mod access;
 mod errors;
 mod messages;
 mod pass;
+
+pub use access::{new_token, token_sha256};
 
 use std::future::{Future, IntoFuture};
 use std::sync::Arc;
@@ -91,12 +94,26 @@ const DRAIN_LIMIT: Duration = Duration::from_secs(30);
 
 struct App {
     client: Client,
+    access: access::Access,
 }
 
-/// The proxy's routes, over `client`.
-pub fn router(client: Client) -> Router {
-    let max_body = client.config().max_body_bytes.as_u64() as usize;
-    let app = Arc::new(App { client });
+/// Whether `config` lets a proxy listen on `listen` ([`serve`] checks the same): an error
+/// naming `access.tokens` when it would listen open beyond loopback.
+pub fn check_access(
+    config: &crate::config::AccessConfig,
+    listen: std::net::SocketAddr,
+) -> Result<(), crate::Error> {
+    access::Access::new(config, listen).map(drop)
+}
+
+/// The paths the cache answers; every other one is passed through.
+pub(super) fn is_cached_route(path: &str) -> bool {
+    matches!(path, "/v1/messages" | "/v1/messages/count_tokens")
+}
+
+/// The proxy's routes, every one behind admission ([`access::admit`]).
+fn router(app: Arc<App>) -> Router {
+    let max_body = app.client.config().max_body_bytes.as_u64() as usize;
     Router::new()
         .route("/v1/messages", post(messages::messages))
         .route("/v1/messages/count_tokens", post(messages::messages))
@@ -110,6 +127,10 @@ pub fn router(client: Client) -> Router {
             },
         )
         .layer(DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            access::admit,
+        ))
         .with_state(app)
 }
 
@@ -119,7 +140,12 @@ pub async fn serve(
     client: Client,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = router(client.clone());
+    let access = access::Access::new(&client.config().access, listener.local_addr()?)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
+    let app = router(Arc::new(App {
+        client: client.clone(),
+        access,
+    }));
     let (draining, drain_started) = tokio::sync::oneshot::channel::<()>();
     let signal = async move {
         shutdown.await;

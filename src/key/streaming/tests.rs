@@ -14,7 +14,10 @@ fn ctx() -> KeyContext {
         ..KeyContext::new("/v1/messages")
     }
     .with_betas(["b-2,a-1"]);
-    ctx.credential = Some(CredentialFingerprint::of("sk-test"));
+    ctx.credential = Some(CredentialFingerprint::of(
+        &crate::key::KeySecret::from_text("test"),
+        "sk-test",
+    ));
     ctx
 }
 
