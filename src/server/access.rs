@@ -197,6 +197,9 @@ pub(super) async fn admit(
     if let Some(refusal) = access.browser_refusal(request.method(), path, request.headers()) {
         return refusal;
     }
+    if let Some(preflight) = preflight(&request) {
+        return preflight;
+    }
     let caller = match access.token_of(request.headers()) {
         Some(token) => {
             let headers = request.headers_mut();
@@ -229,6 +232,31 @@ pub(super) async fn admit(
         allow_origin(out.headers_mut(), origin);
     }
     out
+}
+
+/// The answer to a listed origin's CORS preflight (it carries no credential, so it comes
+/// before the token): the proxy's own, never passed upstream.
+fn preflight(request: &Request) -> Option<HttpResponse> {
+    let headers = request.headers();
+    if request.method() != Method::OPTIONS
+        || !headers.contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
+    {
+        return None;
+    }
+    let origin = headers.get(header::ORIGIN)?.clone();
+    let mut out = HttpResponse::new(axum::body::Body::empty());
+    *out.status_mut() = axum::http::StatusCode::NO_CONTENT;
+    let h = out.headers_mut();
+    allow_origin(h, origin);
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("GET, POST, OPTIONS"),
+    );
+    if let Some(asked) = headers.get(header::ACCESS_CONTROL_REQUEST_HEADERS) {
+        h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, asked.clone());
+    }
+    h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from(600));
+    Some(out)
 }
 
 /// A listed origin may read the answer: the CORS headers a browser looks for.
