@@ -190,6 +190,8 @@ pub(crate) struct Engine {
     /// Bounds upstream requests in flight; the rest wait here. A streamed answer holds its
     /// permit until the stream ends.
     permits: Arc<Semaphore>,
+    /// Requests waiting for a permit, at most `server.max_queued`.
+    queued: std::sync::atomic::AtomicUsize,
     /// Bounds background refreshes of stale entries.
     refreshes: Arc<Semaphore>,
     /// In-flight fetches by key. A std mutex: held for one map operation, never across an await.

@@ -199,7 +199,7 @@ pub fn error_type_for_status(status: u16) -> &'static str {
         415 => "invalid_request_error",
         431 => "invalid_request_error",
         429 => "rate_limit_error",
-        504 => "timeout_error",
+        408 | 504 => "timeout_error",
         529 => "overloaded_error",
         _ => "api_error",
     }

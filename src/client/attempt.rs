@@ -1,6 +1,7 @@
 //! One model's part of a miss: the breaker's admission, the retry budget, a concurrency
 //! permit, the attempts and the waits between them.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -35,16 +36,7 @@ impl Engine {
         let policy = &self.config.retry;
         let mut retry = 0;
         loop {
-            // Waiting here is local queueing, not the model's fault: a timeout in this queue is
-            // not held against its breaker.
-            let permit =
-                match tokio::time::timeout_at(deadline, self.permits.clone().acquire_owned()).await
-                {
-                    Ok(permit) => permit.expect("the semaphore is never closed"),
-                    Err(_) => {
-                        return Err(upstream::transport_error(UpstreamErrorKind::Timeout, model))
-                    }
-                };
+            let permit = self.upstream_slot(model, deadline).await?;
             let admission = self.breakers.admit(model, self.clock.instant());
             if let Admission::Reject { retry_in, cause } = admission {
                 debug!(model, ?retry_in, ?cause, "breaker blocks the model");
@@ -99,6 +91,29 @@ impl Engine {
         }
     }
 
+    /// A concurrency permit for one upstream request, waiting in a bounded queue when all are
+    /// taken. Waiting here is local queueing, not the model's fault: a timeout or a full queue
+    /// is never held against its breaker. A full queue answers at once, as an overload (529,
+    /// `retry-after: 1`), so that a burst beyond `server.max_queued` neither waits out the
+    /// deadline nor grows without bound; a stale entry still stands in for it.
+    pub(super) async fn upstream_slot(
+        &self,
+        model: &str,
+        deadline: Instant,
+    ) -> Result<OwnedSemaphorePermit, UpstreamError> {
+        if let Ok(permit) = self.permits.clone().try_acquire_owned() {
+            return Ok(permit);
+        }
+        let max = self.config.server.max_queued;
+        let Some(_place) = Queued::enter(&self.queued, max) else {
+            return Err(queue_full(model, max));
+        };
+        match tokio::time::timeout_at(deadline, self.permits.clone().acquire_owned()).await {
+            Ok(permit) => Ok(permit.expect("the semaphore is never closed")),
+            Err(_) => Err(upstream::transport_error(UpstreamErrorKind::Timeout, model)),
+        }
+    }
+
     /// One upstream attempt, holding a concurrency permit, taken in the call's form.
     async fn attempt<F: Form>(
         &self,
@@ -129,6 +144,43 @@ impl Engine {
         };
         self.metrics.attempt(model, status);
         result
+    }
+}
+
+/// A place in the queue for an upstream slot, given back when dropped.
+struct Queued<'a>(&'a AtomicUsize);
+
+impl<'a> Queued<'a> {
+    fn enter(queued: &'a AtomicUsize, max: usize) -> Option<Self> {
+        queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Queued(queued))
+    }
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn queue_full(model: &str, max: usize) -> UpstreamError {
+    let message = format!(
+        "fallthrough is overloaded: {max} requests already wait for an upstream slot \
+         (server.max_queued)"
+    );
+    UpstreamError {
+        kind: UpstreamErrorKind::Overloaded,
+        model: model.to_owned(),
+        status: 529,
+        body: error_body("overloaded_error", &message),
+        retry_after: Some(Duration::from_secs(1)),
+        attempts: 0,
+        headers: Box::default(),
+        should_retry: None,
     }
 }
 

@@ -160,6 +160,13 @@ impl ClientBuilder {
         self
     }
 
+    /// Requests that may wait for an upstream slot; more are refused at once with 529.
+    /// Default 1024.
+    pub fn max_queued(mut self, n: usize) -> Self {
+        self.config.server.max_queued = n;
+        self
+    }
+
     /// Shares the metrics registry of a server.
     pub fn metrics(mut self, metrics: Arc<Metrics>) -> Self {
         self.metrics = Some(metrics);
@@ -202,6 +209,7 @@ impl ClientBuilder {
                 breakers: Breakers::new(config.breaker.failures, config.breaker.cooldown),
                 budget: RetryBudget::new(config.retry.budget_ratio, config.retry.budget_floor),
                 permits: Arc::new(Semaphore::new(config.max_concurrency)),
+                queued: Default::default(),
                 refreshes: Arc::new(Semaphore::new(MAX_REFRESHES)),
                 flights: Mutex::new(HashMap::new()),
                 flight_ended: Notify::new(),

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use super::attempt::{breaker_error, verdict_of};
 use super::stream::EventStream;
 use super::Engine;
-use crate::error::{Error, UpstreamErrorKind};
+use crate::error::Error;
 use crate::outcome::Outcome;
 use crate::upstream;
 use crate::upstream::breaker::{Admission, Verdict};
@@ -81,11 +81,7 @@ impl Engine {
         let model = named_model(&body);
         let label = model.as_deref().unwrap_or(NO_MODEL);
         let deadline = Instant::now() + self.config.retry.deadline;
-        let permit =
-            match tokio::time::timeout_at(deadline, self.permits.clone().acquire_owned()).await {
-                Ok(permit) => permit.expect("the semaphore is never closed"),
-                Err(_) => return Err(upstream::transport_error(UpstreamErrorKind::Timeout, label)),
-            };
+        let permit = self.upstream_slot(label, deadline).await?;
         let admission = match &model {
             Some(model) => match self.breakers.admit(model, self.clock.instant()) {
                 Admission::Reject { retry_in, cause } => {

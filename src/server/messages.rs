@@ -11,8 +11,8 @@ use axum::response::{IntoResponse, Response as HttpResponse};
 use super::access::Caller;
 use super::errors::{api_error, error_response};
 use super::{
-    copy_upstream_headers, forwarded, header_text, App, Encoding, JSON, X_ATTEMPTS, X_CACHE,
-    X_FALLBACK, X_KEY, X_MODEL, X_NAMESPACE,
+    copy_upstream_headers, forwarded, header_text, read_body, App, Encoding, JSON, X_ATTEMPTS,
+    X_CACHE, X_FALLBACK, X_KEY, X_MODEL, X_NAMESPACE,
 };
 use crate::client::{Controls, Reply, Request, Response, StreamResponse};
 use crate::key::CacheKey;
@@ -24,13 +24,9 @@ pub(super) async fn messages(
 ) -> HttpResponse {
     // Taken apart rather than extracted piece by piece: axum's header and URI extractors clone.
     let (parts, body) = request.into_parts();
-    let limit = app.client.config().max_body_bytes;
-    let body = match axum::body::to_bytes(body, limit.as_u64() as usize).await {
+    let body = match read_body(&app, body).await {
         Ok(body) => body,
-        Err(e) if is_too_large(&e) => {
-            return api_error(413, &format!("request body is larger than {limit}"));
-        }
-        Err(e) => return api_error(400, &format!("cannot read the request body: {e}")),
+        Err(refusal) => return refusal,
     };
     let headers = parts.headers;
     let partition = parts.extensions.get::<Caller>().and_then(Caller::partition);
@@ -56,18 +52,6 @@ pub(super) async fn messages(
         Ok(Reply::Stream(response)) => streamed(response),
         Err(e) => error_response(e),
     }
-}
-
-/// Whether reading a body failed on the size limit.
-pub(super) fn is_too_large(e: &axum::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(s) = source {
-        if s.is::<http_body_util::LengthLimitError>() {
-            return true;
-        }
-        source = s.source();
-    }
-    false
 }
 
 fn plain(r: Response) -> HttpResponse {

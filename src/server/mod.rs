@@ -8,13 +8,14 @@
 //! - `errors`: every failure in the API's own error shape.
 
 mod access;
+mod conn;
 mod errors;
 mod messages;
 mod pass;
 
 pub use access::{new_token, token_sha256};
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -22,7 +23,6 @@ use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue};
 use axum::response::{IntoResponse, Response as HttpResponse};
 use axum::routing::{get, post};
-use axum::serve::ListenerExt;
 use axum::Router;
 use tokio::net::TcpListener;
 use tracing::{info, warn};
@@ -131,6 +131,7 @@ fn router(app: Arc<App>) -> Router {
             app.clone(),
             access::admit,
         ))
+        .layer(axum::middleware::from_fn(conn::header_limits))
         .with_state(app)
 }
 
@@ -151,12 +152,7 @@ pub async fn serve(
         shutdown.await;
         let _ = draining.send(());
     };
-    // No Nagle: a relayed stream is many small writes, and Nagle's wait for the caller's
-    // delayed ACK held each streamed answer back by ~40 ms.
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let server = axum::serve(listener, app).with_graceful_shutdown(signal);
+    let server = conn::serve(listener, app, client.config().server.clone(), signal);
     // In-flight requests get DRAIN_LIMIT to finish; a stream that never ends must not keep the
     // process (and the disk tier's flush) waiting for ever.
     let drain_limit = async {
@@ -166,7 +162,7 @@ pub async fn serve(
         }
     };
     tokio::select! {
-        served = server.into_future() => served?,
+        () = server => {}
         _ = drain_limit => warn!(limit = ?DRAIN_LIMIT, "requests still in flight; stopping anyway"),
     }
     info!("draining done; flushing the disk cache");
@@ -186,6 +182,53 @@ pub(super) fn forwarded(mut headers: HeaderMap) -> HeaderMap {
         }
     }
     headers
+}
+
+/// A request's body, read within `server.body_timeout` and `max_body_bytes`; else the
+/// refusal to answer (413, or 408 with the connection closed: a caller that sends its body
+/// this slowly is let go).
+async fn read_body(
+    app: &App,
+    body: axum::body::Body,
+) -> Result<bytes::Bytes, HttpResponse> {
+    let config = app.client.config();
+    let limit = config.max_body_bytes;
+    let timeout = config.server.body_timeout;
+    let read = axum::body::to_bytes(body, limit.as_u64() as usize);
+    match tokio::time::timeout(timeout, read).await {
+        Ok(Ok(body)) => Ok(body),
+        Ok(Err(e)) if is_too_large(&e) => Err(errors::api_error(
+            413,
+            &format!("request body is larger than {limit}"),
+        )),
+        Ok(Err(e)) => Err(errors::api_error(
+            400,
+            &format!("cannot read the request body: {e}"),
+        )),
+        Err(_) => {
+            let mut out = errors::api_error(
+                408,
+                &format!(
+                    "the request body did not arrive within {timeout:?} (server.body_timeout)"
+                ),
+            );
+            out.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            Err(out)
+        }
+    }
+}
+
+/// Whether reading a body failed on the size limit.
+fn is_too_large(e: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if s.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
 }
 
 pub(super) fn header_text(headers: &HeaderMap, name: HeaderName) -> Option<&str> {

@@ -4,30 +4,31 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
-use axum::http::{HeaderMap, HeaderValue, Method, Uri};
+use axum::http::HeaderValue;
 use axum::response::Response as HttpResponse;
-use bytes::Bytes;
 
-use super::errors::{api_error, error_response};
-use super::{copy_upstream_headers, forwarded, App, Encoding, X_CACHE};
+use super::errors::error_response;
+use super::{copy_upstream_headers, forwarded, read_body, App, Encoding, X_CACHE};
 use crate::client::PassThrough;
 
 pub(super) async fn pass_through(
     State(app): State<Arc<App>>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    request: axum::extract::Request,
 ) -> HttpResponse {
-    let Ok(body) = body else {
-        return api_error(413, "request body is too large");
+    let (parts, body) = request.into_parts();
+    let body = match read_body(&app, body).await {
+        Ok(body) => body,
+        Err(refusal) => return refusal,
     };
     let request = PassThrough {
-        method,
-        path_and_query: uri.path_and_query().map_or("/", |p| p.as_str()).to_owned(),
-        headers: forwarded(headers),
+        method: parts.method,
+        path_and_query: parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_owned(),
+        headers: forwarded(parts.headers),
         body,
     };
     let passed = match app.client.pass_through(request).await {
