@@ -17,7 +17,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use serde_json::Value;
-use tokio::sync::{watch, Notify, Semaphore};
+use tokio::sync::{Notify, Semaphore};
 use tokio::time::Instant;
 use tracing::{debug, debug_span, info, Instrument, Span};
 
@@ -42,11 +42,14 @@ mod pass;
 mod prepare;
 mod store;
 mod stream;
+mod tape;
 
 pub(crate) use attempt::{Call, RetryPlan};
 pub use builder::ClientBuilder;
 use chain::Reached;
-use flight::{wait, Flight, FlightKey, FlightResult, Lead};
+use flight::{
+    wait, wait_live, Flight, FlightKey, FlightResult, FlightRx, Joined, Lead, LiveFlight,
+};
 use form::Whole;
 pub use pass::{PassThrough, Passed};
 pub(crate) use prepare::Prepared;
@@ -195,7 +198,7 @@ pub(crate) struct Engine {
     /// Bounds background refreshes of stale entries.
     refreshes: Arc<Semaphore>,
     /// In-flight fetches by key. A std mutex: held for one map operation, never across an await.
-    flights: Mutex<HashMap<FlightKey, watch::Receiver<Option<FlightResult>>>>,
+    flights: Mutex<HashMap<FlightKey, FlightRx>>,
     /// Told whenever a flight leaves the map, for [`Engine::settled`].
     flight_ended: Notify,
     /// What freshness, the retry budget and the breakers read the time from: the system's
@@ -322,6 +325,12 @@ impl Client {
                     bytes: usage.disk_bytes,
                 },
             ],
+            upstream_in_flight: (self.engine.config.max_concurrency
+                - self.engine.permits.available_permits()) as u64,
+            upstream_queued: self
+                .engine
+                .queued
+                .load(std::sync::atomic::Ordering::Relaxed) as u64,
         };
         self.engine.metrics.render(&gauges)
     }
@@ -446,12 +455,7 @@ impl Engine {
 
     /// Fetches in a task of its own, so that the answer is stored even if every caller goes
     /// away; its result comes on the returned receiver.
-    fn spawn_fly(
-        self: &Arc<Self>,
-        p: &Arc<Prepared>,
-        has_stale: bool,
-        lead: Lead,
-    ) -> watch::Receiver<Option<FlightResult>> {
+    fn spawn_fly(self: &Arc<Self>, p: &Arc<Prepared>, has_stale: bool, lead: Lead) -> FlightRx {
         let rx = lead.subscribe();
         tokio::spawn(self.clone().fly(p.clone(), has_stale, lead));
         rx

@@ -57,6 +57,10 @@ pub struct Gauges {
     /// have seen without a reading (they never failed) are shown 0.
     pub breakers: Vec<(String, i64)>,
     pub tiers: Vec<TierUsage>,
+    /// Upstream requests holding a concurrency slot (streams until they end).
+    pub upstream_in_flight: u64,
+    /// Requests waiting for a slot (at most `server.max_queued`).
+    pub upstream_queued: u64,
 }
 
 /// Entries and bytes held by one cache tier.
@@ -86,6 +90,8 @@ pub struct Metrics {
     entries: Family<TierLabel, Gauge>,
     bytes: Family<TierLabel, Gauge>,
     callers: Family<CallerLabel, Counter>,
+    in_flight: Gauge,
+    queued: Gauge,
     /// Model labels in use. A std mutex: held for one set operation, on the miss path only.
     models: std::sync::Mutex<std::collections::HashSet<String>>,
     /// One scrape at a time: a scrape rebuilds the breaker gauges, which another one must not
@@ -131,8 +137,22 @@ impl Default for Metrics {
             "Requests admitted by an access token, by the token's name",
             callers.clone(),
         );
+        let in_flight = Gauge::default();
+        registry.register(
+            "upstream_in_flight",
+            "Upstream requests holding a concurrency slot (max_concurrency)",
+            in_flight.clone(),
+        );
+        let queued = Gauge::default();
+        registry.register(
+            "upstream_queued",
+            "Requests waiting for an upstream slot (at most server.max_queued)",
+            queued.clone(),
+        );
         Metrics {
             registry,
+            in_flight,
+            queued,
             requests,
             latency,
             attempts,
@@ -231,6 +251,8 @@ impl Metrics {
             self.entries.get_or_create(&label).set(usage.entries as i64);
             self.bytes.get_or_create(&label).set(usage.bytes as i64);
         }
+        self.in_flight.set(gauges.upstream_in_flight as i64);
+        self.queued.set(gauges.upstream_queued as i64);
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String never fails");

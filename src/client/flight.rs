@@ -1,5 +1,7 @@
 //! Single flight: identical misses share one upstream fetch. A miss joins the flight of an
-//! identical request in progress, or leads one that the others wait for.
+//! identical request in progress, or leads one that the others wait for. A streamed lead goes
+//! live once its head has arrived: streamed requests that join it from then on read its
+//! events from the same [`Tape`] as they come, rather than after the end.
 
 use std::sync::Arc;
 
@@ -8,6 +10,7 @@ use tokio::sync::watch;
 use crate::error::UpstreamError;
 use crate::key::CacheKey;
 
+use super::tape::Tape;
 use super::{Answer, Controls, Engine, Prepared};
 
 impl Engine {
@@ -18,7 +21,7 @@ impl Engine {
         if let Some(rx) = flights.get(&p.flight_key()).filter(|rx| joinable(rx, p)) {
             return Flight::Joined(rx.clone());
         }
-        let (tx, rx) = watch::channel(None);
+        let (tx, rx) = watch::channel(Progress::default());
         let entry = FlightEntry::new(self, p.flight_key(), &rx);
         flights.insert(p.flight_key(), rx);
         Flight::Lead(Lead {
@@ -41,10 +44,31 @@ impl Engine {
 
 pub(super) type FlightResult = Result<Answer, UpstreamError>;
 
+/// What a flight has to show so far.
+#[derive(Clone, Default)]
+pub(super) struct Progress {
+    /// A streamed lead's answer as it streams, from its head on.
+    pub live: Option<LiveFlight>,
+    /// How the flight ended.
+    pub result: Option<FlightResult>,
+}
+
+/// A streamed lead's answer while it streams: enough for a joiner to answer as the lead does.
+#[derive(Clone)]
+pub(super) struct LiveFlight {
+    pub tape: std::sync::Arc<Tape>,
+    pub key: CacheKey,
+    pub model: String,
+    pub attempts: u32,
+    pub headers: http::HeaderMap,
+}
+
+pub(super) type FlightRx = watch::Receiver<Progress>;
+
 /// A miss's place in single flight.
 pub(super) enum Flight {
-    /// An identical miss leads: wait for its result ([`wait`]).
-    Joined(watch::Receiver<Option<FlightResult>>),
+    /// An identical miss leads: wait for its result ([`wait`], [`wait_live`]).
+    Joined(FlightRx),
     /// This miss leads: identical ones wait for what it tells them.
     Lead(Lead),
 }
@@ -54,7 +78,7 @@ pub(super) enum Flight {
 /// entry without a try of their own), however it ends: a lead dropped without a word tells
 /// the waiters nothing, and they fetch for themselves.
 pub(super) struct Lead {
-    tx: watch::Sender<Option<FlightResult>>,
+    tx: watch::Sender<Progress>,
     /// `None` for a lead nobody can join (a fetch for one request alone).
     _entry: Option<FlightEntry>,
 }
@@ -63,19 +87,24 @@ impl Lead {
     /// A lead of a fetch for one request alone, outside the map.
     pub(super) fn solo() -> Self {
         Lead {
-            tx: watch::channel(None).0,
+            tx: watch::channel(Progress::default()).0,
             _entry: None,
         }
     }
 
     /// The flight's result, as the waiters will get it.
-    pub(super) fn subscribe(&self) -> watch::Receiver<Option<FlightResult>> {
+    pub(super) fn subscribe(&self) -> FlightRx {
         self.tx.subscribe()
     }
 
     /// Tells the waiting requests how the flight ended.
     pub(super) fn tell(&self, result: FlightResult) {
-        self.tx.send_replace(Some(result));
+        self.tx.send_modify(|p| p.result = Some(result));
+    }
+
+    /// Lets streamed requests join the answer as it streams.
+    pub(super) fn go_live(&self, live: LiveFlight) {
+        self.tx.send_modify(|p| p.live = Some(live));
     }
 }
 
@@ -88,8 +117,8 @@ pub(super) type FlightKey = (CacheKey, Controls);
 /// request: it asked for a fetch made for it, so it shares one still under way, never one that
 /// had answered before it came. (Back-to-back `no-cache` requests were once handed the earlier
 /// answer with no upstream call; the engine bench timed them as misses.)
-pub(super) fn joinable(rx: &watch::Receiver<Option<FlightResult>>, p: &Prepared) -> bool {
-    !p.controls.no_cache || rx.borrow().is_none()
+pub(super) fn joinable(rx: &FlightRx, p: &Prepared) -> bool {
+    !p.controls.no_cache || rx.borrow().result.is_none()
 }
 
 /// A flight's place in the map, removed when its lead is dropped, however that happens (a
@@ -98,15 +127,11 @@ pub(super) fn joinable(rx: &watch::Receiver<Option<FlightResult>>, p: &Prepared)
 struct FlightEntry {
     engine: Arc<Engine>,
     key: FlightKey,
-    rx: watch::Receiver<Option<FlightResult>>,
+    rx: FlightRx,
 }
 
 impl FlightEntry {
-    fn new(
-        engine: &Arc<Engine>,
-        key: FlightKey,
-        rx: &watch::Receiver<Option<FlightResult>>,
-    ) -> Self {
+    fn new(engine: &Arc<Engine>, key: FlightKey, rx: &FlightRx) -> Self {
         FlightEntry {
             engine: engine.clone(),
             key,
@@ -130,6 +155,31 @@ impl Drop for FlightEntry {
 }
 
 /// The flight's result; `None` when it ended without one.
-pub(super) async fn wait(mut rx: watch::Receiver<Option<FlightResult>>) -> Option<FlightResult> {
-    rx.wait_for(Option::is_some).await.ok()?.clone()
+pub(super) async fn wait(mut rx: FlightRx) -> Option<FlightResult> {
+    rx.wait_for(|p| p.result.is_some())
+        .await
+        .ok()?
+        .result
+        .clone()
+}
+
+/// What a streamed request that joined a flight answers with.
+pub(super) enum Joined {
+    /// The flight's answer as it streams.
+    Live(LiveFlight),
+    /// How the flight ended (a complete answer replays as well as a live one).
+    Done(FlightResult),
+}
+
+/// The flight's answer as it streams, or its result if that comes first (a plain lead's) or
+/// is already there; `None` when it ended without either.
+pub(super) async fn wait_live(mut rx: FlightRx) -> Option<Joined> {
+    let progress = rx
+        .wait_for(|p| p.result.is_some() || p.live.is_some())
+        .await
+        .ok()?;
+    match (&progress.result, &progress.live) {
+        (Some(result), _) => Some(Joined::Done(result.clone())),
+        (None, live) => live.clone().map(Joined::Live),
+    }
 }

@@ -10,21 +10,21 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use serde_json::Value;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_stream::wrappers::ReceiverStream;
 use tracing::{debug, info, warn};
 
 use super::form::{Live, LiveResponse};
 use super::store::hit_answer;
-use super::{wait, Answer, Engine, Flight, Lead, LookedUp, Prepared, Reached, Request, Response};
+use super::tape::Tape;
+use super::{
+    wait_live, Answer, Engine, Flight, Joined, Lead, LiveFlight, LookedUp, Prepared, Reached,
+    Request, Response,
+};
 use crate::cache::Lookup;
 use crate::error::Error;
-use crate::error::UpstreamErrorKind;
 use crate::key::CacheKey;
 use crate::outcome::Outcome;
 use crate::sse::{self, Assembler, FrameParser};
-use crate::upstream;
 
 /// Largest single event the relay assembles; a larger one (or bytes that never end a line)
 /// is still relayed, but the stream is not stored.
@@ -117,12 +117,13 @@ impl Engine {
         let p = Arc::new(p);
         let lead = match self.join_or_lead(&p) {
             Flight::Lead(lead) => lead,
-            Flight::Joined(rx) => match (wait(rx).await, cached) {
-                (Some(Ok(answer)), _) => return replay(answer, p.key),
-                (Some(Err(e)), Some(stale)) if e.allows_stale() => {
+            Flight::Joined(rx) => match (wait_live(rx).await, cached) {
+                (Some(Joined::Live(live)), _) => return Ok(joined_live(live, &p)),
+                (Some(Joined::Done(Ok(answer))), _) => return replay(answer, p.key),
+                (Some(Joined::Done(Err(e))), Some(stale)) if e.allows_stale() => {
                     return replay_hit(&stale, p.key, self.clock.millis(), Some(e.attempts))
                 }
-                (Some(Err(e)), _) => return Err(Error::Upstream(e)),
+                (Some(Joined::Done(Err(e))), _) => return Err(Error::Upstream(e)),
                 // The lead went away without a word (its caller left before the first byte).
                 (None, cached) => return self.fetch_stream(p, cached, Lead::solo()).await,
             },
@@ -163,9 +164,11 @@ impl Engine {
         }
     }
 
-    /// Relays a live upstream stream to the caller through a spawned task, which assembles the
-    /// Message on the way and stores it at `message_stop`. The task reads to the end even if
-    /// the caller goes away, so an answer already paid for is kept.
+    /// Relays a live upstream stream through a spawned task onto a [`Tape`] that the caller,
+    /// and any identical streamed request that joins, read at their own pace. The task reads
+    /// the upstream to its end whatever the readers do, assembling the Message on the way: an
+    /// answer already paid for is kept, and the upstream slot is given back at the upstream's
+    /// pace, not the slowest caller's.
     fn relay(
         self: &Arc<Self>,
         live: LiveResponse,
@@ -175,56 +178,49 @@ impl Engine {
         attempts: u32,
         lead: Lead,
     ) -> StreamResponse {
-        let (tx, rx) = mpsc::channel(64);
-        let store = !p.controls.no_store;
-        let engine = self.clone();
-        let model_name = model.to_owned();
-        let headers = live.response.headers().clone();
-        let stored_headers = headers.clone();
-        tokio::spawn(async move {
-            let message = pump(live, &tx).await;
-            let shared = match (message, store) {
-                (Some(message), true) => {
-                    let body = Bytes::from(message.to_string());
-                    let headers = stored_headers;
-                    Ok(engine
-                        .store(&key, body, headers, &model_name, attempts, true)
-                        .await)
-                }
-                _ => Err(upstream::transport_error(
-                    UpstreamErrorKind::Connect,
-                    &model_name,
-                )),
-            };
-            // Stored first, then the waiting requests are told and the flight leaves the map.
-            lead.tell(shared);
-            drop(lead);
-            // Only now does the caller's stream end: a graceful shutdown, which waits for it,
-            // cannot flush the disk tier before this answer is in it.
-            drop(tx);
-        });
-        StreamResponse {
-            events: Box::pin(ReceiverStream::new(rx)),
-            outcome: if p.controls.no_cache {
-                Outcome::Bypass
-            } else {
-                Outcome::Miss
-            },
+        let tape = Tape::new();
+        let flight = LiveFlight {
+            tape: tape.clone(),
+            key,
             model: model.to_owned(),
             attempts,
-            age: None,
-            key,
-            upstream_headers: headers,
-        }
+            headers: live.response.headers().clone(),
+        };
+        lead.go_live(flight.clone());
+        let response = joined_live(flight.clone(), p);
+        let store = !p.controls.no_store;
+        let engine = self.clone();
+        let LiveFlight {
+            tape: recording,
+            model,
+            headers,
+            ..
+        } = flight;
+        tokio::spawn(async move {
+            let (message, end) = pump(live, &recording).await;
+            if let Some(message) = message {
+                let body = Bytes::from(message.to_string());
+                let answer = engine
+                    .store(&key, body, headers, &model, attempts, store)
+                    .await;
+                // Stored first, then the waiting requests are told. (A stream that did not end
+                // properly tells them nothing: plain ones fetch for themselves rather than get
+                // an error the upstream never sent.)
+                lead.tell(Ok(answer));
+            }
+            drop(lead);
+            // Only now do the readers' streams end: a graceful shutdown, which waits for them,
+            // cannot flush the disk tier before this answer is in it.
+            recording.end(end);
+        });
+        response
     }
 }
 
-/// Copies the upstream's bytes to `tx`, assembling the Message as they pass. Returns it only
-/// when the stream ended properly: an `error` event, a malformed stream or a cut gives `None`.
-async fn pump(
-    live: LiveResponse,
-    tx: &mpsc::Sender<Result<Bytes, std::io::Error>>,
-) -> Option<Value> {
+/// Copies the upstream's bytes onto `tape`, assembling the Message as they pass. Returns it
+/// only when the stream ended properly (an `error` event, a malformed stream or a cut gives
+/// `None`), and how the tape ends.
+async fn pump(live: LiveResponse, tape: &Tape) -> (Option<Value>, Result<(), String>) {
     // The permit is held until the stream has been read to its end.
     let LiveResponse {
         response,
@@ -235,16 +231,12 @@ async fn pump(
     let mut assembler = Assembler::new();
     let mut message = None;
     let mut broken = false;
-    let mut listening = true;
     while let Some(chunk) = body.next().await {
         let chunk = match chunk {
             Ok(chunk) => chunk,
             Err(e) => {
                 warn!(error = %e, "upstream stream broke off; nothing stored");
-                if listening {
-                    let _ = tx.send(Err(std::io::Error::other(e))).await;
-                }
-                return None;
+                return (None, Err(format!("the upstream stream broke off: {e}")));
             }
         };
         if !broken && message.is_none() {
@@ -264,14 +256,30 @@ async fn pump(
                 broken = true;
             }
         }
-        if listening && tx.send(Ok(chunk)).await.is_err() {
-            listening = false;
-        }
+        tape.push(chunk);
     }
     if message.is_none() && !broken {
         warn!("upstream stream ended before message_stop; nothing stored");
     }
-    message.filter(|_| !broken)
+    (message.filter(|_| !broken), Ok(()))
+}
+
+/// A live flight's answer, read from its tape: the lead's caller's, and that of every
+/// streamed request that joins it.
+fn joined_live(live: LiveFlight, p: &Prepared) -> StreamResponse {
+    StreamResponse {
+        events: live.tape.reader(),
+        outcome: if p.controls.no_cache {
+            Outcome::Bypass
+        } else {
+            Outcome::Miss
+        },
+        model: live.model,
+        attempts: live.attempts,
+        age: None,
+        key: live.key,
+        upstream_headers: live.headers,
+    }
 }
 
 fn replay_hit(

@@ -187,10 +187,7 @@ pub(super) fn forwarded(mut headers: HeaderMap) -> HeaderMap {
 /// A request's body, read within `server.body_timeout` and `max_body_bytes`; else the
 /// refusal to answer (413, or 408 with the connection closed: a caller that sends its body
 /// this slowly is let go).
-async fn read_body(
-    app: &App,
-    body: axum::body::Body,
-) -> Result<bytes::Bytes, HttpResponse> {
+async fn read_body(app: &App, body: axum::body::Body) -> Result<bytes::Bytes, HttpResponse> {
     let config = app.client.config();
     let limit = config.max_body_bytes;
     let timeout = config.server.body_timeout;
