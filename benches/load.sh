@@ -13,6 +13,7 @@
 #   bare      the fixed-body server (examples/fixed_body.rs): the ceiling
 #   nginx     nginx proxy_cache hits (POST cached, key = URI + body)
 #   memory    fallthrough memory hits
+#   token     fallthrough memory hits of a caller admitted by an access token (require_token)
 #   disk      fallthrough disk hits (a second `serve` with [cache] memory_bytes = "0")
 #   miss      fallthrough misses: a unique body per request, through to the mock (latency 0)
 #   direct    the mock called directly with the same kind of unique bodies
@@ -34,7 +35,9 @@ ROUNDS=${ROUNDS:-3}
 SERVER_CPU=${SERVER_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 HIT_UPSTREAM=${HIT_UPSTREAM:-fixed}
-SCENARIOS=(bare nginx memory disk miss direct miss1 direct1)
+# SCENARIOS="memory token" runs only those (in that order).
+read -r -a SCENARIOS <<<"${SCENARIOS:-bare nginx memory token disk miss direct miss1 direct1}"
+TOKEN=ft-load-benchmark-token
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
@@ -176,10 +179,16 @@ function request()
 end
 EOF
 
-# post URL [BODYFILE]: the response headers of one POST of the benchmark body.
+cat >"$WORK/token.lua" <<EOF
+$lua_common
+wrk.headers["x-api-key"] = "$TOKEN"
+wrk.body = slurp("$WORK/body.json")
+EOF
+
+# post URL [BODYFILE] [KEY]: the response headers of one POST of the benchmark body.
 post() {
     curl -sS --max-time 10 -o /dev/null -D - -X POST "$1" --data-binary @"${2:-$WORK/body.json}" \
-        -H 'content-type: application/json' -H 'x-api-key: sk-bench' \
+        -H 'content-type: application/json' -H "x-api-key: ${3:-sk-bench}" \
         -H 'anthropic-version: 2023-06-01' | tr -d '\r'
 }
 # header_of NAME: the first value of header NAME in headers on stdin (reads them all, so that
@@ -196,12 +205,17 @@ start fixed "$FIXED" 127.0.0.1:0
 FIXED_ADDR=$(wait_addr fixed)
 if [[ $HIT_UPSTREAM == fixed ]]; then HIT_ORIGIN=$FIXED_ADDR; else HIT_ORIGIN=$MOCK; fi
 
-mkdir -p "$WORK/cache-memory" "$WORK/cache-disk" "$WORK/cache-miss"
+mkdir -p "$WORK/cache-memory" "$WORK/cache-token" "$WORK/cache-disk" "$WORK/cache-miss"
 printf '[cache]\nmemory_bytes = "0"\n' >"$WORK/disk.toml"
 : >"$WORK/default.toml"
+printf '[access]\nrequire_token = true\n[[access.tokens]]\nname = "bench"\nsha256 = "%s"\n' \
+    "$(printf '%s' "$TOKEN" | sha256sum | cut -d' ' -f1)" >"$WORK/token.toml"
 start serve_memory "$FT" serve --listen 127.0.0.1:0 --upstream "http://$HIT_ORIGIN" \
     --cache-dir "$WORK/cache-memory" --config "$WORK/default.toml"
 SERVE_MEMORY=$(wait_addr serve_memory)
+start serve_token env ANTHROPIC_API_KEY=sk-bench "$FT" serve --listen 127.0.0.1:0 \
+    --upstream "http://$HIT_ORIGIN" --cache-dir "$WORK/cache-token" --config "$WORK/token.toml"
+SERVE_TOKEN=$(wait_addr serve_token)
 start serve_disk "$FT" serve --listen 127.0.0.1:0 --upstream "http://$HIT_ORIGIN" \
     --cache-dir "$WORK/cache-disk" --config "$WORK/disk.toml"
 SERVE_DISK=$(wait_addr serve_disk)
@@ -269,11 +283,11 @@ done
 (( ${#NGINX_WORKERS[@]} )) || NGINX_WORKERS=("$PID_nginx")
 
 # Prewarm each cache with one request and check that the next one is a hit.
-prewarm() { # NAME URL HEADER WANT
-    local name=$1 url=$2 header=$3 want=$4 got=""
-    post "$url" >/dev/null
+prewarm() { # NAME URL HEADER WANT [KEY]
+    local name=$1 url=$2 header=$3 want=$4 key=${5:-sk-bench} got=""
+    post "$url" "$WORK/body.json" "$key" >/dev/null
     for _ in $(seq 1 50); do
-        got=$(post "$url" | header_of "$header")
+        got=$(post "$url" "$WORK/body.json" "$key" | header_of "$header")
         [[ $got == "$want" ]] && break
         sleep 0.1
     done
@@ -282,6 +296,10 @@ prewarm() { # NAME URL HEADER WANT
 }
 prewarm nginx "http://$NGINX_ADDR/v1/messages" x-cache-status HIT
 prewarm memory "http://$SERVE_MEMORY/v1/messages" x-fallthrough-cache memory
+prewarm token "http://$SERVE_TOKEN/v1/messages" x-fallthrough-cache memory "$TOKEN"
+refused=$(curl -s --max-time 5 -o /dev/null -w '%{http_code}' -X POST --data-binary @"$WORK/body.json" \
+    -H 'content-type: application/json' -H 'x-api-key: sk-bench' "http://$SERVE_TOKEN/v1/messages")
+[[ $refused == 401 ]] || die "token: a caller without the token got $refused, not 401"
 prewarm disk "http://$SERVE_DISK/v1/messages" x-fallthrough-cache disk
 sed 's/@@TAG@@/check/' "$WORK/template.json" >"$WORK/check.json"
 got=$(post "http://$SERVE_MISS/v1/messages" "$WORK/check.json" | header_of x-fallthrough-cache)
@@ -363,6 +381,7 @@ for round in $(seq 1 "$ROUNDS"); do
             bare)    run "$s" "$round" "http://$FIXED_ADDR/v1/messages" fixed.lua "$CONNECTIONS" "$PID_fixed" ;;
             nginx)   run "$s" "$round" "http://$NGINX_ADDR/v1/messages" fixed.lua "$CONNECTIONS" "${NGINX_WORKERS[@]}" ;;
             memory)  run "$s" "$round" "http://$SERVE_MEMORY/v1/messages" fixed.lua "$CONNECTIONS" "$PID_serve_memory" ;;
+            token)   run "$s" "$round" "http://$SERVE_TOKEN/v1/messages" token.lua "$CONNECTIONS" "$PID_serve_token" ;;
             disk)    run "$s" "$round" "http://$SERVE_DISK/v1/messages" fixed.lua "$CONNECTIONS" "$PID_serve_disk" ;;
             miss)    run "$s" "$round" "http://$SERVE_MISS/v1/messages" unique.lua "$CONNECTIONS" "$PID_serve_miss" "$PID_mock" ;;
             direct)  run "$s" "$round" "http://$MOCK/v1/messages" unique.lua "$CONNECTIONS" "$PID_mock" ;;
@@ -420,6 +439,7 @@ label() {
     case $1 in
         bare) echo "bare fixed-body server" ;;   nginx) echo "nginx proxy_cache hits" ;;
         memory) echo "fallthrough memory hits" ;; disk) echo "fallthrough disk hits" ;;
+        token) echo "memory hits, access token" ;;
         miss) echo "fallthrough misses" ;;       direct) echo "mock direct (unique)" ;;
         miss1) echo "fallthrough misses" ;;      direct1) echo "mock direct (unique)" ;;
     esac
@@ -429,6 +449,7 @@ conns_of() { case $1 in miss1|direct1) echo 1 ;; *) echo "$CONNECTIONS" ;; esac;
 r_nginx=$(ratio "$(med memory 3)" "$(med nginx 3)")
 r_bare=$(ratio "$(med memory 3)" "$(med bare 3)")
 r_disk=$(ratio "$(med disk 3)" "$(med memory 3)")
+r_token=$(ratio "$(med token 3)" "$(med memory 3)")
 o1_p50=$(diff_ms "$(med miss1 4)" "$(med direct1 4)")
 o1_p99=$(diff_ms "$(med miss1 5)" "$(med direct1 5)")
 o32_p50=$(diff_ms "$(med miss 4)" "$(med direct 4)")
@@ -452,6 +473,7 @@ mark() { awk -v v="$1" -v t="$2" -v op="$3" 'BEGIN { ok = (op == ">=") ? v >= t 
     printf '%-44s %8s   target %-10s %s\n' "memory hits / nginx hits" "${r_nginx}×" "≥ 1.5×" "$(mark "$r_nginx" 1.5 '>=')"
     printf '%-44s %8s   target %-10s %s\n' "memory hits / bare server" "${r_bare}×" "≥ 0.6×" "$(mark "$r_bare" 0.6 '>=')"
     printf '%-44s %8s\n' "disk hits / memory hits" "${r_disk}×"
+    printf '%-44s %8s   target %-10s %s\n' "token hits / memory hits" "${r_token}×" "≥ 0.95×" "$(mark "$r_token" 0.95 '>=')"
     printf '%-44s %8s   target %-10s %s\n' "miss overhead, p50, 1 conn (miss1 − direct1)" "$o1_p50 ms" "≤ 0.3 ms" "$(mark "$o1_p50" 0.3 '<=')"
     printf '%-44s %8s\n' "miss overhead, p99, 1 conn" "$o1_p99 ms"
     printf '%-44s %8s\n' "miss p50 − direct p50 at $CONNECTIONS conns (queueing)" "$o32_p50 ms"
@@ -481,8 +503,8 @@ mkdir -p "$TARGET_DIR"
         printf '    "%s": {"connections": %s, "rps_median": %s, "rps_min": %s, "rps_max": %s, "p50_ms_median": %s, "p99_ms_median": %s, "runs": [%s]}' \
             "$s" "$(conns_of "$s")" "$rm" "$rlo" "$rhi" "$(med "$s" 4)" "$(med "$s" 5)" "$runs"
     done
-    printf '\n  },\n  "ratios": {"memory_over_nginx": %s, "memory_over_bare": %s, "disk_over_memory": %s},\n' \
-        "$r_nginx" "$r_bare" "$r_disk"
+    printf '\n  },\n  "ratios": {"memory_over_nginx": %s, "memory_over_bare": %s, "disk_over_memory": %s, "token_over_memory": %s},\n' \
+        "$r_nginx" "$r_bare" "$r_disk" "$r_token"
     printf '  "miss_overhead_ms": {"p50_1conn": %s, "p99_1conn": %s, "p50_%sconn": %s},\n' \
         "$o1_p50" "$o1_p99" "$CONNECTIONS" "$o32_p50"
     printf '  "serve_memory": {\n'

@@ -474,9 +474,29 @@ cooldown = "30s"
 [fallback]
 "claude-opus-4-6" = ["claude-sonnet-4-6", "claude-haiku-4-5"]
 "claude-sonnet-4-6" = ["claude-haiku-4-5"]
+
+[access]
+require_token = false
+allowed_origins = []
+allowed_hosts = []
+[[access.tokens]]
+name = "team-a"
+sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+admin = false
+
+[server]
+header_timeout = "10s"
+body_timeout = "30s"
+idle_timeout = "75s"
+write_timeout = "60s"
+max_connections = 4096
+max_queued = 1024
 "#,
         )
         .unwrap();
+        assert_eq!(config.access.tokens[0].name, "team-a");
+        assert!(config.access.tokens[0].digest().is_some());
+        assert_eq!(config.server.write_timeout, Duration::from_secs(60));
         assert_eq!(config.cache.memory_bytes, ByteSize::mib(256));
         assert_eq!(config.cache.stale_for, Duration::from_secs(30 * 86400));
         assert_eq!(config.retry.base_delay, Duration::from_millis(500));
@@ -505,6 +525,11 @@ cooldown = "30s"
             ("[breaker]\nfailures = 0", "breaker.failures"),
             ("[cache]\nttll = \"1h\"", "ttll"),
             ("[fallback]\na = [\"a\"]", "itself"),
+            (
+                "[[access.tokens]]\nname = \"a\"\nsha256 = \"nothex\"",
+                "fallthrough token a",
+            ),
+            ("[server]\nwrite_timeout = \"0s\"", "server.write_timeout"),
         ] {
             let err = Config::from_toml(text).unwrap_err().to_string();
             assert!(err.contains(needle), "{text}: {err}");

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
-use prometheus_client::metrics::counter::Counter;
+pub use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
@@ -196,13 +196,14 @@ impl Metrics {
         self.requests.get_or_create(&label).inc();
     }
 
-    /// Counts a request admitted by the access token named `name` (names come from the
-    /// configuration, so the labels are bounded).
-    pub fn caller(&self, name: &str) {
+    /// The counter of requests admitted by the access token named `name` (names come from
+    /// the configuration, so the labels are bounded). Taken once per token, so that counting
+    /// a request is one atomic add.
+    pub fn caller_counter(&self, name: &str) -> Counter {
         let label = CallerLabel {
             caller: name.to_owned(),
         };
-        self.callers.get_or_create(&label).inc();
+        self.callers.get_or_create(&label).clone()
     }
 
     /// Counts an upstream attempt. Model names come from callers, so past

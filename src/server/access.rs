@@ -26,6 +26,7 @@ use super::App;
 use crate::client::X_API_KEY;
 use crate::config::AccessConfig;
 use crate::error::Error;
+use crate::metrics::{Counter, Metrics};
 
 /// The admission rules, resolved for the address the proxy listens on.
 pub(super) struct Access {
@@ -39,6 +40,8 @@ pub(super) struct Access {
 struct Token {
     name: Arc<str>,
     digest: [u8; 32],
+    /// `fallthrough_caller_requests_total{caller=name}`.
+    requests: Counter,
 }
 
 /// Who a request was admitted as; the routes find it in the request's extensions.
@@ -65,7 +68,11 @@ impl Access {
     /// The rules of `config` for a proxy listening on `listen`. Refuses to listen open beyond
     /// loopback: `require_token` defaults to true there, and true with no tokens would refuse
     /// everyone, so a config must list tokens or say `require_token = false` itself.
-    pub(super) fn new(config: &AccessConfig, listen: SocketAddr) -> Result<Access, Error> {
+    pub(super) fn new(
+        config: &AccessConfig,
+        listen: SocketAddr,
+        metrics: &Metrics,
+    ) -> Result<Access, Error> {
         let loopback = listen.ip().is_loopback();
         let require_token = config.require_token.unwrap_or(!loopback);
         if require_token && config.tokens.is_empty() {
@@ -87,6 +94,7 @@ impl Access {
             .map(|t| Token {
                 name: t.name.as_str().into(),
                 digest: t.digest().expect("validated with the config"),
+                requests: metrics.caller_counter(&t.name),
             })
             .collect();
         let lower = |list: &[String]| list.iter().map(|s| normalized(s)).collect();
@@ -202,6 +210,7 @@ pub(super) async fn admit(
     }
     let caller = match access.token_of(request.headers()) {
         Some(token) => {
+            token.requests.inc();
             let headers = request.headers_mut();
             headers.remove(&X_API_KEY);
             headers.remove(header::AUTHORIZATION);
@@ -219,10 +228,7 @@ pub(super) async fn admit(
         None => Caller::Open,
     };
     let span = match &caller {
-        Caller::Token { name } => {
-            app.client.metrics().caller(name);
-            debug_span!("caller", name = %name)
-        }
+        Caller::Token { name } => debug_span!("caller", name = %name),
         Caller::Open => debug_span!("caller", name = "open"),
     };
     let origin = request.headers().get(header::ORIGIN).cloned();
@@ -332,7 +338,7 @@ mod tests {
             allowed_hosts: hosts.iter().map(|h| h.to_string()).collect(),
             ..AccessConfig::default()
         };
-        Access::new(&config, listen.parse().unwrap()).unwrap()
+        Access::new(&config, listen.parse().unwrap(), &Metrics::default()).unwrap()
     }
 
     #[test]
@@ -364,16 +370,21 @@ mod tests {
     #[test]
     fn open_beyond_loopback_needs_saying_so() {
         let open = AccessConfig::default();
-        let err = Access::new(&open, "0.0.0.0:8787".parse().unwrap())
+        let err = Access::new(&open, "0.0.0.0:8787".parse().unwrap(), &Metrics::default())
             .err()
             .unwrap();
         assert!(err.to_string().contains("access.tokens"), "{err}");
-        assert!(Access::new(&open, "127.0.0.1:8787".parse().unwrap()).is_ok());
+        assert!(Access::new(
+            &open,
+            "127.0.0.1:8787".parse().unwrap(),
+            &Metrics::default()
+        )
+        .is_ok());
         let said = AccessConfig {
             require_token: Some(false),
             ..AccessConfig::default()
         };
-        assert!(Access::new(&said, "0.0.0.0:8787".parse().unwrap()).is_ok());
+        assert!(Access::new(&said, "0.0.0.0:8787".parse().unwrap(), &Metrics::default()).is_ok());
     }
 
     #[test]

@@ -103,7 +103,7 @@ pub fn check_access(
     config: &crate::config::AccessConfig,
     listen: std::net::SocketAddr,
 ) -> Result<(), crate::Error> {
-    access::Access::new(config, listen).map(drop)
+    access::Access::new(config, listen, &crate::metrics::Metrics::default()).map(drop)
 }
 
 /// The paths the cache answers; every other one is passed through.
@@ -141,7 +141,8 @@ pub async fn serve(
     client: Client,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let access = access::Access::new(&client.config().access, listener.local_addr()?)
+    let addr = listener.local_addr()?;
+    let access = access::Access::new(&client.config().access, addr, client.metrics())
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()))?;
     let app = router(Arc::new(App {
         client: client.clone(),
