@@ -3,7 +3,7 @@
 
 mod support;
 
-use std::io::{BufRead, Read};
+use std::io::Read;
 use std::process::{Command as StdCommand, Stdio};
 
 use fallthrough::config::{AccessConfig, TokenConfig};
@@ -285,28 +285,13 @@ async fn a_printed_token_admits_its_caller_and_is_never_logged() {
     )
     .unwrap();
     let cache = dir.path().join("cache");
-    let mut child = StdCommand::new(assert_cmd::cargo::cargo_bin("fallthrough"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-            &mock.url(),
-            "--config",
-        ])
-        .arg(&config)
-        .arg("--cache-dir")
-        .arg(&cache)
-        .env("RUST_LOG", "trace")
-        .env("ANTHROPIC_API_KEY", PROXY_KEY)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
-    let mut first = String::new();
-    stdout.read_line(&mut first).unwrap();
-    let url = first.trim().rsplit(' ').next().unwrap().to_owned();
+    let (mut child, url) = support::spawn_serve(&mock.url(), &cache, |cmd| {
+        cmd.arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "trace")
+            .env("ANTHROPIC_API_KEY", PROXY_KEY)
+            .stderr(Stdio::piped());
+    });
     let mut stderr = child.stderr.take().unwrap();
     let logs = std::thread::spawn(move || {
         let mut text = String::new();

@@ -2,7 +2,7 @@
 //! against the in-process mock.
 
 use std::path::Path;
-use std::process::{Child, Command as StdCommand, Stdio};
+use std::process::{Child, Stdio};
 
 use fallthrough::mock::{MockConfig, MockServer};
 use serde_json::{json, Value};
@@ -140,27 +140,9 @@ struct Server {
 
 impl Server {
     fn start(upstream: &str, cache: &Path) -> Server {
-        let mut child = StdCommand::new(assert_cmd::cargo::cargo_bin("fallthrough"))
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--upstream",
-                upstream,
-                "--cache-dir",
-            ])
-            .arg(cache)
-            .env_remove("FALLTHROUGH_CONFIG")
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut first = String::new();
-        let stdout = child.stdout.take().unwrap();
-        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut first).unwrap();
-        let url = first.trim().rsplit(' ').next().unwrap().to_owned();
-        assert!(url.starts_with("http://"), "{first}");
+        let (child, url) = support::spawn_serve(upstream, cache, |cmd| {
+            cmd.env("RUST_LOG", "warn").stderr(Stdio::null());
+        });
         Server { child, url }
     }
 }

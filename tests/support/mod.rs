@@ -6,6 +6,8 @@
 pub mod proxy;
 pub mod sdk;
 
+use std::path::Path;
+use std::process::{Child, Command as StdCommand, Stdio};
 use std::time::Duration;
 
 use fallthrough::entry::{now_millis, Entry};
@@ -55,4 +57,35 @@ pub fn bin() -> assert_cmd::Command {
         .env_remove("FALLTHROUGH_UPSTREAM")
         .timeout(Duration::from_secs(60));
     cmd
+}
+
+/// `fallthrough serve` on a free loopback port over `upstream` and `cache`, tuned by `tune`
+/// (more arguments, environment, stderr), with a clean environment as [`bin`]'s; returns the
+/// child and the URL it printed once listening.
+pub fn spawn_serve(
+    upstream: &str,
+    cache: &Path,
+    tune: impl FnOnce(&mut StdCommand),
+) -> (Child, String) {
+    let mut cmd = StdCommand::new(assert_cmd::cargo::cargo_bin("fallthrough"));
+    cmd.args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        upstream,
+        "--cache-dir",
+    ])
+    .arg(cache)
+    .env_remove("ANTHROPIC_API_KEY")
+    .env_remove("FALLTHROUGH_CONFIG")
+    .stdout(Stdio::piped());
+    tune(&mut cmd);
+    let mut child = cmd.spawn().unwrap();
+    let mut first = String::new();
+    let stdout = child.stdout.take().unwrap();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut first).unwrap();
+    let url = first.trim().rsplit(' ').next().unwrap().to_owned();
+    assert!(url.starts_with("http://"), "{first}");
+    (child, url)
 }
