@@ -11,6 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -94,35 +95,37 @@ struct Line<'a> {
     body: &'a RawValue,
 }
 
+/// Reads every entry, one at a time: memory stays bounded by a constant whatever the cache
+/// holds. `bytes` is what the entries count for, as read (the tier's kept count may lag after
+/// a crash; [`DiskTier::set_counts`] puts it right).
 pub async fn stats(disk: &DiskTier, now: UnixMillis) -> Result<Stats, DiskError> {
-    let (_, bytes) = disk.usage();
-    let mut stats = Stats {
-        bytes,
-        ..Stats::default()
-    };
-    for (_, entry) in disk.scan().await? {
+    let stats = Arc::new(Mutex::new(Stats::default()));
+    let gathered = stats.clone();
+    disk.visit(move |_, size, entry| {
+        let mut stats = gathered.lock().expect("stats lock");
         stats.entries += 1;
+        stats.bytes += DiskTier::counted_size(size);
         let Ok(entry) = entry else {
             stats.corrupt += 1;
-            continue;
+            return Ok(());
         };
         match entry.freshness(now, None) {
             Freshness::Fresh => stats.fresh += 1,
             Freshness::Stale => stats.stale += 1,
             Freshness::Expired => stats.expired += 1,
         }
-        *stats.by_model.entry(entry.model.clone()).or_default() += 1;
-        stats.oldest = Some(
-            stats
-                .oldest
-                .map_or(entry.stored_at, |o| o.min(entry.stored_at)),
-        );
-        stats.newest = Some(
-            stats
-                .newest
-                .map_or(entry.stored_at, |n| n.max(entry.stored_at)),
-        );
-    }
+        if let Some(n) = stats.by_model.get_mut(&entry.model) {
+            *n += 1;
+        } else {
+            stats.by_model.insert(entry.model.clone(), 1);
+        }
+        let at = entry.stored_at;
+        stats.oldest = Some(stats.oldest.map_or(at, |o| o.min(at)));
+        stats.newest = Some(stats.newest.map_or(at, |n| n.max(at)));
+        Ok(())
+    })
+    .await?;
+    let stats = stats.lock().expect("stats lock").clone();
     Ok(stats)
 }
 
@@ -133,15 +136,25 @@ pub async fn purge(disk: &DiskTier, purge: Purge, now: UnixMillis) -> Result<u64
         disk.clear().await?;
         return Ok(entries);
     }
-    let mut removed = 0;
-    for (key, entry) in disk.scan().await? {
+    let chosen = Arc::new(Mutex::new(Vec::new()));
+    let choosing = chosen.clone();
+    disk.visit(move |key, _, entry| {
         let goes = match (&entry, purge) {
             (Err(_), _) => true,
             (Ok(e), Purge::Expired) => e.freshness(now, None) == Freshness::Expired,
             (Ok(e), Purge::OlderThan(age)) => e.age(now) > age,
             (Ok(_), Purge::All) => true,
         };
-        if goes && disk.remove(&key)? {
+        if goes {
+            choosing.lock().expect("purge lock").push(key);
+        }
+        Ok(())
+    })
+    .await?;
+    let chosen = std::mem::take(&mut *chosen.lock().expect("purge lock"));
+    let mut removed = 0;
+    for key in chosen {
+        if disk.remove(&key)? {
             removed += 1;
         }
     }
@@ -156,7 +169,7 @@ pub async fn export(disk: &DiskTier, out: impl Write + Send + 'static) -> Result
     let header = serde_json::to_string(&Header { key_secret }).expect("a string field");
     writeln!(out, "{header}").map_err(DiskError::Io)?;
     let (tx, rx) = std::sync::mpsc::channel();
-    disk.visit(move |key, entry| {
+    disk.visit(move |key, _, entry| {
         let Ok(entry) = entry else { return Ok(()) };
         // Stored bodies are JSON; one that is not (it cannot pass the checksum otherwise) is
         // left out rather than exported broken.

@@ -327,6 +327,7 @@ impl Client {
             ],
             upstream_in_flight: (self.engine.config.max_concurrency
                 - self.engine.permits.available_permits()) as u64,
+            store_errors: usage.disk_errors,
             upstream_queued: self
                 .engine
                 .queued

@@ -61,6 +61,8 @@ pub struct Gauges {
     pub upstream_in_flight: u64,
     /// Requests waiting for a slot (at most `server.max_queued`).
     pub upstream_queued: u64,
+    /// Disk tier operations that failed, timed out or could not start, since the start.
+    pub store_errors: u64,
 }
 
 /// Entries and bytes held by one cache tier.
@@ -92,6 +94,7 @@ pub struct Metrics {
     callers: Family<CallerLabel, Counter>,
     in_flight: Gauge,
     queued: Gauge,
+    store_errors: Counter,
     /// Model labels in use. A std mutex: held for one set operation, on the miss path only.
     models: std::sync::Mutex<std::collections::HashSet<String>>,
     /// One scrape at a time: a scrape rebuilds the breaker gauges, which another one must not
@@ -149,10 +152,17 @@ impl Default for Metrics {
             "Requests waiting for an upstream slot (at most server.max_queued)",
             queued.clone(),
         );
+        let store_errors = Counter::default();
+        registry.register(
+            "store_errors",
+            "Disk cache operations that failed, timed out or were skipped (the answer was served, not stored)",
+            store_errors.clone(),
+        );
         Metrics {
             registry,
             in_flight,
             queued,
+            store_errors,
             requests,
             latency,
             attempts,
@@ -254,6 +264,10 @@ impl Metrics {
         }
         self.in_flight.set(gauges.upstream_in_flight as i64);
         self.queued.set(gauges.upstream_queued as i64);
+        // A counter the cache keeps: the registry's follows it.
+        let seen = self.store_errors.get();
+        self.store_errors
+            .inc_by(gauges.store_errors.saturating_sub(seen));
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String never fails");

@@ -1,15 +1,24 @@
 //! The disk tier: entries in sled, bounded by bytes. The only file that talks to sled.
 //!
-//! Two trees: `entries` (key -> encoded [`Entry`]) and `atime` (key -> last access, u64 BE),
-//! the latter for least-recently-used eviction. Point reads and writes run inline: sled answers
-//! them from its page cache and an in-memory log buffer that its own thread flushes, in about a
-//! microsecond. Everything that may take long — opening, flushing, eviction scans, export —
-//! runs on tokio's blocking pool so it never stalls the runtime's threads.
+//! Trees: `entries` (key -> encoded [`Entry`]); `index` (key -> [`Meta`]: last access, end of
+//! the stale period, size); `by_atime` and `by_expiry` (time ++ key -> nothing), ordered by time
+//! so that eviction walks from their oldest end and never decodes an entry; `state` (the
+//! layout's version and the counts). An entry and its index rows change in one sled
+//! transaction, so no row is ever orphaned.
+//!
+//! Counts and bytes are kept as they change (and written to `state` with a write at most
+//! once a second, on flush and when the tier is dropped), so start-up, `/metrics` and `/healthz` read no entries: at any size, they cost the
+//! same. After a crash the counts may be off by the last second's writes; `cache stats`, which
+//! reads everything anyway, writes them right.
+//!
+//! Every call here blocks; [`super::Cache`] runs them on tokio's blocking pool with a time
+//! limit, so that a slow, full or failing disk never stalls a request.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 use tokio::sync::watch;
 use tracing::{debug, error, warn};
 
@@ -17,8 +26,8 @@ use crate::entry::{Entry, UnixMillis};
 use crate::error::{report, DiskError};
 use crate::key::CacheKey;
 
-/// Bookkeeping bytes per entry besides its encoded value (key twice, access time).
-const PER_ENTRY_OVERHEAD: u64 = 32 + 32 + 8;
+/// Bookkeeping bytes per entry besides its encoded value (the key four times, the index row).
+const PER_ENTRY_OVERHEAD: u64 = 4 * 32 + META_LEN as u64 + 2 * 8;
 /// Eviction brings the tier down to this share of its bound, so it does not run on every write.
 const EVICT_TO_PERCENT: u64 = 90;
 /// How often sled writes its log buffer out: the most a crash of the process can lose.
@@ -26,6 +35,14 @@ const FLUSH_EVERY_MS: u64 = 100;
 /// sled's own page cache. Its default (1 GiB) would dwarf the memory tier, which already holds
 /// the hot entries; this is enough for sled's index and recently written pages.
 const SLED_CACHE_BYTES: u64 = 32 * 1024 * 1024;
+/// The layout of the trees this file writes; an older database is indexed once on open.
+const LAYOUT: u64 = 2;
+/// How often (at most) a write also writes the counts to `state`, in milliseconds.
+const PERSIST_EVERY_MS: u64 = 1000;
+
+const META_LEN: usize = 24;
+const STATE_LAYOUT: &[u8] = b"layout";
+const STATE_COUNTS: &[u8] = b"counts";
 
 /// The sled-backed tier. Cheap to clone.
 #[derive(Clone)]
@@ -37,14 +54,64 @@ struct Inner {
     /// The cache directory: sled's database is its `db`.
     dir: PathBuf,
     db: sled::Db,
-    entries: sled::Tree,
-    atime: sled::Tree,
-    /// Sum of encoded entry sizes plus overhead; kept in step with every insert and removal.
+    trees: Trees,
+    /// Entries held, and the sum of their encoded sizes plus overhead.
+    count: AtomicU64,
     bytes: AtomicU64,
     max_bytes: u64,
+    /// When the counts were last written to `state` (Unix milliseconds).
+    persisted_at: AtomicU64,
     /// True while an eviction pass runs, so writes start at most one at a time; a channel
     /// rather than a flag so that [`DiskTier::wait_for_eviction`] can wait for the pass to end.
     evicting: watch::Sender<bool>,
+}
+
+struct Trees {
+    entries: sled::Tree,
+    index: sled::Tree,
+    by_atime: sled::Tree,
+    by_expiry: sled::Tree,
+    state: sled::Tree,
+}
+
+/// An entry's row in `index`: last access, end of its stale period, and its size as counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Meta {
+    atime: UnixMillis,
+    stale_until: UnixMillis,
+    size: u64,
+}
+
+impl Meta {
+    fn encode(&self) -> [u8; META_LEN] {
+        let mut out = [0u8; META_LEN];
+        out[..8].copy_from_slice(&self.atime.to_be_bytes());
+        out[8..16].copy_from_slice(&self.stale_until.to_be_bytes());
+        out[16..].copy_from_slice(&self.size.to_be_bytes());
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Meta> {
+        let at = |i: usize| Some(u64::from_be_bytes(bytes.get(i..i + 8)?.try_into().ok()?));
+        Some(Meta {
+            atime: at(0)?,
+            stale_until: at(8)?,
+            size: at(16)?,
+        })
+    }
+}
+
+/// A time-ordered index row: the time (big-endian, so rows sort by it), then the key.
+fn row(time: UnixMillis, key: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + key.len());
+    out.extend_from_slice(&time.to_be_bytes());
+    out.extend_from_slice(key);
+    out
+}
+
+/// The key of a time-ordered row.
+fn key_of_row(row: &[u8]) -> Option<CacheKey> {
+    Some(CacheKey(row.get(8..)?.try_into().ok()?))
 }
 
 /// What an eviction pass removed.
@@ -55,18 +122,25 @@ pub struct Evicted {
     pub least_recently_used: u64,
 }
 
-/// A stored entry as a scan sees it: decoded, or the reason it could not be.
-pub type Scanned = (CacheKey, Result<Entry, crate::entry::DecodeError>);
+/// Why a database could not be opened.
+enum OpenError {
+    /// Another process holds it.
+    Locked,
+    /// Anything else (corruption, an unknown version, a panic inside sled): it is moved aside.
+    Broken(String),
+}
 
 impl DiskTier {
     /// Opens (or creates, mode 0700) the tier in `dir`. A directory another process holds
-    /// gives [`DiskError::Locked`]; a database sled finds corrupt is moved aside and started anew,
-    /// since a cache can always be refilled.
+    /// gives [`DiskError::Locked`]; a database that cannot be opened for any other reason
+    /// (corrupt, truncated, of an unknown version) is moved aside to `<dir>/corrupt-<unix
+    /// seconds>` (only the newest such copy is kept) and a new one is created.
     pub async fn open(dir: impl Into<PathBuf>, max_bytes: u64) -> Result<DiskTier, DiskError> {
         let dir = dir.into();
-        tokio::task::spawn_blocking(move || Self::open_blocking(&dir, max_bytes))
+        let tier = tokio::task::spawn_blocking(move || Self::open_blocking(&dir, max_bytes))
             .await
-            .map_err(DiskError::worker)?
+            .map_err(DiskError::worker)??;
+        Ok(tier)
     }
 
     fn open_blocking(dir: &Path, max_bytes: u64) -> Result<DiskTier, DiskError> {
@@ -77,43 +151,44 @@ impl DiskTier {
         }
         create_private_dir(dir).map_err(DiskError::storage)?;
         let path = dir.join("db");
-        let db = match open_db(&path) {
-            Err(sled::Error::Corruption { .. }) => {
-                let aside = dir.join(format!("db.corrupt-{}", crate::entry::now_millis()));
+        let locked = || DiskError::Locked {
+            dir: dir.display().to_string(),
+        };
+        let (db, trees, counts) = match open_db(&path) {
+            Ok(opened) => opened,
+            Err(OpenError::Locked) => return Err(locked()),
+            Err(OpenError::Broken(why)) => {
+                let aside = move_aside(dir, &path).map_err(DiskError::storage)?;
                 error!(
                     ?path,
                     ?aside,
-                    "disk cache is corrupt; moving it aside and starting empty"
+                    why,
+                    "the disk cache could not be opened; moved it aside and starting empty"
                 );
-                std::fs::rename(&path, &aside).map_err(DiskError::storage)?;
-                open_db(&path)
-            }
-            other => other,
-        }
-        .map_err(|e| match e {
-            sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
-                DiskError::Locked {
-                    dir: dir.display().to_string(),
+                match open_db(&path) {
+                    Ok(opened) => opened,
+                    Err(OpenError::Locked) => return Err(locked()),
+                    Err(OpenError::Broken(why)) => {
+                        return Err(DiskError::storage(std::io::Error::other(why)))
+                    }
                 }
             }
-            other => DiskError::storage(other),
-        })?;
-        let entries = db.open_tree("entries").map_err(DiskError::storage)?;
-        let atime = db.open_tree("atime").map_err(DiskError::storage)?;
-        let mut bytes = 0;
-        for item in entries.iter() {
-            let (_, value) = item.map_err(DiskError::storage)?;
-            bytes += value.len() as u64 + PER_ENTRY_OVERHEAD;
-        }
-        debug!(?path, entries = entries.len(), bytes, "disk cache open");
+        };
+        debug!(
+            ?path,
+            entries = counts.0,
+            bytes = counts.1,
+            "disk cache open"
+        );
         Ok(DiskTier {
             inner: Arc::new(Inner {
                 dir: dir.to_owned(),
                 db,
-                entries,
-                atime,
-                bytes: AtomicU64::new(bytes),
+                trees,
+                count: AtomicU64::new(counts.0),
+                bytes: AtomicU64::new(counts.1),
                 max_bytes,
+                persisted_at: AtomicU64::new(crate::entry::now_millis()),
                 evicting: watch::Sender::new(false),
             }),
         })
@@ -125,22 +200,16 @@ impl DiskTier {
     }
 
     /// The entry under `key`, if it decodes. A corrupt entry is removed, logged, and a miss.
-    /// Records the access for LRU eviction.
+    /// Records the access for LRU eviction (a disk hit is promoted to memory, so an entry is
+    /// read from disk about once per stay in memory: the write this costs is rare).
     pub fn get(&self, key: &CacheKey, now: UnixMillis) -> Result<Option<Entry>, DiskError> {
-        let Some(bytes) = self
-            .inner
-            .entries
-            .get(key.as_bytes())
-            .map_err(DiskError::storage)?
-        else {
+        let t = &self.inner.trees;
+        let Some(bytes) = t.entries.get(key.as_bytes()).map_err(DiskError::storage)? else {
             return Ok(None);
         };
         match Entry::decode(&bytes) {
             Ok(entry) => {
-                self.inner
-                    .atime
-                    .insert(key.as_bytes(), &now.to_be_bytes())
-                    .map_err(DiskError::storage)?;
+                self.touch(key, now)?;
                 Ok(Some(entry))
             }
             Err(e) => {
@@ -151,12 +220,43 @@ impl DiskTier {
         }
     }
 
+    /// Moves `key`'s access time to `now` when the recorded one is older.
+    fn touch(&self, key: &CacheKey, now: UnixMillis) -> Result<(), DiskError> {
+        let t = &self.inner.trees;
+        let k = key.as_bytes();
+        let meta = t.index.get(k).map_err(DiskError::storage)?;
+        let Some(meta) = meta.as_deref().and_then(Meta::decode) else {
+            return Ok(());
+        };
+        if meta.atime >= now {
+            return Ok(());
+        }
+        let moved = Meta { atime: now, ..meta };
+        transact(
+            &t.index,
+            &t.by_atime,
+            &t.by_expiry,
+            &t.entries,
+            |index, by_atime, _, _| {
+                // Another thread may have moved or removed it since: only the row seen is moved.
+                if index.get(k)?.as_deref().and_then(Meta::decode) != Some(meta) {
+                    return Ok(());
+                }
+                index.insert(k, &moved.encode())?;
+                by_atime.remove(row(meta.atime, k))?;
+                by_atime.insert(row(now, k), &[])?;
+                Ok(())
+            },
+        )
+    }
+
     /// Stores `entry`, then starts an eviction pass in the background if over the bound.
     pub fn insert(&self, key: &CacheKey, entry: &Entry, now: UnixMillis) -> Result<(), DiskError> {
-        self.insert_raw(key, &entry.encode(), now)
+        self.write(key, &entry.encode(), entry.stale_until, now)
     }
 
     /// Stores bytes as they are. Public for tests that stage corruption; use [`Self::insert`].
+    /// Bytes that do not decode are indexed as already expired, so eviction takes them first.
     #[doc(hidden)]
     pub fn insert_raw(
         &self,
@@ -164,49 +264,98 @@ impl DiskTier {
         bytes: &[u8],
         now: UnixMillis,
     ) -> Result<(), DiskError> {
-        let inner = &self.inner;
-        let old = inner
-            .entries
-            .insert(key.as_bytes(), bytes)
-            .map_err(DiskError::storage)?;
-        inner
-            .atime
-            .insert(key.as_bytes(), &now.to_be_bytes())
-            .map_err(DiskError::storage)?;
-        let added = bytes.len() as u64 + PER_ENTRY_OVERHEAD;
-        let removed = old.map_or(0, |v| v.len() as u64 + PER_ENTRY_OVERHEAD);
-        let total = inner.bytes.fetch_add(added, Ordering::Relaxed) + added;
-        inner.bytes.fetch_sub(removed, Ordering::Relaxed);
-        if total.saturating_sub(removed) > inner.max_bytes {
-            self.evict_in_background(now);
-        }
-        Ok(())
+        let stale_until = Entry::decode(bytes).map_or(0, |e| e.stale_until);
+        self.write(key, bytes, stale_until, now)
     }
 
+    fn write(
+        &self,
+        key: &CacheKey,
+        bytes: &[u8],
+        stale_until: UnixMillis,
+        now: UnixMillis,
+    ) -> Result<(), DiskError> {
+        let t = &self.inner.trees;
+        let k = key.as_bytes();
+        let meta = Meta {
+            atime: now,
+            stale_until,
+            size: bytes.len() as u64 + PER_ENTRY_OVERHEAD,
+        };
+        let old = transact(
+            &t.index,
+            &t.by_atime,
+            &t.by_expiry,
+            &t.entries,
+            |index, by_atime, by_expiry, entries| {
+                let old = index.insert(k, &meta.encode())?;
+                let old = old.as_deref().and_then(Meta::decode);
+                if let Some(old) = old {
+                    by_atime.remove(row(old.atime, k))?;
+                    by_expiry.remove(row(old.stale_until, k))?;
+                }
+                by_atime.insert(row(now, k), &[])?;
+                by_expiry.insert(row(stale_until, k), &[])?;
+                entries.insert(k, bytes)?;
+                Ok(old)
+            },
+        )?;
+        let inner = &self.inner;
+        match old {
+            Some(old) => inner.bytes.fetch_sub(old.size, Ordering::Relaxed),
+            None => inner.count.fetch_add(1, Ordering::Relaxed),
+        };
+        let total = inner.bytes.fetch_add(meta.size, Ordering::Relaxed) + meta.size;
+        if total.saturating_sub(old.map_or(0, |o| o.size)) > inner.max_bytes {
+            self.evict_in_background(now);
+        }
+        inner.persist_counts_now_and_then()
+    }
+
+    /// Removes `key`'s entry and its index rows; whether there was one.
     pub fn remove(&self, key: &CacheKey) -> Result<bool, DiskError> {
-        self.inner
-            .atime
-            .remove(key.as_bytes())
-            .map_err(DiskError::storage)?;
-        let old = self
-            .inner
-            .entries
-            .remove(key.as_bytes())
-            .map_err(DiskError::storage)?;
-        if let Some(v) = &old {
-            self.inner
-                .bytes
-                .fetch_sub(v.len() as u64 + PER_ENTRY_OVERHEAD, Ordering::Relaxed);
+        let t = &self.inner.trees;
+        let k = key.as_bytes();
+        let old = transact(
+            &t.index,
+            &t.by_atime,
+            &t.by_expiry,
+            &t.entries,
+            |index, by_atime, by_expiry, entries| {
+                let old = index.remove(k)?;
+                let old = old.as_deref().and_then(Meta::decode);
+                if let Some(old) = old {
+                    by_atime.remove(row(old.atime, k))?;
+                    by_expiry.remove(row(old.stale_until, k))?;
+                }
+                entries.remove(k)?;
+                Ok(old)
+            },
+        )?;
+        if let Some(old) = old {
+            self.inner.count.fetch_sub(1, Ordering::Relaxed);
+            self.inner.bytes.fetch_sub(old.size, Ordering::Relaxed);
+            self.inner.persist_counts_now_and_then()?;
         }
         Ok(old.is_some())
     }
 
-    /// Entries and bytes held.
+    /// Entries and bytes held, as kept: no entry is read.
     pub fn usage(&self) -> (u64, u64) {
-        (
-            self.inner.entries.len() as u64,
-            self.inner.bytes.load(Ordering::Relaxed),
-        )
+        self.inner.counts()
+    }
+
+    /// Sets the kept counts to what a read of every entry found (`cache stats` does, with
+    /// the directory to itself), and writes them down.
+    pub fn set_counts(&self, entries: u64, bytes: u64) -> Result<(), DiskError> {
+        self.inner.count.store(entries, Ordering::Relaxed);
+        self.inner.bytes.store(bytes, Ordering::Relaxed);
+        self.inner.persist_counts()
+    }
+
+    /// The bytes an entry of `encoded_len` bytes counts for.
+    pub fn counted_size(encoded_len: usize) -> u64 {
+        encoded_len as u64 + PER_ENTRY_OVERHEAD
     }
 
     /// Writes everything to the files: after this, a crash loses nothing stored so far. Waits
@@ -214,6 +363,10 @@ impl DiskTier {
     /// the files hold the tier within its bound.
     pub async fn flush(&self) -> Result<(), DiskError> {
         self.wait_for_eviction().await;
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || inner.persist_counts())
+            .await
+            .map_err(DiskError::worker)??;
         self.inner
             .db
             .flush_async()
@@ -250,13 +403,23 @@ impl DiskTier {
         let run = move || loop {
             let inner = &tier.inner;
             let before = inner.bytes.load(Ordering::Relaxed);
-            let removed = match tier.evict_blocking(now, inner.max_bytes) {
-                Ok(evicted) => {
+            // A pass that panics inside sled must not leave the flag up for ever (eviction would
+            // never run again, and `wait_for_eviction` never return).
+            let pass = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                tier.evict_blocking(now, inner.max_bytes)
+            }));
+            let removed = match pass {
+                Ok(Ok(evicted)) => {
                     debug!(?evicted, "disk cache eviction");
                     evicted.expired + evicted.corrupt + evicted.least_recently_used
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     error!(error = %report(&e), "disk cache eviction failed");
+                    inner.evicting.send_replace(false);
+                    break;
+                }
+                Err(_) => {
+                    error!("disk cache eviction panicked inside the storage engine");
                     inner.evicting.send_replace(false);
                     break;
                 }
@@ -288,8 +451,9 @@ impl DiskTier {
         }
     }
 
-    /// Removes expired and corrupt entries, then the least recently used until the tier holds at
-    /// most 90% of `max_bytes` (nothing more when already under `max_bytes`).
+    /// Removes expired entries (those past their stale period, and bytes that never decoded),
+    /// then, if still over `max_bytes`, the least recently used until the tier holds at most 90%
+    /// of it. Both walk a time-ordered index from its oldest end: no entry is read.
     pub async fn evict(&self, now: UnixMillis, max_bytes: u64) -> Result<Evicted, DiskError> {
         let tier = self.clone();
         tokio::task::spawn_blocking(move || tier.evict_blocking(now, max_bytes))
@@ -299,75 +463,53 @@ impl DiskTier {
 
     fn evict_blocking(&self, now: UnixMillis, max_bytes: u64) -> Result<Evicted, DiskError> {
         let mut evicted = Evicted::default();
-        let mut live: Vec<(UnixMillis, CacheKey)> = Vec::new();
-        for item in self.inner.entries.iter() {
-            let (k, v) = item.map_err(DiskError::storage)?;
-            let Ok(key_bytes) = <[u8; 32]>::try_from(k.as_ref()) else {
-                continue;
-            };
-            let key = CacheKey(key_bytes);
-            match Entry::decode(&v) {
-                Err(_) => {
-                    self.remove(&key)?;
-                    evicted.corrupt += 1;
-                }
-                Ok(entry) if entry.stale_until <= now => {
-                    self.remove(&key)?;
-                    evicted.expired += 1;
-                }
-                Ok(entry) => {
-                    let accessed = self
-                        .inner
-                        .atime
-                        .get(key.as_bytes())
-                        .map_err(DiskError::storage)?
-                        .and_then(|a| a.as_ref().try_into().ok())
-                        .map_or(entry.stored_at, u64::from_be_bytes);
-                    live.push((accessed, key));
-                }
+        let t = &self.inner.trees;
+        for item in t.by_expiry.range(..row(now.saturating_add(1), &[])) {
+            let (r, _) = item.map_err(DiskError::storage)?;
+            if let Some(key) = key_of_row(&r) {
+                self.remove(&key)?;
             }
+            // A row whose entry is gone (it cannot be, within a transaction, but a row is
+            // cheap to drop) is dropped too.
+            t.by_expiry.remove(&r).map_err(DiskError::storage)?;
+            evicted.expired += 1;
         }
         if self.inner.bytes.load(Ordering::Relaxed) <= max_bytes {
             return Ok(evicted);
         }
         let target = max_bytes / 100 * EVICT_TO_PERCENT;
-        live.sort_unstable();
-        for (_, key) in live {
+        for item in t.by_atime.iter() {
             if self.inner.bytes.load(Ordering::Relaxed) <= target {
                 break;
             }
-            self.remove(&key)?;
-            evicted.least_recently_used += 1;
+            let (r, _) = item.map_err(DiskError::storage)?;
+            let removed = match key_of_row(&r) {
+                Some(key) => self.remove(&key)?,
+                None => false,
+            };
+            t.by_atime.remove(&r).map_err(DiskError::storage)?;
+            if removed {
+                evicted.least_recently_used += 1;
+            }
         }
         Ok(evicted)
     }
 
-    /// Every stored entry, decoded where it can be (for stats and purges of small caches).
-    pub async fn scan(&self) -> Result<Vec<Scanned>, DiskError> {
-        let (tx, rx) = std::sync::mpsc::channel();
-        self.visit(move |key, entry| {
-            let _ = tx.send((key, entry));
-            Ok(())
-        })
-        .await?;
-        Ok(rx.try_iter().collect())
-    }
-
     /// Calls `f` with every stored entry, decoded where it can be, on the blocking pool, one at
-    /// a time (so an export of a large cache never holds it all in memory). Stops at `f`'s
+    /// a time (so stats and exports of a large cache never hold it in memory). Stops at `f`'s
     /// first error.
     pub async fn visit<F>(&self, mut f: F) -> Result<(), DiskError>
     where
-        F: FnMut(CacheKey, Result<Entry, crate::entry::DecodeError>) -> std::io::Result<()>
+        F: FnMut(CacheKey, usize, Result<Entry, crate::entry::DecodeError>) -> std::io::Result<()>
             + Send
             + 'static,
     {
         let tier = self.clone();
         tokio::task::spawn_blocking(move || {
-            for item in tier.inner.entries.iter() {
+            for item in tier.inner.trees.entries.iter() {
                 let (k, v) = item.map_err(DiskError::storage)?;
                 if let Ok(key) = <[u8; 32]>::try_from(k.as_ref()) {
-                    f(CacheKey(key), Entry::decode(&v)).map_err(DiskError::Io)?;
+                    f(CacheKey(key), v.len(), Entry::decode(&v)).map_err(DiskError::Io)?;
                 }
             }
             Ok(())
@@ -380,22 +522,181 @@ impl DiskTier {
     pub async fn clear(&self) -> Result<(), DiskError> {
         let tier = self.clone();
         tokio::task::spawn_blocking(move || {
-            tier.inner.entries.clear().map_err(DiskError::storage)?;
-            tier.inner.atime.clear().map_err(DiskError::storage)?;
-            tier.inner.bytes.store(0, Ordering::Relaxed);
-            Ok(())
+            let t = &tier.inner.trees;
+            for tree in [&t.entries, &t.index, &t.by_atime, &t.by_expiry] {
+                tree.clear().map_err(DiskError::storage)?;
+            }
+            tier.set_counts(0, 0)
         })
         .await
         .map_err(DiskError::worker)?
     }
 }
 
-fn open_db(path: &Path) -> sled::Result<sled::Db> {
-    sled::Config::new()
-        .path(path)
-        .flush_every_ms(Some(FLUSH_EVERY_MS))
-        .cache_capacity(SLED_CACHE_BYTES)
-        .open()
+/// The last handle gone: the counts are written down, so that the next open reads them.
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Err(e) = self.persist_counts() {
+            warn!(error = %report(&e), "cannot write the disk cache's counts");
+        }
+    }
+}
+
+impl Inner {
+    fn counts(&self) -> (u64, u64) {
+        (
+            self.count.load(Ordering::Relaxed),
+            self.bytes.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Writes the counts down when the last time was over [`PERSIST_EVERY_MS`] ago: a write
+    /// in a second or more costs one more small write (no background task, which would hold
+    /// the database open after its last handle is dropped).
+    fn persist_counts_now_and_then(&self) -> Result<(), DiskError> {
+        let now = crate::entry::now_millis();
+        let last = self.persisted_at.load(Ordering::Relaxed);
+        let due = now >= last + PERSIST_EVERY_MS
+            && self
+                .persisted_at
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok();
+        match due {
+            true => self.persist_counts(),
+            false => Ok(()),
+        }
+    }
+
+    fn persist_counts(&self) -> Result<(), DiskError> {
+        let (count, bytes) = self.counts();
+        let mut value = [0u8; 16];
+        value[..8].copy_from_slice(&count.to_be_bytes());
+        value[8..].copy_from_slice(&bytes.to_be_bytes());
+        self.trees
+            .state
+            .insert(STATE_COUNTS, &value)
+            .map_err(DiskError::storage)?;
+        Ok(())
+    }
+}
+
+/// Runs `f` as one transaction over the index trees and `entries`.
+fn transact<T>(
+    index: &sled::Tree,
+    by_atime: &sled::Tree,
+    by_expiry: &sled::Tree,
+    entries: &sled::Tree,
+    f: impl Fn(
+        &sled::transaction::TransactionalTree,
+        &sled::transaction::TransactionalTree,
+        &sled::transaction::TransactionalTree,
+        &sled::transaction::TransactionalTree,
+    ) -> Result<T, ConflictableTransactionError<()>>,
+) -> Result<T, DiskError> {
+    (index, by_atime, by_expiry, entries)
+        .transaction(|(index, by_atime, by_expiry, entries)| f(index, by_atime, by_expiry, entries))
+        .map_err(|e| match e {
+            TransactionError::Storage(e) => DiskError::storage(e),
+            TransactionError::Abort(()) => DiskError::storage(std::io::Error::other("aborted")),
+        })
+}
+
+/// Opens the database at `path` and its trees, and reads (or, for an older layout, counts) its
+/// entries and bytes. Any failure but another process's lock, a panic inside sled included,
+/// is [`OpenError::Broken`].
+fn open_db(path: &Path) -> Result<(sled::Db, Trees, (u64, u64)), OpenError> {
+    let opened = std::panic::catch_unwind(|| -> sled::Result<_> {
+        let db = sled::Config::new()
+            .path(path)
+            .flush_every_ms(Some(FLUSH_EVERY_MS))
+            .cache_capacity(SLED_CACHE_BYTES)
+            .open()?;
+        let trees = Trees {
+            entries: db.open_tree("entries")?,
+            index: db.open_tree("index")?,
+            by_atime: db.open_tree("by_atime")?,
+            by_expiry: db.open_tree("by_expiry")?,
+            state: db.open_tree("state")?,
+        };
+        let counts = load_counts(&db, &trees)?;
+        Ok((db, trees, counts))
+    });
+    match opened {
+        Ok(Ok(opened)) => Ok(opened),
+        Ok(Err(sled::Error::Io(io))) if io.to_string().contains("could not acquire lock") => {
+            Err(OpenError::Locked)
+        }
+        Ok(Err(e)) => Err(OpenError::Broken(e.to_string())),
+        Err(panic) => Err(OpenError::Broken(format!(
+            "the storage engine panicked: {}",
+            panic_text(&panic)
+        ))),
+    }
+}
+
+/// The counts from `state`; for a database of an older layout (or none yet), the index is
+/// built and the counts made by reading every entry, once.
+fn load_counts(db: &sled::Db, t: &Trees) -> sled::Result<(u64, u64)> {
+    let layout = t.state.get(STATE_LAYOUT)?;
+    let current = layout.as_deref() == Some(&LAYOUT.to_be_bytes()[..]);
+    if current {
+        let counts = t.state.get(STATE_COUNTS)?;
+        let at = |v: &[u8], i: usize| u64::from_be_bytes(v[i..i + 8].try_into().expect("8 bytes"));
+        if let Some(v) = counts.filter(|v| v.len() == 16) {
+            return Ok((at(&v, 0), at(&v, 8)));
+        }
+    }
+    // Layout 1 kept access times alone in `atime`: index every entry anew.
+    let old_atimes = db.open_tree("atime")?;
+    let (mut count, mut bytes) = (0u64, 0u64);
+    for item in t.entries.iter() {
+        let (k, v) = item?;
+        let atime = old_atimes
+            .get(&k)?
+            .and_then(|a| a.as_ref().try_into().ok())
+            .map(u64::from_be_bytes);
+        let decoded = Entry::decode(&v);
+        let meta = Meta {
+            atime: atime.unwrap_or_else(|| decoded.as_ref().map_or(0, |e| e.stored_at)),
+            stale_until: decoded.as_ref().map_or(0, |e| e.stale_until),
+            size: v.len() as u64 + PER_ENTRY_OVERHEAD,
+        };
+        t.index.insert(&k, &meta.encode())?;
+        t.by_atime.insert(row(meta.atime, &k), &[])?;
+        t.by_expiry.insert(row(meta.stale_until, &k), &[])?;
+        count += 1;
+        bytes += meta.size;
+    }
+    db.drop_tree("atime")?;
+    let mut value = [0u8; 16];
+    value[..8].copy_from_slice(&count.to_be_bytes());
+    value[8..].copy_from_slice(&bytes.to_be_bytes());
+    t.state.insert(STATE_COUNTS, &value)?;
+    t.state.insert(STATE_LAYOUT, &LAYOUT.to_be_bytes())?;
+    Ok((count, bytes))
+}
+
+fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
+}
+
+/// Moves the database at `path` to `<dir>/corrupt-<unix seconds>`, first removing any older
+/// moved-aside copy, so that at most one is ever kept.
+fn move_aside(dir: &Path, path: &Path) -> std::io::Result<PathBuf> {
+    for old in std::fs::read_dir(dir)?.flatten() {
+        let name = old.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("corrupt-") || name.starts_with("db.corrupt-") {
+            let _ = std::fs::remove_dir_all(old.path());
+        }
+    }
+    let aside = dir.join(format!("corrupt-{}", crate::entry::now_millis() / 1000));
+    std::fs::rename(path, &aside)?;
+    Ok(aside)
 }
 
 /// Creates `dir` (and parents) readable by its owner only: entries are users' conversations.

@@ -3,19 +3,18 @@
 //! lose an answer, never serve a wrong one, and never fail a request by itself.
 
 mod disk;
+mod guard;
 mod memory;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use tracing::warn;
-
 pub(crate) use disk::create_private_dir;
-pub use disk::{DiskTier, Evicted, Scanned};
+pub use disk::{DiskTier, Evicted};
 pub use memory::MemoryTier;
 
 use crate::entry::{Entry, Freshness, UnixMillis};
-use crate::error::{report, DiskError};
+use crate::error::DiskError;
 use crate::key::CacheKey;
 
 /// Which tier answered a lookup.
@@ -39,6 +38,8 @@ pub struct Usage {
     pub memory_bytes: u64,
     pub disk_entries: u64,
     pub disk_bytes: u64,
+    /// Disk tier operations that failed, timed out or could not start, since the start.
+    pub disk_errors: u64,
 }
 
 /// Memory in front of an optional disk tier. Cheap to clone.
@@ -46,6 +47,7 @@ pub struct Usage {
 pub struct Cache {
     memory: MemoryTier,
     disk: Option<DiskTier>,
+    guard: Arc<guard::Guard>,
 }
 
 impl Cache {
@@ -54,6 +56,7 @@ impl Cache {
         Cache {
             memory: MemoryTier::new(memory_bytes),
             disk: None,
+            guard: Arc::default(),
         }
     }
 
@@ -66,6 +69,7 @@ impl Cache {
         Ok(Cache {
             memory: MemoryTier::new(memory_bytes),
             disk: Some(DiskTier::open(dir, disk_bytes).await?),
+            guard: Arc::default(),
         })
     }
 
@@ -80,8 +84,13 @@ impl Cache {
             }
         }
         let disk = self.disk.as_ref()?;
-        match disk.get(key, now) {
-            Ok(Some(entry)) if entry.freshness(now, None) != Freshness::Expired => {
+        let k = *key;
+        let found = self
+            .guard
+            .call(disk, "read", move |d| d.get(&k, now))
+            .await?;
+        match found {
+            Some(entry) if entry.freshness(now, None) != Freshness::Expired => {
                 let entry = Arc::new(entry);
                 self.memory.insert(*key, entry.clone()).await;
                 Some(Lookup {
@@ -89,31 +98,32 @@ impl Cache {
                     tier: Tier::Disk,
                 })
             }
-            Ok(Some(_expired)) => {
-                self.log_disk_error(disk.remove(key).map(drop));
+            Some(_expired) => {
+                self.guard.call(disk, "remove", move |d| d.remove(&k)).await;
                 None
             }
-            Ok(None) => None,
-            Err(e) => {
-                warn!(%key, error = %report(&e), "disk cache read failed; treating as a miss");
-                None
-            }
+            None => None,
         }
     }
 
-    /// Stores `entry` in both tiers.
+    /// Stores `entry` in both tiers. The disk's part never fails or holds up the caller for
+    /// long ([`guard`]): a disk that cannot take it leaves the entry in memory only.
     pub async fn insert(&self, key: CacheKey, entry: Entry, now: UnixMillis) {
+        let entry = Arc::new(entry);
         if let Some(disk) = &self.disk {
-            self.log_disk_error(disk.insert(&key, &entry, now));
+            let stored = entry.clone();
+            let write = move |d: &DiskTier| d.insert(&key, &stored, now);
+            self.guard.call(disk, "write", write).await;
         }
-        self.memory.insert(key, Arc::new(entry)).await;
+        self.memory.insert(key, entry).await;
     }
 
     /// Removes `key` from both tiers.
     pub async fn remove(&self, key: &CacheKey) {
         self.memory.remove(key).await;
         if let Some(disk) = &self.disk {
-            self.log_disk_error(disk.remove(key).map(drop));
+            let k = *key;
+            self.guard.call(disk, "remove", move |d| d.remove(&k)).await;
         }
     }
 
@@ -137,9 +147,13 @@ impl Cache {
 
     /// Writes the disk tier out, once an eviction pass in flight has ended
     /// ([`DiskTier::flush`]); a no-op without one.
+    /// Disk calls still in flight (a write past its time limit) are waited for, a while.
     pub async fn flush(&self) -> Result<(), DiskError> {
         match &self.disk {
-            Some(disk) => disk.flush().await,
+            Some(disk) => {
+                self.guard.settled(guard::TIME_LIMIT * 5).await;
+                disk.flush().await
+            }
             None => Ok(()),
         }
     }
@@ -160,12 +174,7 @@ impl Cache {
             memory_bytes,
             disk_entries,
             disk_bytes,
-        }
-    }
-
-    fn log_disk_error(&self, result: Result<(), DiskError>) {
-        if let Err(e) = result {
-            warn!(error = %report(&e), "disk cache write failed");
+            disk_errors: self.guard.failures(),
         }
     }
 }

@@ -6,11 +6,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{Notify, Semaphore};
+use tracing::{error, warn};
 
 use crate::cache::Cache;
 use crate::clock::Clock;
 use crate::config::Config;
-use crate::error::Error;
+use crate::error::{report, DiskError, Error};
 use crate::key::{secret, CredentialFingerprint, KeySecret};
 use crate::metrics::Metrics;
 use crate::upstream::breaker::Breakers;
@@ -28,6 +29,28 @@ pub struct ClientBuilder {
     memory_only: bool,
     metrics: Option<Arc<Metrics>>,
     key_secret: Option<KeySecret>,
+}
+
+/// The environment's secret, else a random one for this process.
+fn fresh_secret() -> KeySecret {
+    secret::from_env().map_or_else(KeySecret::random, |text| KeySecret::from_text(&text))
+}
+
+/// The configured cache; a disk tier that cannot be opened (an unwritable directory, a disk
+/// that fails) leaves a memory-only cache and an error in the log, not a process that cannot
+/// start. Another process holding the directory, or a path that is a file, is the caller's to
+/// fix and stops the build.
+async fn open_or_memory_only(config: &Config) -> Result<Cache, Error> {
+    let memory = config.cache.memory_bytes.as_u64();
+    let dir = config.cache_dir();
+    match Cache::open(&dir, memory, config.cache.disk_bytes.as_u64()).await {
+        Ok(cache) => Ok(cache),
+        Err(e @ (DiskError::Locked { .. } | DiskError::NotADirectory { .. })) => Err(e.into()),
+        Err(e) => {
+            error!(dir = %dir.display(), error = %report(&e), "the disk cache cannot be opened; serving from memory only");
+            Ok(Cache::memory_only(memory))
+        }
+    }
 }
 
 impl ClientBuilder {
@@ -182,21 +205,15 @@ impl ClientBuilder {
         let cache = match self.cache {
             Some(cache) => cache,
             None if self.memory_only => Cache::memory_only(config.cache.memory_bytes.as_u64()),
-            None => {
-                Cache::open(
-                    config.cache_dir(),
-                    config.cache.memory_bytes.as_u64(),
-                    config.cache.disk_bytes.as_u64(),
-                )
-                .await?
-            }
+            None => open_or_memory_only(&config).await?,
         };
         let key_secret = match (self.key_secret, cache.disk()) {
             (Some(secret), _) => secret,
-            (None, Some(disk)) => KeySecret::for_dir(disk.dir())
-                .map_err(|e| Error::Config(format!("the cache's key secret: {e}")))?,
-            (None, None) => secret::from_env()
-                .map_or_else(KeySecret::random, |text| KeySecret::from_text(&text)),
+            (None, Some(disk)) => KeySecret::for_dir(disk.dir()).unwrap_or_else(|e| {
+                warn!(error = %e, "cannot keep the key secret in the cache directory; using one for this process only");
+                fresh_secret()
+            }),
+            (None, None) => fresh_secret(),
         };
         let credential = self.credential.as_deref().and_then(upstream::sensitive);
         let credential_fingerprint = self

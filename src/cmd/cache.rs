@@ -52,6 +52,8 @@ pub async fn run(command: CacheCommand, disk: DiskTier) -> Result<ExitCode> {
     match command {
         CacheCommand::Stats { json } => {
             let stats = admin::stats(&disk, now).await?;
+            // With the directory to itself, what was read is exact: the kept counts follow.
+            disk.set_counts(stats.entries, stats.bytes)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&stats)?);
             } else {

@@ -25,7 +25,7 @@ use axum::response::{IntoResponse, Response as HttpResponse};
 use axum::routing::{get, post};
 use axum::Router;
 use tokio::net::TcpListener;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::client::{Client, X_API_KEY};
 
@@ -167,7 +167,11 @@ pub async fn serve(
         _ = drain_limit => warn!(limit = ?DRAIN_LIMIT, "requests still in flight; stopping anyway"),
     }
     info!("draining done; flushing the disk cache");
-    client.flush().await.map_err(std::io::Error::other)?;
+    // Every answer was served; a disk that cannot take the last writes (full, failing) loses
+    // those, and says so, but does not make the shutdown a failure.
+    if let Err(e) = client.flush().await {
+        error!(error = %crate::error::report(&e), "the disk cache could not be flushed; its last writes may be lost");
+    }
     Ok(())
 }
 
