@@ -126,6 +126,9 @@ pub struct Evicted {
 enum OpenError {
     /// Another process holds it.
     Locked,
+    /// The file system refused (no space, no permission): nothing is wrong with the database,
+    /// which is left where it is.
+    Unavailable(std::io::Error),
     /// Anything else (corruption, an unknown version, a panic inside sled): it is moved aside.
     Broken(String),
 }
@@ -157,6 +160,7 @@ impl DiskTier {
         let (db, trees, counts) = match open_db(&path) {
             Ok(opened) => opened,
             Err(OpenError::Locked) => return Err(locked()),
+            Err(OpenError::Unavailable(e)) => return Err(DiskError::storage(e)),
             Err(OpenError::Broken(why)) => {
                 let aside = move_aside(dir, &path).map_err(DiskError::storage)?;
                 error!(
@@ -168,6 +172,7 @@ impl DiskTier {
                 match open_db(&path) {
                     Ok(opened) => opened,
                     Err(OpenError::Locked) => return Err(locked()),
+                    Err(OpenError::Unavailable(e)) => return Err(DiskError::storage(e)),
                     Err(OpenError::Broken(why)) => {
                         return Err(DiskError::storage(std::io::Error::other(why)))
                     }
@@ -192,6 +197,11 @@ impl DiskTier {
                 evicting: watch::Sender::new(false),
             }),
         })
+    }
+
+    /// The bound it was opened with.
+    pub fn max_bytes(&self) -> u64 {
+        self.inner.max_bytes
     }
 
     /// The cache directory the tier was opened in.
@@ -626,6 +636,7 @@ fn open_db(path: &Path) -> Result<(sled::Db, Trees, (u64, u64)), OpenError> {
         Ok(Err(sled::Error::Io(io))) if io.to_string().contains("could not acquire lock") => {
             Err(OpenError::Locked)
         }
+        Ok(Err(sled::Error::Io(io))) if is_refusal(&io) => Err(OpenError::Unavailable(io)),
         Ok(Err(e)) => Err(OpenError::Broken(e.to_string())),
         Err(panic) => Err(OpenError::Broken(format!(
             "the storage engine panicked: {}",
@@ -674,6 +685,20 @@ fn load_counts(db: &sled::Db, t: &Trees) -> sled::Result<(u64, u64)> {
     t.state.insert(STATE_COUNTS, &value)?;
     t.state.insert(STATE_LAYOUT, &LAYOUT.to_be_bytes())?;
     Ok((count, bytes))
+}
+
+/// A file system's refusal (no space, no permission, read-only), as opposed to bytes that do
+/// not make a database (an unexpected end of file, say).
+fn is_refusal(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::*;
+    const ENOSPC: i32 = 28;
+    const EACCES: i32 = 13;
+    const EROFS: i32 = 30;
+    const EDQUOT: i32 = 122;
+    matches!(
+        e.kind(),
+        StorageFull | PermissionDenied | ReadOnlyFilesystem | QuotaExceeded
+    ) || matches!(e.raw_os_error(), Some(ENOSPC | EACCES | EROFS | EDQUOT))
 }
 
 fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {

@@ -5,13 +5,18 @@
 //! (`fallthrough_store_errors_total`), and logged at most once a minute. A call past its limit
 //! goes on in the background, holding its place, so a disk that hangs takes at most
 //! `MAX_IN_FLIGHT` threads; then calls are skipped at once until places free up.
+//!
+//! sled does not recover from a failed write (a full disk): every later call fails the same
+//! way. So a tier whose storage failed is closed and opened again, at most every
+//! [`REOPEN_EVERY`], in the background: once there is space again, storing resumes by itself.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
-use tracing::warn;
+use tracing::{info, warn};
 
 use super::DiskTier;
 use crate::error::{report, DiskError};
@@ -23,12 +28,20 @@ pub(super) const MAX_IN_FLIGHT: usize = 64;
 pub(super) const TIME_LIMIT: Duration = Duration::from_secs(1);
 /// The least time between two log lines about disk failures.
 const LOG_EVERY: Duration = Duration::from_secs(60);
+/// The least time between two attempts to reopen a failed tier.
+const REOPEN_EVERY: Duration = Duration::from_secs(5);
 
-/// See the module's doc. Cheap to share.
+/// The disk tier behind its guard (see the module's doc).
 pub(super) struct Guard {
+    /// `None` while it is being reopened.
+    tier: RwLock<Option<DiskTier>>,
+    dir: PathBuf,
+    max_bytes: u64,
     places: Arc<Semaphore>,
     failures: AtomicU64,
     log: Mutex<LogState>,
+    /// When a reopen was last tried; `Some` while one runs or has run.
+    reopened_at: Mutex<Option<Instant>>,
 }
 
 #[derive(Default)]
@@ -37,30 +50,36 @@ struct LogState {
     unlogged: u64,
 }
 
-impl Default for Guard {
-    fn default() -> Self {
+impl Guard {
+    pub(super) fn new(tier: DiskTier) -> Self {
         Guard {
+            dir: tier.dir().to_owned(),
+            max_bytes: tier.max_bytes(),
+            tier: RwLock::new(Some(tier)),
             places: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
             failures: AtomicU64::new(0),
             log: Mutex::new(LogState::default()),
+            reopened_at: Mutex::new(None),
         }
     }
-}
 
-impl Guard {
-    /// Runs `op` on `disk` as the module's doc says; `None` when it failed, panicked, took
-    /// too long or could not start.
+    /// The tier as it is now; `None` while it is being reopened.
+    pub(super) fn tier(&self) -> Option<DiskTier> {
+        self.tier.read().expect("disk tier lock").clone()
+    }
+
+    /// Runs `op` on the tier as the module's doc says; `None` when it failed, panicked, took
+    /// too long or could not start (or the tier is being reopened).
     pub(super) async fn call<T: Send + 'static>(
-        &self,
-        disk: &DiskTier,
+        self: &Arc<Self>,
         what: &'static str,
         op: impl FnOnce(&DiskTier) -> Result<T, DiskError> + Send + 'static,
     ) -> Option<T> {
+        let disk = self.tier()?;
         let Ok(place) = self.places.clone().try_acquire_owned() else {
             self.failed(what, &"too many disk operations are stalled");
             return None;
         };
-        let disk = disk.clone();
         let task = tokio::task::spawn_blocking(move || {
             let _place = place; // held until the call really ends
             op(&disk)
@@ -69,10 +88,12 @@ impl Guard {
             Ok(Ok(Ok(value))) => Some(value),
             Ok(Ok(Err(e))) => {
                 self.failed(what, &report(&e));
+                self.reopen_later();
                 None
             }
             Ok(Err(e)) => {
                 self.failed(what, &format!("the disk worker failed: {e}"));
+                self.reopen_later();
                 None
             }
             Err(_) => {
@@ -86,6 +107,41 @@ impl Guard {
     pub(super) async fn settled(&self, limit: Duration) {
         let all = self.places.acquire_many(MAX_IN_FLIGHT as u32);
         let _ = tokio::time::timeout(limit, all).await;
+    }
+
+    /// Closes the tier and opens it again, in the background, unless that was tried less than
+    /// [`REOPEN_EVERY`] ago. Calls meanwhile skip the disk.
+    fn reopen_later(self: &Arc<Self>) {
+        {
+            let mut at = self.reopened_at.lock().expect("reopen lock");
+            if at.is_some_and(|at| at.elapsed() < REOPEN_EVERY) {
+                return;
+            }
+            *at = Some(Instant::now());
+        }
+        let guard = self.clone();
+        tokio::spawn(async move {
+            let old = guard.tier.write().expect("disk tier lock").take();
+            drop(old);
+            // Calls in flight hold the old tier; sled's lock is free once they end.
+            guard.settled(TIME_LIMIT * 2).await;
+            match DiskTier::open(&guard.dir, guard.max_bytes).await {
+                Ok(tier) => {
+                    info!(dir = %guard.dir.display(), "disk cache reopened");
+                    *guard.tier.write().expect("disk tier lock") = Some(tier);
+                }
+                Err(e) => {
+                    guard.failed("reopen", &report(&e));
+                    // Tried again after REOPEN_EVERY, on the next call that finds no tier.
+                    *guard.reopened_at.lock().expect("reopen lock") = Some(Instant::now());
+                    let retry = guard.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(REOPEN_EVERY).await;
+                        retry.reopen_later();
+                    });
+                }
+            }
+        });
     }
 
     /// Disk calls that failed, since the start.

@@ -46,8 +46,8 @@ pub struct Usage {
 #[derive(Clone)]
 pub struct Cache {
     memory: MemoryTier,
-    disk: Option<DiskTier>,
-    guard: Arc<guard::Guard>,
+    /// The disk tier behind its guard; `None` for a memory-only cache.
+    disk: Option<Arc<guard::Guard>>,
 }
 
 impl Cache {
@@ -56,7 +56,6 @@ impl Cache {
         Cache {
             memory: MemoryTier::new(memory_bytes),
             disk: None,
-            guard: Arc::default(),
         }
     }
 
@@ -68,8 +67,9 @@ impl Cache {
     ) -> Result<Self, DiskError> {
         Ok(Cache {
             memory: MemoryTier::new(memory_bytes),
-            disk: Some(DiskTier::open(dir, disk_bytes).await?),
-            guard: Arc::default(),
+            disk: Some(Arc::new(guard::Guard::new(
+                DiskTier::open(dir, disk_bytes).await?,
+            ))),
         })
     }
 
@@ -85,10 +85,7 @@ impl Cache {
         }
         let disk = self.disk.as_ref()?;
         let k = *key;
-        let found = self
-            .guard
-            .call(disk, "read", move |d| d.get(&k, now))
-            .await?;
+        let found = disk.call("read", move |d| d.get(&k, now)).await?;
         match found {
             Some(entry) if entry.freshness(now, None) != Freshness::Expired => {
                 let entry = Arc::new(entry);
@@ -99,7 +96,7 @@ impl Cache {
                 })
             }
             Some(_expired) => {
-                self.guard.call(disk, "remove", move |d| d.remove(&k)).await;
+                disk.call("remove", move |d| d.remove(&k)).await;
                 None
             }
             None => None,
@@ -113,7 +110,7 @@ impl Cache {
         if let Some(disk) = &self.disk {
             let stored = entry.clone();
             let write = move |d: &DiskTier| d.insert(&key, &stored, now);
-            self.guard.call(disk, "write", write).await;
+            disk.call("write", write).await;
         }
         self.memory.insert(key, entry).await;
     }
@@ -123,14 +120,14 @@ impl Cache {
         self.memory.remove(key).await;
         if let Some(disk) = &self.disk {
             let k = *key;
-            self.guard.call(disk, "remove", move |d| d.remove(&k)).await;
+            disk.call("remove", move |d| d.remove(&k)).await;
         }
     }
 
     /// Removes everything from both tiers.
     pub async fn clear(&self) -> Result<(), DiskError> {
         self.memory.clear();
-        if let Some(disk) = &self.disk {
+        if let Some(disk) = self.disk() {
             disk.clear().await?;
         }
         Ok(())
@@ -140,20 +137,21 @@ impl Cache {
     /// tier is within its bound. See [`DiskTier::wait_for_eviction`]; at once without a disk
     /// tier.
     pub async fn wait_for_eviction(&self) {
-        if let Some(disk) = &self.disk {
+        if let Some(disk) = self.disk() {
             disk.wait_for_eviction().await;
         }
     }
 
     /// Writes the disk tier out, once an eviction pass in flight has ended
-    /// ([`DiskTier::flush`]); a no-op without one.
-    /// Disk calls still in flight (a write past its time limit) are waited for, a while.
+    /// ([`DiskTier::flush`]); a no-op without one. Disk calls still in flight (a write past
+    /// its time limit) are waited for, a while.
     pub async fn flush(&self) -> Result<(), DiskError> {
-        match &self.disk {
-            Some(disk) => {
-                self.guard.settled(guard::TIME_LIMIT * 5).await;
-                disk.flush().await
-            }
+        let Some(guard) = &self.disk else {
+            return Ok(());
+        };
+        guard.settled(guard::TIME_LIMIT * 5).await;
+        match guard.tier() {
+            Some(disk) => disk.flush().await,
             None => Ok(()),
         }
     }
@@ -162,19 +160,21 @@ impl Cache {
         &self.memory
     }
 
-    pub fn disk(&self) -> Option<&DiskTier> {
-        self.disk.as_ref()
+    /// The disk tier as it is now: `None` for a memory-only cache, or while a tier that
+    /// failed is being reopened.
+    pub fn disk(&self) -> Option<DiskTier> {
+        self.disk.as_ref()?.tier()
     }
 
     pub async fn usage(&self) -> Usage {
         let (memory_entries, memory_bytes) = self.memory.usage().await;
-        let (disk_entries, disk_bytes) = self.disk.as_ref().map_or((0, 0), DiskTier::usage);
+        let (disk_entries, disk_bytes) = self.disk().as_ref().map_or((0, 0), DiskTier::usage);
         Usage {
             memory_entries,
             memory_bytes,
             disk_entries,
             disk_bytes,
-            disk_errors: self.guard.failures(),
+            disk_errors: self.disk.as_ref().map_or(0, |g| g.failures()),
         }
     }
 }
