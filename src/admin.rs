@@ -24,7 +24,7 @@ use crate::error::DiskError;
 use crate::key::{secret, CacheKey};
 
 /// What the disk tier holds.
-#[derive(Debug, Default, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Stats {
     pub entries: u64,
     pub bytes: u64,
@@ -136,6 +136,22 @@ pub async fn purge(disk: &DiskTier, purge: Purge, now: UnixMillis) -> Result<u64
         disk.clear().await?;
         return Ok(entries);
     }
+    let mut removed = 0;
+    for key in chosen_for(disk, purge, now).await? {
+        if disk.remove(&key)? {
+            removed += 1;
+        }
+    }
+    disk.flush().await?;
+    Ok(removed)
+}
+
+/// The keys of the entries `purge` selects (corrupt ones included), read one entry at a time.
+pub async fn chosen_for(
+    disk: &DiskTier,
+    purge: Purge,
+    now: UnixMillis,
+) -> Result<Vec<CacheKey>, DiskError> {
     let chosen = Arc::new(Mutex::new(Vec::new()));
     let choosing = chosen.clone();
     disk.visit(move |key, _, entry| {
@@ -152,14 +168,7 @@ pub async fn purge(disk: &DiskTier, purge: Purge, now: UnixMillis) -> Result<u64
     })
     .await?;
     let chosen = std::mem::take(&mut *chosen.lock().expect("purge lock"));
-    let mut removed = 0;
-    for key in chosen {
-        if disk.remove(&key)? {
-            removed += 1;
-        }
-    }
-    disk.flush().await?;
-    Ok(removed)
+    Ok(chosen)
 }
 
 /// Writes every entry that decodes as one JSONL line; returns how many were written.

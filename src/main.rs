@@ -53,6 +53,11 @@ enum Command {
     Cache {
         #[command(flatten)]
         common: CommonArgs,
+        /// Go through a running proxy's admin endpoints (for when it holds the cache
+        /// directory): `stats`, `get` and `purge`. `ANTHROPIC_API_KEY` is sent as the key (an
+        /// admin token when the proxy requires tokens).
+        #[arg(long, global = true, value_name = "URL")]
+        server: Option<String>,
         #[command(subcommand)]
         command: cmd::cache::CacheCommand,
     },
@@ -165,7 +170,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Mock(args) => run_mock(args).await,
         Command::Prewarm { common, args } => cmd::prewarm::run(args, common).await,
         Command::Bench { common, args } => cmd::bench::run(args, common).await,
-        Command::Cache { common, command } => {
+        Command::Cache {
+            server: Some(url),
+            command,
+            ..
+        } => cmd::cache::run_remote(command, &url).await,
+        Command::Cache {
+            common, command, ..
+        } => {
             let config = load_config(&common)?;
             let dir = config.cache_dir();
             let disk = DiskTier::open(&dir, config.cache.disk_bytes.as_u64())

@@ -33,6 +33,28 @@ pub enum CacheCommand {
     Import { file: PathBuf },
 }
 
+impl PurgeArgs {
+    fn what(&self) -> Result<Purge> {
+        Ok(match (self.expired, self.older_than, self.all) {
+            (true, _, _) => Purge::Expired,
+            (_, Some(age), _) => Purge::OlderThan(age),
+            (_, _, true) => Purge::All,
+            _ => bail!("say what to purge: --expired, --older-than DUR or --all"),
+        })
+    }
+
+    /// The body of `POST /fallthrough/purge`.
+    fn body(&self) -> Result<serde_json::Value> {
+        Ok(match self.what()? {
+            Purge::Expired => serde_json::json!({"expired": true}),
+            Purge::OlderThan(age) => {
+                serde_json::json!({"older_than": humantime::format_duration(age).to_string()})
+            }
+            Purge::All => serde_json::json!({"all": true}),
+        })
+    }
+}
+
 #[derive(Args)]
 #[command(group(ArgGroup::new("what").required(true).args(["expired", "older_than", "all"])))]
 pub struct PurgeArgs {
@@ -54,19 +76,7 @@ pub async fn run(command: CacheCommand, disk: DiskTier) -> Result<ExitCode> {
             let stats = admin::stats(&disk, now).await?;
             // With the directory to itself, what was read is exact: the kept counts follow.
             disk.set_counts(stats.entries, stats.bytes)?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&stats)?);
-            } else {
-                println!("entries   {}", stats.entries);
-                println!("bytes     {}", bytesize::ByteSize(stats.bytes));
-                println!("fresh     {}", stats.fresh);
-                println!("stale     {}", stats.stale);
-                println!("expired   {}", stats.expired);
-                println!("corrupt   {}", stats.corrupt);
-                for (model, n) in &stats.by_model {
-                    println!("model     {model}: {n}");
-                }
-            }
+            print_stats(&stats, json)?;
         }
         CacheCommand::Get { key } => {
             let key: CacheKey = key.parse().context("not a key")?;
@@ -79,24 +89,10 @@ pub async fn run(command: CacheCommand, disk: DiskTier) -> Result<ExitCode> {
                 Freshness::Stale => "stale",
                 Freshness::Expired => "expired",
             };
-            eprintln!(
-                "model {}  {state}  age {}",
-                entry.model,
-                humantime::format_duration(std::time::Duration::from_secs(
-                    entry.age(now).as_secs()
-                ))
-            );
-            std::io::stdout().write_all(&entry.body)?;
-            println!();
+            print_entry(&entry.model, state, entry.age(now).as_secs(), &entry.body)?;
         }
         CacheCommand::Purge(args) => {
-            let what = match (args.expired, args.older_than, args.all) {
-                (true, _, _) => Purge::Expired,
-                (_, Some(age), _) => Purge::OlderThan(age),
-                (_, _, true) => Purge::All,
-                _ => bail!("say what to purge: --expired, --older-than DUR or --all"),
-            };
-            let removed = admin::purge(&disk, what, now).await?;
+            let removed = admin::purge(&disk, args.what()?, now).await?;
             println!("removed {removed} entries");
         }
         CacheCommand::Export { file } => {
@@ -141,4 +137,108 @@ pub async fn run(command: CacheCommand, disk: DiskTier) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `stats`, `get` and `purge` through a running proxy's admin endpoints.
+pub async fn run_remote(command: CacheCommand, server: &str) -> Result<ExitCode> {
+    let base = server.trim_end_matches('/');
+    let http = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(600))
+        .build()?;
+    let with_key = |r: reqwest::RequestBuilder| match std::env::var("ANTHROPIC_API_KEY") {
+        Ok(key) if !key.is_empty() => r.header("x-api-key", key),
+        _ => r,
+    };
+    let send = |r: reqwest::RequestBuilder| async move {
+        let r = with_key(r)
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the proxy at {base}"))?;
+        let status = r.status();
+        let headers = r.headers().clone();
+        let body = r.bytes().await?;
+        anyhow::Ok((status, headers, body))
+    };
+    let refused = |status: reqwest::StatusCode, body: &[u8]| {
+        let message = serde_json::from_slice::<serde_json::Value>(body)
+            .ok()
+            .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| String::from_utf8_lossy(body).into_owned());
+        anyhow::anyhow!("the proxy at {base} answered {status}: {message}")
+    };
+    match command {
+        CacheCommand::Stats { json } => {
+            let (status, _, body) = send(http.get(format!("{base}/fallthrough/stats"))).await?;
+            if !status.is_success() {
+                return Err(refused(status, &body));
+            }
+            print_stats(&serde_json::from_slice(&body)?, json)?;
+        }
+        CacheCommand::Get { key } => {
+            let key: CacheKey = key.parse().context("not a key")?;
+            let url = format!("{base}/fallthrough/entries/{key}");
+            let (status, headers, body) = send(http.get(url)).await?;
+            if status == reqwest::StatusCode::NOT_FOUND {
+                eprintln!("no entry under {key}");
+                return Ok(ExitCode::FAILURE);
+            }
+            if !status.is_success() {
+                return Err(refused(status, &body));
+            }
+            let text = |name: &str| {
+                headers
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned()
+            };
+            let age = text("age").parse().unwrap_or(0);
+            print_entry(
+                &text("x-fallthrough-model"),
+                &text("x-fallthrough-freshness"),
+                age,
+                &body,
+            )?;
+        }
+        CacheCommand::Purge(args) => {
+            let url = format!("{base}/fallthrough/purge");
+            let (status, _, body) = send(http.post(url).json(&args.body()?)).await?;
+            if !status.is_success() {
+                return Err(refused(status, &body));
+            }
+            let answer: serde_json::Value = serde_json::from_slice(&body)?;
+            println!("removed {} entries", answer["removed"]);
+        }
+        CacheCommand::Export { .. } | CacheCommand::Import { .. } => bail!(
+            "export and import read and write the cache directory itself: run them without \
+             --server, with the proxy stopped (or on a copy of its directory)"
+        ),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_stats(stats: &admin::Stats, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(stats)?);
+        return Ok(());
+    }
+    println!("entries   {}", stats.entries);
+    println!("bytes     {}", bytesize::ByteSize(stats.bytes));
+    println!("fresh     {}", stats.fresh);
+    println!("stale     {}", stats.stale);
+    println!("expired   {}", stats.expired);
+    println!("corrupt   {}", stats.corrupt);
+    for (model, n) in &stats.by_model {
+        println!("model     {model}: {n}");
+    }
+    Ok(())
+}
+
+/// An entry: its metadata on stderr, its body on stdout.
+fn print_entry(model: &str, state: &str, age_secs: u64, body: &[u8]) -> Result<()> {
+    let age = humantime::format_duration(std::time::Duration::from_secs(age_secs));
+    eprintln!("model {model}  {state}  age {age}");
+    std::io::stdout().write_all(body)?;
+    println!();
+    Ok(())
 }

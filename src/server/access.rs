@@ -40,6 +40,7 @@ pub(super) struct Access {
 struct Token {
     name: Arc<str>,
     digest: [u8; 32],
+    admin: bool,
     /// `fallthrough_caller_requests_total{caller=name}`.
     requests: Counter,
 }
@@ -48,8 +49,7 @@ struct Token {
 #[derive(Clone, Debug)]
 pub(super) enum Caller {
     /// Presented a listed token: its credential was taken out, the proxy's goes upstream.
-    /// (`admin = true` is read by the admin endpoints, when they come.)
-    Token { name: Arc<str> },
+    Token { name: Arc<str>, admin: bool },
     /// No token needed: the caller's own credential is forwarded, or the proxy's fills in.
     Open,
 }
@@ -58,7 +58,7 @@ impl Caller {
     /// The partition of the caller's entries: the token's name, or by credential (`None`).
     pub(super) fn partition(&self) -> Option<String> {
         match self {
-            Caller::Token { name } => Some(name.to_string()),
+            Caller::Token { name, .. } => Some(name.to_string()),
             Caller::Open => None,
         }
     }
@@ -94,6 +94,7 @@ impl Access {
             .map(|t| Token {
                 name: t.name.as_str().into(),
                 digest: t.digest().expect("validated with the config"),
+                admin: t.admin,
                 requests: metrics.caller_counter(&t.name),
             })
             .collect();
@@ -105,6 +106,11 @@ impl Access {
             allowed_hosts: lower(&config.allowed_hosts),
             listen,
         })
+    }
+
+    /// Whether every caller must present a listed token.
+    pub(super) fn requires_token(&self) -> bool {
+        self.require_token
     }
 
     /// Why a request must be refused before anything else is read, as the API's error.
@@ -216,6 +222,7 @@ pub(super) async fn admit(
             headers.remove(header::AUTHORIZATION);
             Caller::Token {
                 name: token.name.clone(),
+                admin: token.admin,
             }
         }
         None if access.require_token => {
@@ -228,7 +235,7 @@ pub(super) async fn admit(
         None => Caller::Open,
     };
     let span = match &caller {
-        Caller::Token { name } => debug_span!("caller", name = %name),
+        Caller::Token { name, .. } => debug_span!("caller", name = %name),
         Caller::Open => debug_span!("caller", name = "open"),
     };
     let origin = request.headers().get(header::ORIGIN).cloned();

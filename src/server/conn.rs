@@ -83,9 +83,9 @@ pub(super) async fn serve(
             permit = open.clone().acquire_owned() => permit.expect("never closed"),
             () = &mut shutdown => break,
         };
-        let tcp = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((tcp, _)) => tcp,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     // Out of file descriptors, most often: give open connections a moment to
                     // close rather than spin.
@@ -103,6 +103,7 @@ pub(super) async fn serve(
             router: router.clone(),
             limits: limits.clone(),
             closing: closing_rx.clone(),
+            peer: Peer(peer),
             _permit: permit,
         };
         tokio::spawn(connection.run(tcp));
@@ -114,7 +115,12 @@ pub(super) async fn serve(
     let _ = open.acquire_many(all).await;
 }
 
+/// The caller's address, in every request's extensions.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Peer(pub std::net::SocketAddr);
+
 struct Connection {
+    peer: Peer,
     router: Router,
     limits: Arc<ServerConfig>,
     closing: watch::Receiver<bool>,
@@ -132,7 +138,9 @@ impl Connection {
         });
         let router = self.router.clone();
         let in_service = watch.clone();
-        let service = hyper::service::service_fn(move |request: hyper::Request<Incoming>| {
+        let peer = self.peer;
+        let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+            request.extensions_mut().insert(peer);
             let busy = in_service.begin();
             let mut router = router.clone();
             async move {

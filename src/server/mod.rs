@@ -8,6 +8,7 @@
 //! - `errors`: every failure in the API's own error shape.
 
 mod access;
+mod admin;
 mod conn;
 mod errors;
 mod messages;
@@ -119,6 +120,17 @@ fn router(app: Arc<App>) -> Router {
         .route("/v1/messages/count_tokens", post(messages::messages))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
+        .nest(
+            "/fallthrough",
+            Router::new()
+                .route("/stats", get(admin::stats))
+                .route("/entries/{key}", get(admin::entry))
+                .route("/purge", post(admin::purge))
+                .layer(axum::middleware::from_fn_with_state(
+                    app.clone(),
+                    admin::only_admins,
+                )),
+        )
         .fallback(pass::pass_through)
         // A wrong method on the proxy's own routes is refused in the API's error shape.
         .method_not_allowed_fallback(
