@@ -52,10 +52,17 @@ struct LogState {
 
 impl Guard {
     pub(super) fn new(tier: DiskTier) -> Self {
+        let guard = Self::opening(tier.dir().to_owned(), tier.max_bytes());
+        guard.set(tier);
+        guard
+    }
+
+    /// A guard whose tier is still being opened ([`Self::set`] brings it in).
+    pub(super) fn opening(dir: PathBuf, max_bytes: u64) -> Self {
         Guard {
-            dir: tier.dir().to_owned(),
-            max_bytes: tier.max_bytes(),
-            tier: RwLock::new(Some(tier)),
+            dir,
+            max_bytes,
+            tier: RwLock::new(None),
             places: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
             failures: AtomicU64::new(0),
             log: Mutex::new(LogState::default()),
@@ -63,7 +70,15 @@ impl Guard {
         }
     }
 
-    /// The tier as it is now; `None` while it is being reopened.
+    pub(super) fn set(&self, tier: DiskTier) {
+        *self.tier.write().expect("disk tier lock") = Some(tier);
+    }
+
+    pub(super) fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+
+    /// The tier as it is now; `None` while it is being opened or reopened.
     pub(super) fn tier(&self) -> Option<DiskTier> {
         self.tier.read().expect("disk tier lock").clone()
     }

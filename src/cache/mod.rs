@@ -9,13 +9,18 @@ mod memory;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use tracing::{error, info};
+
 pub(crate) use disk::create_private_dir;
 pub use disk::{DiskTier, Evicted};
 pub use memory::MemoryTier;
 
 use crate::entry::{Entry, Freshness, UnixMillis};
-use crate::error::DiskError;
+use crate::error::{report, DiskError};
 use crate::key::CacheKey;
+
+/// How long [`Cache::open_serving`] waits for the disk tier before serving without it.
+pub const OPEN_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Which tier answered a lookup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,6 +76,50 @@ impl Cache {
                 DiskTier::open(dir, disk_bytes).await?,
             ))),
         })
+    }
+
+    /// As [`Self::open`], for a server that must answer at once: a disk tier that takes longer
+    /// than [`OPEN_WAIT`] to open (sled reads a large database's pages back, seconds at a
+    /// million entries) goes on opening in the background while the memory tier and the
+    /// upstream answer; it joins when it is ready. Another process's lock, or a path that is a
+    /// file, is found well within the wait and is an error as with [`Self::open`]; a failure
+    /// found later is logged, and the cache stays in memory.
+    pub async fn open_serving(
+        dir: impl Into<PathBuf>,
+        memory_bytes: u64,
+        disk_bytes: u64,
+    ) -> Result<Self, DiskError> {
+        let dir = dir.into();
+        let guard = Arc::new(guard::Guard::opening(dir.clone(), disk_bytes));
+        let mut opening = tokio::spawn(DiskTier::open(dir.clone(), disk_bytes));
+        match tokio::time::timeout(OPEN_WAIT, &mut opening).await {
+            Ok(opened) => guard.set(opened.map_err(DiskError::worker)??),
+            Err(_) => {
+                info!(dir = %dir.display(), "the disk cache is large and still opening; answering from memory and the upstream meanwhile");
+                let joining = guard.clone();
+                tokio::spawn(async move {
+                    match opening.await {
+                        Ok(Ok(tier)) => {
+                            info!("the disk cache is open");
+                            joining.set(tier);
+                        }
+                        Ok(Err(e)) => {
+                            error!(error = %report(&e), "the disk cache could not be opened; serving from memory only")
+                        }
+                        Err(e) => error!(error = %e, "opening the disk cache failed"),
+                    }
+                });
+            }
+        }
+        Ok(Cache {
+            memory: MemoryTier::new(memory_bytes),
+            disk: Some(guard),
+        })
+    }
+
+    /// The cache directory, for a cache with a disk tier (open, or still opening).
+    pub fn dir(&self) -> Option<&std::path::Path> {
+        self.disk.as_deref().map(guard::Guard::dir)
     }
 
     /// The entry under `key` if it is still servable (fresh or stale) at `now`.

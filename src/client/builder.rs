@@ -43,7 +43,7 @@ fn fresh_secret() -> KeySecret {
 async fn open_or_memory_only(config: &Config) -> Result<Cache, Error> {
     let memory = config.cache.memory_bytes.as_u64();
     let dir = config.cache_dir();
-    match Cache::open(&dir, memory, config.cache.disk_bytes.as_u64()).await {
+    match Cache::open_serving(&dir, memory, config.cache.disk_bytes.as_u64()).await {
         Ok(cache) => Ok(cache),
         Err(e @ (DiskError::Locked { .. } | DiskError::NotADirectory { .. })) => Err(e.into()),
         Err(e) => {
@@ -207,9 +207,9 @@ impl ClientBuilder {
             None if self.memory_only => Cache::memory_only(config.cache.memory_bytes.as_u64()),
             None => open_or_memory_only(&config).await?,
         };
-        let key_secret = match (self.key_secret, cache.disk()) {
+        let key_secret = match (self.key_secret, cache.dir()) {
             (Some(secret), _) => secret,
-            (None, Some(disk)) => KeySecret::for_dir(disk.dir()).unwrap_or_else(|e| {
+            (None, Some(dir)) => KeySecret::for_dir(dir).unwrap_or_else(|e| {
                 warn!(error = %e, "cannot keep the key secret in the cache directory; using one for this process only");
                 fresh_secret()
             }),
