@@ -159,29 +159,30 @@ async fn disk_eviction_takes_expired_first_then_least_recently_used() {
     for n in 1..10 {
         disk.insert(&key(n), &fresh(now), now + n as u64).unwrap();
     }
-    // Entry 1 is used again, so 2 is now the least recently used.
-    disk.get(&key(1), now + 100).unwrap().unwrap();
-    let evicted = disk.evict(now + 200, 11_000).await.unwrap();
+    // Entry 1 is used again (seconds later: access times move at a second's grain), so 2 is
+    // now the least recently used.
+    disk.get(&key(1), now + 5_000).unwrap().unwrap();
+    let evicted = disk.evict(now + 6_000, 11_000).await.unwrap();
     assert_eq!(evicted.expired, 1);
     assert_eq!(
         evicted.least_recently_used, 0,
         "under the bound once expired went"
     );
 
-    disk.insert(&key(10), &fresh(now), now + 300).unwrap();
-    disk.insert(&key(11), &fresh(now), now + 301).unwrap();
-    let evicted = disk.evict(now + 400, 11_000).await.unwrap();
+    disk.insert(&key(10), &fresh(now), now + 7_000).unwrap();
+    disk.insert(&key(11), &fresh(now), now + 7_001).unwrap();
+    let evicted = disk.evict(now + 8_000, 11_000).await.unwrap();
     assert!(evicted.least_recently_used >= 1, "{evicted:?}");
     assert!(
-        disk.get(&key(2), now + 500).unwrap().is_none(),
+        disk.get(&key(2), now + 9_000).unwrap().is_none(),
         "LRU entry kept"
     );
     assert!(
-        disk.get(&key(1), now + 500).unwrap().is_some(),
+        disk.get(&key(1), now + 9_000).unwrap().is_some(),
         "recently used entry evicted"
     );
     assert!(
-        disk.get(&key(11), now + 500).unwrap().is_some(),
+        disk.get(&key(11), now + 9_000).unwrap().is_some(),
         "newest entry evicted"
     );
     assert!(disk.usage().1 <= 11_000);

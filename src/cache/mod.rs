@@ -19,8 +19,24 @@ use crate::entry::{Entry, Freshness, UnixMillis};
 use crate::error::{report, DiskError};
 use crate::key::CacheKey;
 
-/// How long [`Cache::open_serving`] waits for the disk tier before serving without it.
+/// How long [`Cache::open_serving`] waits for a large disk tier before serving without it.
 pub const OPEN_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
+/// The size on disk above which [`Cache::open_serving`] may serve before the tier is open.
+pub const BACKGROUND_OPEN_BYTES: u64 = 128 * 1024 * 1024;
+
+/// The bytes of the files under `dir` (0 when it does not exist).
+fn bytes_under(dir: &std::path::Path) -> u64 {
+    let Ok(items) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    items
+        .flatten()
+        .map(|item| match item.file_type() {
+            Ok(t) if t.is_dir() => bytes_under(&item.path()),
+            _ => item.metadata().map_or(0, |m| m.len()),
+        })
+        .sum()
+}
 
 /// Which tier answered a lookup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,12 +94,13 @@ impl Cache {
         })
     }
 
-    /// As [`Self::open`], for a server that must answer at once: a disk tier that takes longer
-    /// than [`OPEN_WAIT`] to open (sled reads a large database's pages back, seconds at a
-    /// million entries) goes on opening in the background while the memory tier and the
-    /// upstream answer; it joins when it is ready. Another process's lock, or a path that is a
-    /// file, is found well within the wait and is an error as with [`Self::open`]; a failure
-    /// found later is logged, and the cache stays in memory.
+    /// As [`Self::open`], for a server that must answer at once: a large database (over
+    /// [`BACKGROUND_OPEN_BYTES`] on disk, which sled takes seconds to read back at a million
+    /// entries) that is not open after [`OPEN_WAIT`] goes on opening in the background while
+    /// the memory tier and the upstream answer; it joins when it is ready. A smaller one is
+    /// waited for, however slow the machine. Another process's lock, or a path that is a file,
+    /// is found well within the wait and is an error as with [`Self::open`]; a failure found
+    /// later is logged, and the cache stays in memory.
     pub async fn open_serving(
         dir: impl Into<PathBuf>,
         memory_bytes: u64,
@@ -91,7 +108,25 @@ impl Cache {
     ) -> Result<Self, DiskError> {
         let dir = dir.into();
         let guard = Arc::new(guard::Guard::opening(dir.clone(), disk_bytes));
-        let mut opening = tokio::spawn(DiskTier::open(dir.clone(), disk_bytes));
+        let large = bytes_under(&dir.join("db")) > BACKGROUND_OPEN_BYTES;
+        let opening = tokio::spawn(DiskTier::open(dir.clone(), disk_bytes));
+        if !large {
+            guard.set(opening.await.map_err(DiskError::worker)??);
+        } else {
+            Self::join_when_open(&guard, &dir, opening).await?;
+        }
+        Ok(Cache {
+            memory: MemoryTier::new(memory_bytes),
+            disk: Some(guard),
+        })
+    }
+
+    /// Waits [`OPEN_WAIT`] for a large tier's opening, then lets it join in the background.
+    async fn join_when_open(
+        guard: &Arc<guard::Guard>,
+        dir: &std::path::Path,
+        mut opening: tokio::task::JoinHandle<Result<DiskTier, DiskError>>,
+    ) -> Result<(), DiskError> {
         match tokio::time::timeout(OPEN_WAIT, &mut opening).await {
             Ok(opened) => guard.set(opened.map_err(DiskError::worker)??),
             Err(_) => {
@@ -111,10 +146,7 @@ impl Cache {
                 });
             }
         }
-        Ok(Cache {
-            memory: MemoryTier::new(memory_bytes),
-            disk: Some(guard),
-        })
+        Ok(())
     }
 
     /// The cache directory, for a cache with a disk tier (open, or still opening).
