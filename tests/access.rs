@@ -4,7 +4,7 @@
 mod support;
 
 use std::io::Read;
-use std::process::{Command as StdCommand, Stdio};
+use std::process::Stdio;
 
 use fallthrough::config::{AccessConfig, TokenConfig};
 use fallthrough::mock::{MockConfig, MockServer};
@@ -314,12 +314,7 @@ async fn a_printed_token_admits_its_caller_and_is_never_logged() {
     assert_eq!(mock.stats().last_api_key.as_deref(), Some(PROXY_KEY));
 
     // SIGTERM: drain, flush, exit 0 (and the log reader sees the end).
-    let pid = child.id().to_string();
-    assert!(StdCommand::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
+    support::terminate(&child);
     assert!(child.wait().unwrap().success());
     let logs = logs.join().unwrap();
     assert!(logs.contains("TRACE"), "trace logging was on");

@@ -142,12 +142,7 @@ async fn a_full_disk_never_fails_a_request_and_storing_resumes_when_space_is_bac
     }
 
     // SIGTERM still drains and exits.
-    let pid = child.id().to_string();
-    assert!(StdCommand::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
+    support::terminate(&child);
     let deadline = std::time::Instant::now() + EVENTUALLY;
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {

@@ -89,3 +89,10 @@ pub fn spawn_serve(
     assert!(url.starts_with("http://"), "{first}");
     (child, url)
 }
+
+/// Sends SIGTERM to a child this test started (by its pid).
+pub fn terminate(child: &Child) {
+    let pid = child.id().to_string();
+    let sent = StdCommand::new("kill").args(["-TERM", &pid]).status();
+    assert!(sent.unwrap().success(), "kill -TERM {pid}");
+}
