@@ -37,7 +37,7 @@ pub struct Config {
     pub retry: RetryConfig,
     pub breaker: BreakerConfig,
     /// Model -> models to try in turn when it cannot answer. Default: the chains of
-    /// [`default_fallbacks`].
+    /// `default_fallbacks` (opus and sonnet to the cheaper models of their generation).
     pub fallback: HashMap<String, Vec<String>>,
     pub access: AccessConfig,
     pub server: ServerConfig,

@@ -3,9 +3,11 @@
 //! # Layout
 //! - [`key`]: the cache key, blake3 over a canonical form of the request; `key/canonical.rs`
 //!   holds the form's rules once, for the value path and the one-pass byte path
-//!   (`key/streaming.rs`).
+//!   (`key/streaming.rs`); `key/secret.rs` the secret credential fingerprints are keyed with.
 //! - [`entry`]: a stored answer, its freshness, and its versioned, checksummed encoding.
-//! - [`cache`]: the two tiers (memory in moka, disk in sled) and promotion between them.
+//! - [`cache`]: the two tiers (memory in moka, disk in sled: `disk.rs`, its opening in
+//!   `disk/open.rs`) and promotion between them; `guard` runs every disk call on the
+//!   blocking pool with a time limit, counts failures and reopens a failed tier.
 //! - [`admin`]: stats, get, purge, export and import over the disk tier.
 //! - [`prewarm`]: filling the cache from a JSONL file of requests; [`jsonl`]: which lines of
 //!   such a file are requests, and why the others are not.
@@ -18,13 +20,16 @@
 //!   join-or-lead for plain and streamed misses), `chain` (primary, stale, fallbacks,
 //!   exhausted), `attempt` (one model: permit, breaker, budget, retries), `form` (a whole
 //!   body or a live stream), `store` (storing, stale answers and their refresh), `stream`
-//!   (streamed calls and the relay), `pass` (uncached paths, through the same limits).
+//!   (streamed calls and the relay), `tape` (a live stream recorded at the upstream's pace and
+//!   read by each caller at its own), `pass` (uncached paths, through the same limits).
 //! - [`upstream`]: one HTTP attempt and its classification; retry policy, budget, breaker.
 //! - `clock`: where the engine reads the time: the system's clocks, or a logical clock for a
 //!   reproducible bench replay.
 //! - [`bench`](mod@bench): replaying a workload through a [`Client`]; `report`: what it measured.
-//! - [`server`]: the proxy, `fallthrough serve`: routes and drain in `mod.rs`, `messages` (the
-//!   cached paths), `pass` (everything else), `errors` (the API's error shape).
+//! - [`server`]: the proxy, `fallthrough serve`: routes and drain in `mod.rs`, `conn`
+//!   (connections and their limits: timeouts, caps), `access` (tokens, browser safety),
+//!   `messages` (the cached paths), `pass` (everything else), `admin` (the cache's admin
+//!   endpoints), `errors` (the API's error shape).
 //! - [`config`]: `fallthrough.toml` and its defaults.
 //! - [`metrics`]: Prometheus metrics; it renders the readings the engine gathers.
 //! - [`outcome`]: how a request was answered (memory, disk, miss, stale, bypass).

@@ -185,7 +185,7 @@ impl Cache {
     }
 
     /// Stores `entry` in both tiers. The disk's part never fails or holds up the caller for
-    /// long ([`guard`]): a disk that cannot take it leaves the entry in memory only.
+    /// long (the `guard` room): a disk that cannot take it leaves the entry in memory only.
     pub async fn insert(&self, key: CacheKey, entry: Entry, now: UnixMillis) {
         let entry = Arc::new(entry);
         if let Some(disk) = &self.disk {
