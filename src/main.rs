@@ -180,7 +180,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             let config = load_config(&common)?;
             let dir = config.cache_dir();
-            let disk = DiskTier::open(&dir, config.cache.disk_bytes.as_u64())
+            let disk = DiskTier::open_for_walk(&dir, config.cache.disk_bytes.as_u64())
                 .await
                 .with_context(|| format!("opening the cache in {}", dir.display()))?;
             cmd::cache::run(command, disk).await

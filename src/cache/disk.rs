@@ -42,6 +42,8 @@ const FLUSH_EVERY_MS: u64 = 100;
 /// sled's own page cache. Its default (1 GiB) would dwarf the memory tier, which already holds
 /// the hot entries; this is enough for sled's index and recently written pages.
 const SLED_CACHE_BYTES: u64 = 32 * 1024 * 1024;
+/// sled's page cache for a one-off walk (`cache stats`, `export`): it reads each page once.
+const SLED_WALK_CACHE_BYTES: u64 = 4 * 1024 * 1024;
 /// A read moves an entry's access time only when the recorded one is at least this old: LRU
 /// at a second's grain, and an entry read from disk again and again (the memory tier off, or
 /// too small) costs no writes each time.
@@ -139,14 +141,31 @@ impl DiskTier {
     /// (corrupt, truncated, of an unknown version) is moved aside to `<dir>/corrupt-<unix
     /// seconds>` (only the newest such copy is kept) and a new one is created.
     pub async fn open(dir: impl Into<PathBuf>, max_bytes: u64) -> Result<DiskTier, DiskError> {
-        let dir = dir.into();
-        let tier = tokio::task::spawn_blocking(move || Self::open_blocking(&dir, max_bytes))
-            .await
-            .map_err(DiskError::worker)??;
+        Self::open_with(dir.into(), max_bytes, SLED_CACHE_BYTES).await
+    }
+
+    /// As [`Self::open`], with a small page cache for a process that walks the tier once and
+    /// exits (the `cache` commands): a page cache sized for serving would only grow its memory.
+    pub async fn open_for_walk(
+        dir: impl Into<PathBuf>,
+        max_bytes: u64,
+    ) -> Result<DiskTier, DiskError> {
+        Self::open_with(dir.into(), max_bytes, SLED_WALK_CACHE_BYTES).await
+    }
+
+    async fn open_with(
+        dir: PathBuf,
+        max_bytes: u64,
+        page_cache: u64,
+    ) -> Result<DiskTier, DiskError> {
+        let tier =
+            tokio::task::spawn_blocking(move || Self::open_blocking(&dir, max_bytes, page_cache))
+                .await
+                .map_err(DiskError::worker)??;
         Ok(tier)
     }
 
-    fn open_blocking(dir: &Path, max_bytes: u64) -> Result<DiskTier, DiskError> {
+    fn open_blocking(dir: &Path, max_bytes: u64, page_cache: u64) -> Result<DiskTier, DiskError> {
         if dir.exists() && !dir.is_dir() {
             return Err(DiskError::NotADirectory {
                 dir: dir.display().to_string(),
@@ -157,7 +176,7 @@ impl DiskTier {
         let locked = || DiskError::Locked {
             dir: dir.display().to_string(),
         };
-        let (db, trees, counts) = match open_db(&path) {
+        let (db, trees, counts) = match open_db(&path, page_cache) {
             Ok(opened) => opened,
             Err(OpenError::Locked) => return Err(locked()),
             Err(OpenError::Unavailable(e)) => return Err(DiskError::storage(e)),
@@ -169,7 +188,7 @@ impl DiskTier {
                     why,
                     "the disk cache could not be opened; moved it aside and starting empty"
                 );
-                match open_db(&path) {
+                match open_db(&path, page_cache) {
                     Ok(opened) => opened,
                     Err(OpenError::Locked) => return Err(locked()),
                     Err(OpenError::Unavailable(e)) => return Err(DiskError::storage(e)),

@@ -5,8 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use super::{
-    row, Meta, Trees, FLUSH_EVERY_MS, LAYOUT, PER_ENTRY_OVERHEAD, SLED_CACHE_BYTES, STATE_COUNTS,
-    STATE_LAYOUT,
+    row, Meta, Trees, FLUSH_EVERY_MS, LAYOUT, PER_ENTRY_OVERHEAD, STATE_COUNTS, STATE_LAYOUT,
 };
 use crate::entry::Entry;
 
@@ -24,12 +23,15 @@ pub(super) enum OpenError {
 /// Opens the database at `path` and its trees, and reads (or, for an older layout, counts) its
 /// entries and bytes. Any failure but another process's lock, a panic inside sled included,
 /// is [`OpenError::Broken`].
-pub(super) fn open_db(path: &Path) -> Result<(sled::Db, Trees, (u64, u64)), OpenError> {
+pub(super) fn open_db(
+    path: &Path,
+    page_cache: u64,
+) -> Result<(sled::Db, Trees, (u64, u64)), OpenError> {
     let opened = std::panic::catch_unwind(|| -> sled::Result<_> {
         let db = sled::Config::new()
             .path(path)
             .flush_every_ms(Some(FLUSH_EVERY_MS))
-            .cache_capacity(SLED_CACHE_BYTES)
+            .cache_capacity(page_cache)
             .open()?;
         let trees = Trees {
             entries: db.open_tree("entries")?,
