@@ -1144,3 +1144,38 @@ async fn identical_misses_racing_a_finished_flight_make_no_second_call() {
         "one upstream call a round"
     );
 }
+
+/// Failures that arrive mid-stream (an `error` event after a 200's head) count against the
+/// model's breaker like a 529 before the head: an overload of streamed traffic opens it.
+#[tokio::test]
+async fn mid_stream_errors_open_the_breaker() {
+    let (mock, client) = start(MockConfig::default(), |b| {
+        b.breaker(3, Duration::from_secs(30))
+    })
+    .await;
+    mock.script(
+        Some(MODEL),
+        vec![Scripted::StreamError { after_events: 2 }; 3],
+    );
+    for n in 0..3 {
+        let r = client
+            .stream(Request::json(&body(MODEL, &format!("streamed {n}"))))
+            .await
+            .expect("the head is a 200");
+        let events: Vec<_> = r.events.collect().await;
+        let bytes: Vec<u8> = events
+            .into_iter()
+            .flat_map(|e| e.unwrap().to_vec())
+            .collect();
+        assert!(String::from_utf8_lossy(&bytes).contains("overloaded_error"));
+    }
+    // The pump tells the breaker once the stream has ended.
+    support::eventually("the breaker to open", || {
+        client.breaker_states() == [(MODEL.to_owned(), BreakerState::Blocking)]
+    })
+    .await;
+    let before = attempts_for(&mock, MODEL);
+    let held = client.stream(Request::json(&body(MODEL, "held"))).await;
+    assert!(held.is_err(), "a held model is not called");
+    assert_eq!(attempts_for(&mock, MODEL), before);
+}

@@ -50,11 +50,13 @@ impl Engine {
                 .attempt::<F>(p, model, body.clone(), deadline, permit)
                 .await;
             let error = match result {
-                Ok(body) => {
-                    let now = self.clock.instant();
-                    self.breakers
-                        .record(model, admission, Verdict::Answered, now);
-                    return Ok(body);
+                Ok(mut fetched) => {
+                    if F::answered_now(&mut fetched, admission) {
+                        let now = self.clock.instant();
+                        self.breakers
+                            .record(model, admission, Verdict::Answered, now);
+                    }
+                    return Ok(fetched);
                 }
                 Err(e) => e,
             };

@@ -11,6 +11,7 @@ use tokio::time::Instant;
 
 use crate::error::UpstreamError;
 use crate::upstream;
+use crate::upstream::breaker::Admission;
 
 /// How an upstream answer is asked for and taken.
 pub(crate) trait Form {
@@ -28,6 +29,11 @@ pub(crate) trait Form {
         model: &str,
         deadline: Instant,
     ) -> impl Future<Output = Result<Self::Fetched, UpstreamError>> + Send;
+
+    /// Whether a successful attempt tells the model's breaker "answered" now. A whole body
+    /// does; a live stream keeps its `admission` and tells the breaker how it ended, once it
+    /// has (an `error` event after the head is a failure like a 529 before it).
+    fn answered_now(fetched: &mut Self::Fetched, admission: Admission) -> bool;
 }
 
 /// A whole Message body; the concurrency permit is given back once it is read.
@@ -53,6 +59,10 @@ impl Form for Whole {
         let body = upstream::read_body(response, model, deadline).await?;
         Ok(WholeResponse { body, headers })
     }
+
+    fn answered_now(_: &mut WholeResponse, _: Admission) -> bool {
+        true
+    }
 }
 
 /// A live event stream, from its head on: retries end once the head has arrived.
@@ -62,6 +72,10 @@ pub(crate) struct Live;
 pub(crate) struct LiveResponse {
     pub response: reqwest::Response,
     pub permit: OwnedSemaphorePermit,
+    /// The breaker's admission of the attempt, for the verdict at the stream's end; `None`
+    /// for a probe, whose head already closed the breaker (a long stream must not hold the
+    /// model in probing): then only a failure is told at the end.
+    pub admission: Option<Admission>,
 }
 
 impl Form for Live {
@@ -74,6 +88,16 @@ impl Form for Live {
         _model: &str,
         _deadline: Instant,
     ) -> Result<LiveResponse, UpstreamError> {
-        Ok(LiveResponse { response, permit })
+        Ok(LiveResponse {
+            response,
+            permit,
+            admission: None,
+        })
+    }
+
+    fn answered_now(live: &mut LiveResponse, admission: Admission) -> bool {
+        let probe = admission == Admission::Probe;
+        live.admission = (!probe).then_some(admission);
+        probe
     }
 }

@@ -25,6 +25,7 @@ use crate::error::Error;
 use crate::key::CacheKey;
 use crate::outcome::Outcome;
 use crate::sse::{self, Assembler, FrameParser};
+use crate::upstream::breaker::{Admission, Cause, Verdict};
 
 /// Largest single event the relay assembles; a larger one (or bytes that never end a line)
 /// is still relayed, but the stream is not stored.
@@ -197,7 +198,18 @@ impl Engine {
             ..
         } = flight;
         tokio::spawn(async move {
-            let (message, end) = pump(live, &recording).await;
+            let admission = live.admission;
+            let (message, end, verdict) = pump(live, &recording).await;
+            let now = engine.clock.instant();
+            match admission {
+                Some(admission) => engine.breakers.record(&model, admission, verdict, now),
+                None if verdict != Verdict::Answered => {
+                    engine
+                        .breakers
+                        .record(&model, Admission::Pass, verdict, now)
+                }
+                None => {}
+            }
             if let Some(message) = message {
                 let body = Bytes::from(message.to_string());
                 let answer = engine
@@ -219,13 +231,17 @@ impl Engine {
 
 /// Copies the upstream's bytes onto `tape`, assembling the Message as they pass. Returns it
 /// only when the stream ended properly (an `error` event, a malformed stream or a cut gives
-/// `None`), and how the tape ends.
-async fn pump(live: LiveResponse, tape: &Tape) -> (Option<Value>, Result<(), String>) {
+/// `None`), how the tape ends, and what the stream tells the model's breaker: a stream is a
+/// failure of the model when it carries an `error` event (an overload mid-stream is an
+/// overload), breaks off, or ends before `message_stop`.
+async fn pump(live: LiveResponse, tape: &Tape) -> (Option<Value>, Result<(), String>, Verdict) {
     // The permit is held until the stream has been read to its end.
     let LiveResponse {
         response,
         permit: _permit,
+        ..
     } = live;
+    let mut verdict = Verdict::Answered;
     let mut body = response.bytes_stream();
     let mut parser = FrameParser::new();
     let mut assembler = Assembler::new();
@@ -236,7 +252,12 @@ async fn pump(live: LiveResponse, tape: &Tape) -> (Option<Value>, Result<(), Str
             Ok(chunk) => chunk,
             Err(e) => {
                 warn!(error = %e, "upstream stream broke off; nothing stored");
-                return (None, Err(format!("the upstream stream broke off: {e}")));
+                let cut = Verdict::Failed(Cause::Unreachable);
+                return (
+                    None,
+                    Err(format!("the upstream stream broke off: {e}")),
+                    cut,
+                );
             }
         };
         if !broken && message.is_none() {
@@ -246,6 +267,7 @@ async fn pump(live: LiveResponse, tape: &Tape) -> (Option<Value>, Result<(), Str
                     Ok(None) => {}
                     Err(e) => {
                         debug!(error = %e, "stream will not be stored");
+                        verdict = verdict_of_event(&e);
                         broken = true;
                         break;
                     }
@@ -260,8 +282,24 @@ async fn pump(live: LiveResponse, tape: &Tape) -> (Option<Value>, Result<(), Str
     }
     if message.is_none() && !broken {
         warn!("upstream stream ended before message_stop; nothing stored");
+        verdict = Verdict::Failed(Cause::ServerError);
     }
-    (message.filter(|_| !broken), Ok(()))
+    (message.filter(|_| !broken), Ok(()), verdict)
+}
+
+/// What an event stream's fault tells the model's breaker: an `error` event of an overload or
+/// a server error is a failure of that kind; a rate limit says nothing of the model's health;
+/// anything else (a malformed stream of a model that did answer) counts as an answer.
+fn verdict_of_event(e: &sse::SseError) -> Verdict {
+    let sse::SseError::Upstream(event) = e else {
+        return Verdict::Answered;
+    };
+    match event["error"]["type"].as_str() {
+        Some("overloaded_error") => Verdict::Failed(Cause::Overloaded),
+        Some("api_error" | "timeout_error") => Verdict::Failed(Cause::ServerError),
+        Some("rate_limit_error") => Verdict::Neutral,
+        _ => Verdict::Answered,
+    }
 }
 
 /// A live flight's answer, read from its tape: the lead's caller's, and that of every
