@@ -125,35 +125,22 @@ async fn a_full_disk_never_fails_a_request_and_storing_resumes_when_space_is_bac
 
     // Space is back: within a reopen interval or so, new answers are stored again.
     disk.resize("64m");
-    let deadline = tokio::time::Instant::now() + EVENTUALLY;
-    loop {
-        let answers = futures_util::future::join_all((n..n + 20).map(ask)).await;
+    let next = std::cell::Cell::new(n);
+    let resumed = || async {
+        let from = next.replace(next.get() + 20);
+        let answers = futures_util::future::join_all((from..from + 20).map(ask)).await;
         assert!(answers.iter().all(|s| *s == 200), "{answers:?}");
-        n += 20;
-        let now = metrics().await;
-        if sample(&now, "fallthrough_cache_entries{tier=\"disk\"}") > stored_when_full {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "storing never resumed:\n{now}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        sample(&metrics().await, "fallthrough_cache_entries{tier=\"disk\"}") > stored_when_full
+    };
+    support::eventually_async("storing to resume", resumed).await;
 
     // SIGTERM still drains and exits.
     support::terminate(&child);
-    let deadline = std::time::Instant::now() + EVENTUALLY;
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "serve ignored SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    support::eventually("serve to exit on SIGTERM", || {
+        child.try_wait().unwrap().is_some()
+    })
+    .await;
+    let status = child.wait().unwrap();
     assert!(status.success(), "{status}");
     let logged = std::fs::read_to_string(&log).unwrap();
     let _ = std::fs::remove_file(&log);

@@ -311,15 +311,9 @@ async fn a_slow_reader_holds_no_upstream_slot() {
     assert_eq!(upstream.calls(), 3);
     // Each slow reader's answer is read and stored at the upstream's pace...
     for i in 0..2 {
-        let body = streamed(&format!("slow reader {i}"));
-        let deadline = tokio::time::Instant::now() + EVENTUALLY;
-        while p.cached(&body).await.status() != 200 {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "slow reader {i}'s answer was never stored"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let (p, body) = (&p, &streamed(&format!("slow reader {i}")));
+        let stored = || async move { p.cached(body).await.status() == 200 };
+        support::eventually_async(&format!("slow reader {i}'s answer stored"), stored).await;
     }
     // ...and the readers, which took nothing, were disconnected before the end.
     for mut tcp in readers {
@@ -346,14 +340,8 @@ async fn misses_past_the_queue_bound_are_refused_at_once() {
     })
     .await;
     let second = send("waits in the queue");
-    let deadline = tokio::time::Instant::now() + EVENTUALLY;
-    while !p.metrics().await.contains("fallthrough_upstream_queued 1") {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the second miss never queued"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let queued = || async { p.metrics().await.contains("fallthrough_upstream_queued 1") };
+    support::eventually_async("the second miss to queue", queued).await;
     let refused = p
         .post("/v1/messages", &request("one too many"))
         .send()

@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response as HttpResponse};
 use super::access::Caller;
 use super::errors::{api_error, error_response};
 use super::{
-    copy_upstream_headers, forwarded, header_text, read_body, App, Encoding, JSON, X_ATTEMPTS,
+    copy_upstream_headers, forwarded, header_text, read_request, App, Encoding, JSON, X_ATTEMPTS,
     X_CACHE, X_FALLBACK, X_KEY, X_MODEL, X_NAMESPACE,
 };
 use crate::client::{Controls, Reply, Request, Response, StreamResponse};
@@ -23,9 +23,8 @@ pub(super) async fn messages(
     request: axum::extract::Request,
 ) -> HttpResponse {
     // Taken apart rather than extracted piece by piece: axum's header and URI extractors clone.
-    let (parts, body) = request.into_parts();
-    let body = match read_body(&app, body).await {
-        Ok(body) => body,
+    let (parts, body) = match read_request(&app, request).await {
+        Ok(read) => read,
         Err(refusal) => return refusal,
     };
     let headers = parts.headers;

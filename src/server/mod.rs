@@ -201,6 +201,15 @@ pub(super) fn forwarded(mut headers: HeaderMap) -> HeaderMap {
     headers
 }
 
+/// A request taken apart, its body read whole ([`read_body`]); else the refusal to answer.
+async fn read_request(
+    app: &App,
+    request: axum::extract::Request,
+) -> Result<(axum::http::request::Parts, bytes::Bytes), HttpResponse> {
+    let (parts, body) = request.into_parts();
+    Ok((parts, read_body(app, body).await?))
+}
+
 /// A request's body, read within `server.body_timeout` and `max_body_bytes`; else the
 /// refusal to answer (413, or 408 with the connection closed: a caller that sends its body
 /// this slowly is let go).

@@ -9,16 +9,15 @@ use axum::http::HeaderValue;
 use axum::response::Response as HttpResponse;
 
 use super::errors::error_response;
-use super::{copy_upstream_headers, forwarded, read_body, App, Encoding, X_CACHE};
+use super::{copy_upstream_headers, forwarded, read_request, App, Encoding, X_CACHE};
 use crate::client::PassThrough;
 
 pub(super) async fn pass_through(
     State(app): State<Arc<App>>,
     request: axum::extract::Request,
 ) -> HttpResponse {
-    let (parts, body) = request.into_parts();
-    let body = match read_body(&app, body).await {
-        Ok(body) => body,
+    let (parts, body) = match read_request(&app, request).await {
+        Ok(read) => read,
         Err(refusal) => return refusal,
     };
     let request = PassThrough {

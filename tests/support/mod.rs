@@ -38,8 +38,16 @@ pub async fn backdate(client: &Client, key: &CacheKey, by: Duration) -> Entry {
 /// Polls `done` every 10 ms until it holds, for at most a minute (a bound only a wedged
 /// process reaches), then panics with `what`. For events a test cannot await directly.
 pub async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
+    eventually_async(what, || std::future::ready(done())).await;
+}
+
+/// As [`eventually`], for a condition that has to ask over the network (a request, a scrape).
+pub async fn eventually_async<F: std::future::Future<Output = bool>>(
+    what: &str,
+    mut done: impl FnMut() -> F,
+) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !done() {
+    while !done().await {
         assert!(
             tokio::time::Instant::now() < deadline,
             "waited a minute for {what}"
