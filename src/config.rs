@@ -168,6 +168,11 @@ pub struct BreakerConfig {
     /// How long it stays open before one probe may pass. Default 30 s.
     #[serde(with = "humantime_serde")]
     pub cooldown: Duration,
+    /// While a model is held, one request with nowhere else to go (no stale entry, every model
+    /// of its chain held) may try it this often: a recovery is noticed within it, not after the
+    /// cooldown (see `upstream/breaker.rs`). Default 100 ms; `"0s"`: never.
+    #[serde(with = "humantime_serde")]
+    pub rescue_interval: Duration,
 }
 
 impl Default for Config {
@@ -249,6 +254,7 @@ impl Default for BreakerConfig {
         BreakerConfig {
             failures: 5,
             cooldown: Duration::from_secs(30),
+            rescue_interval: Duration::from_millis(100),
         }
     }
 }

@@ -527,6 +527,37 @@ async fn fallback_answers_and_is_stored_under_its_own_key_only() {
     assert_eq!(calls(&mock, "b", 200), 2);
 }
 
+/// When the primary has no entry and fails, a fallback's stale entry stands in for the
+/// fallback as the primary's stands in for the primary: the fallback is tried once, without
+/// retries, and its failure serves the entry, stale, as the fallback's answer.
+#[tokio::test]
+async fn a_fallbacks_stale_entry_stands_in_when_the_fallback_fails_too() {
+    let (mock, client) = start(MockConfig::default(), |b| {
+        b.fallback("a", ["b"]).before_fallback(0, ms(100))
+    })
+    .await;
+    let stored = client.send(&body("b", "asked of b")).await.unwrap();
+    backdate(&client, &stored.key, Duration::from_secs(2 * 24 * 3600)).await;
+
+    mock.set_config(overloaded(&["a", "b"]));
+    let r = client.send(&body("a", "asked of b")).await.unwrap();
+    assert_eq!(
+        (r.outcome, r.model.as_str(), r.attempts),
+        (Outcome::Stale, "b", 2)
+    );
+    assert_eq!(r.body, stored.body);
+    assert_eq!(
+        (calls(&mock, "a", 529), calls(&mock, "b", 529)),
+        (1, 1),
+        "b is tried once: its stale entry answers its failure at once"
+    );
+
+    // A question b has no entry for gets b's whole retry policy, and the error.
+    let e = upstream_error(client.send(&body("a", "new")).await);
+    assert_eq!(e.status, 529);
+    assert_eq!(calls(&mock, "b", 529), 1 + 5);
+}
+
 #[tokio::test]
 async fn a_model_with_a_fallback_gets_one_quick_retry_by_default() {
     // Default retry settings (500 ms base delay): the retry before a fallback is capped at
@@ -597,7 +628,12 @@ async fn everything_overloaded_gives_the_upstreams_529_within_the_deadline() {
 #[tokio::test]
 async fn the_breaker_stops_calls_during_its_cooldown_then_probes() {
     let cooldown = Duration::from_secs(1);
-    let (mock, client) = start(overloaded(&[MODEL]), |b| b.breaker(3, cooldown)).await;
+    // Rescues are the next test's: here a held model is held.
+    let (mock, client) = start(overloaded(&[MODEL]), |b| {
+        b.breaker(3, cooldown)
+            .breaker_rescue_interval(Duration::ZERO)
+    })
+    .await;
 
     let e = upstream_error(client.send(&body(MODEL, "0")).await);
     assert_eq!((e.status, e.attempts), (529, 3));
@@ -653,6 +689,74 @@ async fn the_breaker_stops_calls_during_its_cooldown_then_probes() {
         assert_eq!(r.attempts, 1);
     }
     assert_eq!(calls(&mock, MODEL, 200), 4);
+}
+
+/// After a total outage (both models of the chain held by their breakers), a request with
+/// nowhere else to go may still try a held model once a rescue interval: the first new question
+/// after the recovery is answered within one interval, not after the 30 s cooldown, and its
+/// answer closes the breaker. Timed on tokio's clock ([`skip`]).
+#[tokio::test]
+async fn a_recovery_is_noticed_within_one_rescue_interval_not_after_the_cooldown() {
+    let interval = Duration::from_secs(1);
+    let (mock, client) = start(overloaded(&["a", "b"]), |b| {
+        b.fallback("a", ["b"])
+            .breaker(2, Duration::from_secs(30))
+            .breaker_rescue_interval(interval)
+    })
+    .await;
+    let e = upstream_error(client.send(&body("a", "the outage begins")).await);
+    assert_eq!(e.status, 529);
+    assert_eq!(
+        client.breaker_states(),
+        [
+            ("a".to_owned(), BreakerState::Blocking),
+            ("b".to_owned(), BreakerState::Blocking)
+        ]
+    );
+    let before = (attempts_for(&mock, "a"), attempts_for(&mock, "b"));
+
+    // Held everywhere: one rescue per model and interval, the primary's first.
+    let first = upstream_error(client.send(&body("a", "rescue of a")).await);
+    let second = upstream_error(client.send(&body("a", "rescue of b")).await);
+    let third = upstream_error(client.send(&body("a", "held")).await);
+    assert_eq!((first.attempts, second.attempts, third.attempts), (1, 1, 0));
+    assert_eq!((first.model.as_str(), second.model.as_str()), ("a", "b"));
+    assert_eq!(
+        (attempts_for(&mock, "a"), attempts_for(&mock, "b")),
+        (before.0 + 1, before.1 + 1),
+        "a failed rescue is one call, without retries"
+    );
+    assert_eq!(third.status, 529, "a held model answers as what opened it");
+
+    // The upstream recovers; until the next interval nothing is tried.
+    mock.set_config(MockConfig::default());
+    let early = upstream_error(client.send(&body("a", "too early")).await);
+    assert_eq!(early.attempts, 0);
+    assert_eq!(calls(&mock, "a", 200) + calls(&mock, "b", 200), 0);
+
+    // Streamed: the rescue's head closes the breaker, as a probe's does.
+    skip(interval).await;
+    let r = client
+        .stream(Request::json(&body("a", "the first new question")))
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.outcome, r.model.as_str(), r.attempts),
+        (Outcome::Miss, "a", 1)
+    );
+    assert_eq!(
+        client.breaker_states(),
+        [
+            ("a".to_owned(), BreakerState::Passing),
+            ("b".to_owned(), BreakerState::Blocking)
+        ],
+        "the rescue closed a's breaker, 29 s before its cooldown ends"
+    );
+    let events: Vec<_> = r.events.collect().await;
+    assert!(events.iter().all(|e| e.is_ok()));
+    let r = client.send(&body("a", "and the next")).await.unwrap();
+    assert_eq!((r.model.as_str(), r.attempts), ("a", 1));
+    assert_eq!(calls(&mock, "a", 200), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1149,8 +1253,10 @@ async fn identical_misses_racing_a_finished_flight_make_no_second_call() {
 /// model's breaker like a 529 before the head: an overload of streamed traffic opens it.
 #[tokio::test]
 async fn mid_stream_errors_open_the_breaker() {
+    // No rescues: the held request below must not be let through as one.
     let (mock, client) = start(MockConfig::default(), |b| {
         b.breaker(3, Duration::from_secs(30))
+            .breaker_rescue_interval(Duration::ZERO)
     })
     .await;
     mock.script(

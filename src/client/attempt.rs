@@ -12,7 +12,7 @@ use tracing::{debug, info};
 use crate::error::{error_body, UpstreamError, UpstreamErrorKind};
 use crate::upstream;
 use crate::upstream::breaker::{Admission, Cause, Verdict};
-use crate::upstream::retry::backoff;
+use crate::upstream::retry::{backoff, Spend};
 
 use super::form::Form;
 use super::{Engine, Prepared};
@@ -32,12 +32,17 @@ impl Engine {
             body,
             deadline,
             plan,
+            rescue,
         } = call;
         let policy = &self.config.retry;
         let mut retry = 0;
         loop {
             let permit = self.upstream_slot(model, deadline).await?;
-            let admission = self.breakers.admit(model, self.clock.instant());
+            let now = self.clock.instant();
+            let admission = match rescue {
+                false => self.breakers.admit(model, now),
+                true => self.breakers.admit_rescue(model, now),
+            };
             if let Admission::Reject { retry_in, cause } = admission {
                 debug!(model, ?retry_in, ?cause, "breaker blocks the model");
                 return Err(breaker_error(model, retry_in, cause));
@@ -76,7 +81,7 @@ impl Engine {
             if Instant::now() + delay >= deadline {
                 return Err(error);
             }
-            if !self.budget.try_withdraw(now) {
+            if !self.budget.try_withdraw(now, plan.spend) {
                 info!(key = %p.key, model, status = error.status, "retry budget spent; not retrying");
                 return Err(error);
             }
@@ -192,6 +197,9 @@ pub(crate) struct Call<'a> {
     pub body: Bytes,
     pub deadline: Instant,
     pub plan: RetryPlan,
+    /// The request has nowhere else to go: a held model may let it through as a rescue
+    /// ([`crate::upstream::breaker::Breakers::admit_rescue`]).
+    pub rescue: bool,
 }
 
 /// How one model's call is retried.
@@ -203,6 +211,8 @@ pub(crate) struct RetryPlan {
     pub max_delay: Duration,
     /// Longest `retry-after` waited out.
     pub max_retry_after: Duration,
+    /// Which share of the retry budget its retries may use.
+    pub spend: Spend,
 }
 
 impl RetryPlan {
@@ -210,6 +220,7 @@ impl RetryPlan {
         retries: 0,
         max_delay: Duration::ZERO,
         max_retry_after: Duration::ZERO,
+        spend: Spend::LastChance,
     };
 }
 

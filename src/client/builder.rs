@@ -150,6 +150,13 @@ impl ClientBuilder {
         self
     }
 
+    /// How often a held model lets one request with nowhere else to go try it anyway (see
+    /// [`crate::config::BreakerConfig::rescue_interval`]). Default 100 ms; zero: never.
+    pub fn breaker_rescue_interval(mut self, interval: Duration) -> Self {
+        self.config.breaker.rescue_interval = interval;
+        self
+    }
+
     /// Models tried in turn when `model` cannot answer. Default none.
     /// No fallback chains at all, not even the default ones ([`Config::default`]): every
     /// request is answered by its own model or not at all, unless [`Self::fallback`] adds a
@@ -223,7 +230,8 @@ impl ClientBuilder {
             .map(|c| CredentialFingerprint::of(&key_secret, c));
         Ok(Client {
             engine: Arc::new(Engine {
-                breakers: Breakers::new(config.breaker.failures, config.breaker.cooldown),
+                breakers: Breakers::new(config.breaker.failures, config.breaker.cooldown)
+                    .rescuing_every(config.breaker.rescue_interval),
                 budget: RetryBudget::new(config.retry.budget_ratio, config.retry.budget_floor),
                 permits: Arc::new(Semaphore::new(config.max_concurrency)),
                 queued: Default::default(),

@@ -1,18 +1,26 @@
 //! The chain of one miss, for both forms of answer: the primary model, then (unless a stale
-//! entry stands in) its fallbacks in order, each after a look for a fresh entry of its own,
-//! until one answers, one fails in a way no fallback can mend, or all are exhausted.
+//! entry stands in) its fallbacks in order, each after a look for an entry of its own (a fresh
+//! one answers; a stale one stands in for the fallback as the primary's does for the primary:
+//! one try, and its failure serves the entry), until one answers, one fails in a way no
+//! fallback can mend, or all are exhausted. When no
+//! model was even tried (every one held by its breaker), one may be tried anyway as a rescue
+//! (`upstream/breaker.rs` argues the rate): the request has nowhere else to go.
 
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::time::Instant;
+use tracing::{debug, info};
 
 use crate::error::UpstreamError;
 use crate::key::CacheKey;
+use crate::upstream::retry::Spend;
 
 use super::form::Form;
 use super::store::hit_answer;
 use super::{Answer, Call, Engine, Prepared, RetryPlan};
 use crate::entry::Freshness;
+use crate::Outcome;
 
 /// How a chain ended.
 pub(super) enum Reached<T> {
@@ -49,22 +57,27 @@ impl Engine {
         let deadline = Instant::now() + self.config.retry.deadline;
         let mut attempts = 0;
         let mut last = None;
-        let models = std::iter::once(&p.model).chain(self.chain(p));
-        for (position, model) in models.enumerate() {
-            let (key, body) = match position {
-                0 => (p.key, p.body(F::STREAM)),
-                _ => p.for_model(model, F::STREAM),
+        for (position, model) in self.models(p).enumerate() {
+            let (key, body) = model_request::<F>(p, position, model);
+            // A fallback's own entry: a fresh one answers; a stale one stands in for it.
+            let standby = match position {
+                0 => None,
+                _ => match self.own_entry(&key, p, attempts).await {
+                    Some(Own::Fresh(answer)) => return Reached::Stored { answer, key },
+                    Some(Own::Stale(answer)) => Some(answer),
+                    None => None,
+                },
             };
-            if position > 0 {
-                if let Some(answer) = self.fresh_answer(&key, p, attempts).await {
-                    return Reached::Stored { answer, key };
-                }
-            }
+            let stale_here = match position {
+                0 => has_stale,
+                _ => standby.is_some(),
+            };
             let call = Call {
                 model,
                 body,
                 deadline,
-                plan: self.plan(p, position, has_stale),
+                plan: self.plan(p, position, stale_here),
+                rescue: false,
             };
             match self.call_model::<F>(p, call, &mut attempts).await {
                 Ok(fetched) => {
@@ -75,9 +88,18 @@ impl Engine {
                         attempts,
                     }
                 }
-                Err(e) if has_stale && e.allows_stale() => {
+                Err(e) if stale_here && e.allows_stale() => {
                     let error = with_attempts(e, attempts);
-                    return Reached::Stale { error, deadline };
+                    return match standby {
+                        Some(answer) => {
+                            info!(key = %p.key, model, status = error.status, "upstream cannot answer; serving the fallback's stale entry");
+                            Reached::Stored {
+                                answer: Answer { attempts, ..answer },
+                                key,
+                            }
+                        }
+                        None => Reached::Stale { error, deadline },
+                    };
                 }
                 Err(e) if !e.allows_stale() => {
                     return Reached::Failed(with_attempts(e, attempts));
@@ -85,22 +107,84 @@ impl Engine {
                 Err(e) => last = Some(e),
             }
         }
+        // Reached only without a stale entry: with one, the primary's failure returned above.
+        if attempts == 0 {
+            if let Some(reached) = self.rescue::<F>(p, deadline).await {
+                return reached;
+            }
+        }
         let last = last.expect("a chain has its primary, which sets `last` or returns");
         Reached::Failed(exhausted(last, attempts))
     }
 
-    /// A fresh entry under a fallback's `key`, as the answer after `attempts` upstream attempts.
+    /// Every model of the chain refused without an attempt: the first whose breaker lets a
+    /// rescue through is tried once, without retries. `None` when none does.
+    async fn rescue<F: Form>(
+        &self,
+        p: &Prepared,
+        deadline: Instant,
+    ) -> Option<Reached<F::Fetched>> {
+        let mut attempts = 0;
+        for (position, model) in self.models(p).enumerate() {
+            let (key, body) = model_request::<F>(p, position, model);
+            let call = Call {
+                model,
+                body,
+                deadline,
+                plan: RetryPlan::NONE,
+                rescue: true,
+            };
+            let result = self.call_model::<F>(p, call, &mut attempts).await;
+            if attempts == 0 {
+                continue;
+            }
+            debug!(key = %p.key, model, answered = result.is_ok(), "rescue");
+            return Some(match result {
+                Ok(fetched) => Reached::Fetched {
+                    fetched,
+                    key,
+                    model: model.clone(),
+                    attempts,
+                },
+                Err(e) => Reached::Failed(exhausted(e, attempts)),
+            });
+        }
+        None
+    }
+
+    /// The request's model, then its fallbacks.
+    fn models<'a>(&'a self, p: &'a Prepared) -> impl Iterator<Item = &'a String> {
+        std::iter::once(&p.model).chain(self.chain(p))
+    }
+
+    /// A fresh entry under `key`, as the answer after `attempts` upstream attempts.
     pub(super) async fn fresh_answer(
         &self,
         key: &CacheKey,
         p: &Prepared,
         attempts: u32,
     ) -> Option<Answer> {
+        match self.own_entry(key, p, attempts).await? {
+            Own::Fresh(answer) => Some(answer),
+            Own::Stale(_) => None,
+        }
+    }
+
+    /// The entry under a model's `key`, fresh or stale, as the answer after `attempts`.
+    async fn own_entry(&self, key: &CacheKey, p: &Prepared, attempts: u32) -> Option<Own> {
         let now = self.clock.millis();
         let hit = self.cache.get(key, now).await?;
-        (hit.entry.freshness(now, p.controls.max_age) == Freshness::Fresh).then(|| Answer {
+        let answer = Answer {
             attempts,
             ..hit_answer(&hit, now)
+        };
+        // Anything found and not fresh is stale: the cache never returns expired entries.
+        Some(match hit.entry.freshness(now, p.controls.max_age) {
+            Freshness::Fresh => Own::Fresh(answer),
+            _ => Own::Stale(Answer {
+                outcome: Outcome::Stale,
+                ..answer
+            }),
         })
     }
 
@@ -117,28 +201,44 @@ impl Engine {
     }
 
     /// How the `position`th model of the request's chain (0: the primary) is retried.
-    /// With a stale entry at hand, not at all: the entry answers at once. A model with a
+    /// With a stale entry of its own at hand, not at all: the entry answers at once. A model with a
     /// fallback after it gets `retries_before_fallback` quick retries, each waiting at most
     /// `before_fallback_delay` (a longer `retry-after` sends the request on to the fallback):
     /// the next model answers sooner than a long backoff, and the overloaded model is spared.
     /// The last model gets the full policy.
     pub(super) fn plan(&self, p: &Prepared, position: usize, has_stale: bool) -> RetryPlan {
         let policy = &self.config.retry;
-        if has_stale && position == 0 {
+        if has_stale {
             RetryPlan::NONE
         } else if position < self.chain(p).len() {
             RetryPlan {
                 retries: policy.retries_before_fallback,
                 max_delay: policy.before_fallback_delay,
                 max_retry_after: policy.before_fallback_delay,
+                spend: Spend::BeforeFallback,
             }
         } else {
             RetryPlan {
                 retries: policy.max_retries,
                 max_delay: policy.max_delay,
                 max_retry_after: policy.max_retry_after,
+                spend: Spend::LastChance,
             }
         }
+    }
+}
+
+/// A model's own entry for a request.
+enum Own {
+    Fresh(Answer),
+    Stale(Answer),
+}
+
+/// The key and body of the `position`th model of `p`'s chain (0: the request's own).
+fn model_request<F: Form>(p: &Prepared, position: usize, model: &str) -> (CacheKey, Bytes) {
+    match position {
+        0 => (p.key, p.body(F::STREAM)),
+        _ => p.for_model(model, F::STREAM),
     }
 }
 

@@ -73,8 +73,8 @@ pub(crate) struct LiveResponse {
     pub response: reqwest::Response,
     pub permit: OwnedSemaphorePermit,
     /// The breaker's admission of the attempt, for the verdict at the stream's end; `None`
-    /// for a probe, whose head already closed the breaker (a long stream must not hold the
-    /// model in probing): then only a failure is told at the end.
+    /// for a probe or a rescue, whose head already closed the breaker (a long stream must not
+    /// hold the model in probing): then only a failure is told at the end.
     pub admission: Option<Admission>,
 }
 
@@ -96,8 +96,8 @@ impl Form for Live {
     }
 
     fn answered_now(live: &mut LiveResponse, admission: Admission) -> bool {
-        let probe = admission == Admission::Probe;
-        live.admission = (!probe).then_some(admission);
-        probe
+        let decides = matches!(admission, Admission::Probe | Admission::Rescue);
+        live.admission = (!decides).then_some(admission);
+        decides
     }
 }

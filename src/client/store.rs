@@ -81,6 +81,7 @@ impl Engine {
             body: p.body(false),
             deadline,
             plan: self.plan(p, usize::MAX, false),
+            rescue: false,
         };
         if let Ok(fetched) = self.call_model::<Whole>(p, call, &mut attempts).await {
             debug!(key = %p.key, "stale entry refreshed");

@@ -12,6 +12,24 @@
 //!
 //! States are named for what they do to requests: `Passing` lets them through, `Blocking`
 //! turns them away until the cooldown ends, `Probing` lets exactly one through to decide.
+//!
+//! # Rescues: a held model is not a closed door
+//! A cooldown is a guess at how long the model stays down. When the guess is long, the model
+//! recovers while its breaker still holds it, and a request that has nowhere else to go (no
+//! stale entry, every model of its chain held) gets an error although a try would have worked:
+//! the overload scenario lost its recovery's first new questions that way, both models held
+//! for their whole 30 s. So while a model is held, one such request per `rescue_interval`
+//! (default 100 ms) may try it anyway ([`Breakers::admit_rescue`]), once and without retries:
+//! the first new question after a recovery is answered, and its answer closes the breaker at
+//! once. A failed rescue changes nothing (the breaker already knows the model fails).
+//!
+//! The interval is the longest a recovery goes unnoticed, and its inverse bounds what rescues
+//! cost a dead model: at most ten calls a second, whatever the traffic. At 1 s (one probe a
+//! second) the harder overload scenario still lost the recovery's first second of new
+//! questions; at 100 ms it lost none, and the outage's calls per request rose from 0.09 to 0.32
+//! (each request there with nowhere to go is tried once instead of retried five times, as it
+//! would be without a breaker). Requests that have a stale entry or another model to go to are
+//! never rescues: they are answered without the held model.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -58,6 +76,9 @@ pub enum Admission {
     Pass,
     /// Go, as the one probe: the result decides whether the breaker passes again.
     Probe,
+    /// Go, though the model is held: a request with nowhere else to go, at most one a
+    /// `rescue_interval`. An answer closes the breaker; a failure changes nothing.
+    Rescue,
     /// Skip the upstream; trying again makes sense in `retry_in`.
     Reject {
         retry_in: Duration,
@@ -99,6 +120,8 @@ struct ModelBreaker {
     recent: VecDeque<bool>,
     /// The latest failure: what opened the breaker when it blocks.
     cause: Cause,
+    /// When the latest rescue was let through.
+    rescued_at: Option<Instant>,
 }
 
 /// Breakers of all models of one upstream.
@@ -106,6 +129,8 @@ struct ModelBreaker {
 pub struct Breakers {
     failures: u32,
     cooldown: Duration,
+    /// Time between two rescues of one held model; `None`: no rescues.
+    rescue_interval: Option<Duration>,
     /// A std mutex: held for a map lookup and a few comparisons, never across an await.
     models: Mutex<HashMap<String, ModelBreaker>>,
 }
@@ -115,8 +140,16 @@ impl Breakers {
         Breakers {
             failures: failures.max(1),
             cooldown,
+            rescue_interval: None,
             models: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Lets one request with nowhere else to go through a held model every `interval`
+    /// ([`Self::admit_rescue`]); zero: never.
+    pub fn rescuing_every(mut self, interval: Duration) -> Self {
+        self.rescue_interval = (!interval.is_zero()).then_some(interval);
+        self
     }
 
     /// Whether a request for `model` may go upstream at `now`.
@@ -141,6 +174,26 @@ impl Breakers {
                 retry_in: Duration::from_secs(1),
                 cause: b.cause,
             },
+        }
+    }
+
+    /// [`Self::admit`] for a request that has nowhere else to go: where that would refuse, a
+    /// [`Admission::Rescue`] if the model's last rescue is at least `rescue_interval` old.
+    pub fn admit_rescue(&self, model: &str, now: Instant) -> Admission {
+        let admission = self.admit(model, now);
+        let (Admission::Reject { .. }, Some(interval)) = (admission, self.rescue_interval) else {
+            return admission;
+        };
+        let mut models = self.models.lock().expect("breaker lock");
+        let Some(b) = models.get_mut(model) else {
+            return admission;
+        };
+        match b.rescued_at {
+            Some(at) if now < at + interval => admission,
+            _ => {
+                b.rescued_at = Some(now);
+                Admission::Rescue
+            }
         }
     }
 
@@ -179,7 +232,11 @@ impl Breakers {
                 consecutive_failures: 0,
                 recent: VecDeque::with_capacity(WINDOW),
                 cause: Cause::Overloaded,
+                rescued_at: None,
             });
+        if admission == Admission::Rescue && b.state != BreakerState::Passing {
+            return rescued(b, verdict);
+        }
         let probing = b.state == BreakerState::Probing;
         if probing && !probe {
             return;
@@ -189,8 +246,7 @@ impl Breakers {
             Verdict::Answered | Verdict::Neutral => {
                 b.consecutive_failures = 0;
                 if probing {
-                    b.state = BreakerState::Passing;
-                    b.recent.clear();
+                    pass_again(b);
                 }
             }
             Verdict::Failed(cause) => {
@@ -232,6 +288,22 @@ impl Breakers {
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out
     }
+}
+
+/// A held model's rescue ended: an answer (or a rate limit, which an overloaded or dead model
+/// does not send) closes the breaker; a failure tells it nothing new.
+fn rescued(b: &mut ModelBreaker, verdict: Verdict) {
+    match verdict {
+        Verdict::Failed(cause) => b.cause = cause,
+        Verdict::Answered | Verdict::Neutral => pass_again(b),
+    }
+}
+
+/// Back to passing, with a fresh window: the failures that opened the breaker are over.
+fn pass_again(b: &mut ModelBreaker) {
+    b.state = BreakerState::Passing;
+    b.consecutive_failures = 0;
+    b.recent.clear();
 }
 
 #[cfg(test)]
@@ -350,6 +422,66 @@ mod tests {
             b.record("a", Admission::Pass, Verdict::Neutral, Instant::now());
         }
         assert_eq!(b.state("a"), BreakerState::Passing);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_held_model_lets_one_rescue_through_an_interval_and_its_answer_closes_it() {
+        let b = Breakers::new(1, COOLDOWN).rescuing_every(Duration::from_secs(1));
+        let failed = Verdict::Failed(Cause::Overloaded);
+        assert_eq!(
+            b.admit_rescue("a", Instant::now()),
+            Admission::Pass,
+            "a passing model needs no rescue"
+        );
+        b.record("a", Admission::Pass, failed, Instant::now());
+        assert_eq!(b.state("a"), BreakerState::Blocking);
+        assert!(matches!(
+            b.admit("a", Instant::now()),
+            Admission::Reject { .. }
+        ));
+        assert_eq!(b.admit_rescue("a", Instant::now()), Admission::Rescue);
+        assert!(
+            matches!(
+                b.admit_rescue("a", Instant::now()),
+                Admission::Reject { .. }
+            ),
+            "one rescue an interval"
+        );
+        b.record("a", Admission::Rescue, failed, Instant::now());
+        assert_eq!(
+            b.state("a"),
+            BreakerState::Blocking,
+            "a failed rescue changes nothing"
+        );
+        assert!(matches!(
+            b.admit("a", Instant::now()),
+            Admission::Reject { retry_in, .. } if retry_in == COOLDOWN
+        ));
+
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(b.admit_rescue("a", Instant::now()), Admission::Rescue);
+        b.record("a", Admission::Rescue, Verdict::Answered, Instant::now());
+        assert_eq!(
+            b.state("a"),
+            BreakerState::Passing,
+            "long before the cooldown"
+        );
+        assert_eq!(b.admit("a", Instant::now()), Admission::Pass);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_rescue_interval_a_held_model_is_held() {
+        let b = Breakers::new(1, COOLDOWN).rescuing_every(Duration::ZERO);
+        b.record(
+            "a",
+            Admission::Pass,
+            Verdict::Failed(Cause::Overloaded),
+            Instant::now(),
+        );
+        assert!(matches!(
+            b.admit_rescue("a", Instant::now()),
+            Admission::Reject { .. }
+        ));
     }
 
     #[tokio::test(start_paused = true)]
