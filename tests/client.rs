@@ -697,7 +697,7 @@ async fn the_breaker_stops_calls_during_its_cooldown_then_probes() {
 /// answer closes the breaker. Timed on tokio's clock ([`skip`]).
 #[tokio::test]
 async fn a_recovery_is_noticed_within_one_rescue_interval_not_after_the_cooldown() {
-    let interval = Duration::from_secs(1);
+    let interval = Duration::from_millis(300);
     let (mock, client) = start(overloaded(&["a", "b"]), |b| {
         b.fallback("a", ["b"])
             .breaker(2, Duration::from_secs(30))
@@ -716,47 +716,52 @@ async fn a_recovery_is_noticed_within_one_rescue_interval_not_after_the_cooldown
     let before = (attempts_for(&mock, "a"), attempts_for(&mock, "b"));
 
     // Held everywhere: one rescue per model and interval, the primary's first.
+    let rescued = Instant::now();
     let first = upstream_error(client.send(&body("a", "rescue of a")).await);
     let second = upstream_error(client.send(&body("a", "rescue of b")).await);
-    let third = upstream_error(client.send(&body("a", "held")).await);
-    assert_eq!((first.attempts, second.attempts, third.attempts), (1, 1, 0));
+    assert_eq!((first.attempts, second.attempts), (1, 1));
     assert_eq!((first.model.as_str(), second.model.as_str()), ("a", "b"));
     assert_eq!(
         (attempts_for(&mock, "a"), attempts_for(&mock, "b")),
         (before.0 + 1, before.1 + 1),
         "a failed rescue is one call, without retries"
     );
-    assert_eq!(third.status, 529, "a held model answers as what opened it");
 
-    // The upstream recovers; until the next interval nothing is tried.
+    // Both slots taken: the next request waits for one to open, not for the cooldown.
+    let third = upstream_error(client.send(&body("a", "waits for a slot")).await);
+    assert!(rescued.elapsed() >= interval, "it waited for the next slot");
+    assert_eq!((third.attempts, third.model.as_str()), (1, "a"));
+    assert_eq!(third.status, 529);
+
+    // The upstream recovers. The first slot to open again is b's (a's was just used); the
+    // rescue's head, streamed, closes b's breaker as a probe's does.
     mock.set_config(MockConfig::default());
-    let early = upstream_error(client.send(&body("a", "too early")).await);
-    assert_eq!(early.attempts, 0);
-    assert_eq!(calls(&mock, "a", 200) + calls(&mock, "b", 200), 0);
-
-    // Streamed: the rescue's head closes the breaker, as a probe's does.
-    skip(interval).await;
     let r = client
         .stream(Request::json(&body("a", "the first new question")))
         .await
         .unwrap();
     assert_eq!(
         (r.outcome, r.model.as_str(), r.attempts),
-        (Outcome::Miss, "a", 1)
+        (Outcome::Miss, "b", 1)
     );
     assert_eq!(
         client.breaker_states(),
         [
-            ("a".to_owned(), BreakerState::Passing),
-            ("b".to_owned(), BreakerState::Blocking)
+            ("a".to_owned(), BreakerState::Blocking),
+            ("b".to_owned(), BreakerState::Passing)
         ],
-        "the rescue closed a's breaker, 29 s before its cooldown ends"
+        "the rescue closed b's breaker long before its cooldown would have"
     );
     let events: Vec<_> = r.events.collect().await;
     assert!(events.iter().all(|e| e.is_ok()));
     let r = client.send(&body("a", "and the next")).await.unwrap();
-    assert_eq!((r.model.as_str(), r.attempts), ("a", 1));
-    assert_eq!(calls(&mock, "a", 200), 2);
+    assert_eq!((r.model.as_str(), r.attempts), ("b", 1));
+    assert_eq!(calls(&mock, "b", 200), 2);
+    assert_eq!(
+        calls(&mock, "a", 200),
+        0,
+        "a is not a rescue's while b answers"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -118,8 +118,32 @@ impl Engine {
     }
 
     /// Every model of the chain refused without an attempt: the first whose breaker lets a
-    /// rescue through is tried once, without retries. `None` when none does.
+    /// rescue through is tried once, without retries. When every slot is taken, the request
+    /// waits for the first to open again (at most one `rescue_interval`, within its deadline)
+    /// and asks once more: by then the rescue in flight may have closed the breaker. `None`
+    /// when no model lets it through.
     async fn rescue<F: Form>(
+        &self,
+        p: &Prepared,
+        deadline: Instant,
+    ) -> Option<Reached<F::Fetched>> {
+        if let Some(reached) = self.try_rescue::<F>(p, deadline).await {
+            return Some(reached);
+        }
+        let now = Instant::now();
+        let next = self
+            .models(p)
+            .filter_map(|model| self.breakers.next_rescue(model, now))
+            .min()?;
+        if next >= deadline {
+            return None;
+        }
+        tokio::time::sleep_until(next).await;
+        self.try_rescue::<F>(p, deadline).await
+    }
+
+    /// One pass of [`Self::rescue`] over the chain's models.
+    async fn try_rescue<F: Form>(
         &self,
         p: &Prepared,
         deadline: Instant,

@@ -197,6 +197,19 @@ impl Breakers {
         }
     }
 
+    /// When the held `model`'s next rescue may go: `None` when it is not held, or rescues are
+    /// off. A request that found the slot taken waits for the next one rather than fail at
+    /// once: the rescue in flight may be the one that finds the model back.
+    pub fn next_rescue(&self, model: &str, now: Instant) -> Option<Instant> {
+        let interval = self.rescue_interval?;
+        let Admission::Reject { .. } = self.admit(model, now) else {
+            return None;
+        };
+        let models = self.models.lock().expect("breaker lock");
+        let at = models.get(model)?.rescued_at?;
+        Some((at + interval).max(now))
+    }
+
     /// Records how an attempt admitted by [`Self::admit`] went. Only the probe's own result
     /// (`admission` = [`Admission::Probe`]) decides a probing breaker: an attempt let through
     /// before the breaker blocked may finish late, and says nothing about the model now.
@@ -447,6 +460,12 @@ mod tests {
             ),
             "one rescue an interval"
         );
+        let taken = Instant::now();
+        assert_eq!(
+            b.next_rescue("a", taken),
+            Some(taken + Duration::from_secs(1)),
+            "a request that finds the slot taken learns when the next opens"
+        );
         b.record("a", Admission::Rescue, failed, Instant::now());
         assert_eq!(
             b.state("a"),
@@ -465,6 +484,11 @@ mod tests {
             b.state("a"),
             BreakerState::Passing,
             "long before the cooldown"
+        );
+        assert_eq!(
+            b.next_rescue("a", Instant::now()),
+            None,
+            "a passing model needs none"
         );
         assert_eq!(b.admit("a", Instant::now()), Admission::Pass);
     }

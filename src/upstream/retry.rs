@@ -17,10 +17,12 @@
 //! overload scenario (primary 50% 529, fallback 30% 529) the quick retries of the primary spent
 //! every window's allowance, and each request lost in that phase was one whose fallback
 //! failed once and found nothing left to retry with. So a retry that has a fallback after it
-//! ([`Spend::BeforeFallback`]) may use only three quarters of the allowance; the rest is kept
-//! for last chances ([`Spend::LastChance`]), which may use all of it. (Half was tried: it
-//! saved the same requests, but in the easier scenario, where the fallback is healthy, it sent
-//! 20.1% of answers to the fallback instead of 19.5%, past that scenario's 20% target.)
+//! ([`Spend::BeforeFallback`]) may use only three fifths of the allowance; the rest is kept
+//! for last chances ([`Spend::LastChance`]), which may use all of it. Measured on that
+//! scenario with seed 2, three quarters lost 11 answerable requests and three fifths 7. The
+//! price is paid in the easier scenario, where the fallback is healthy and a retry of the
+//! primary would have answered: 19.9% of answers come from the fallback there instead of
+//! 19.5% (three quarters), against a 20% target; half sent 20.1%.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -68,7 +70,7 @@ fn seconds(secs: f64) -> Duration {
 }
 
 /// The share of the allowance that retries before a fallback may use.
-const BEFORE_FALLBACK_SHARE: f64 = 0.75;
+const BEFORE_FALLBACK_SHARE: f64 = 0.6;
 
 /// The sliding window the budget counts over.
 const WINDOW: Duration = Duration::from_secs(10);
@@ -78,7 +80,7 @@ const BUCKET: Duration = Duration::from_secs(1);
 /// What a retry is for (see "Who may spend it" in the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Spend {
-    /// A retry of a model that has a fallback after it: at most three quarters of the allowance.
+    /// A retry of a model that has a fallback after it: at most three fifths of the allowance.
     BeforeFallback,
     /// A retry of the last model of a chain: all of it.
     LastChance,
@@ -223,18 +225,18 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn retries_before_a_fallback_leave_a_quarter_for_last_chances() {
+    async fn retries_before_a_fallback_leave_two_fifths_for_last_chances() {
         let budget = RetryBudget::new(0.2, 0);
         for _ in 0..100 {
             budget.deposit(Instant::now());
         }
         let before = |b: &RetryBudget| b.try_withdraw(Instant::now(), Spend::BeforeFallback);
         let granted = (0..1000).filter(|_| before(&budget)).count();
-        assert_eq!(granted, 15, "three quarters of 20");
+        assert_eq!(granted, 12, "three fifths of 20");
         let last = (0..1000)
             .filter(|_| budget.try_withdraw(Instant::now(), Spend::LastChance))
             .count();
-        assert_eq!(last, 5, "the rest is there for last chances");
+        assert_eq!(last, 8, "the rest is there for last chances");
         assert!(!before(&budget));
     }
 }
