@@ -7,7 +7,9 @@
 # Provisions (each only when missing, so a second run starts the tests at once):
 # - .venv with the official `anthropic` Python SDK, pinned below (tests/sdk.rs drives it);
 # - tests/ts/node_modules with the official TypeScript SDK, pinned in tests/ts/package.json
-#   and package-lock.json (tests/ts_sdk.rs drives it with node).
+#   and package-lock.json (tests/ts_sdk.rs drives it with node);
+# - redis-server from Debian's packages (tests/shared.rs starts its own on a free port), when
+#   neither it nor FALLTHROUGH_REDIS_SERVER is there; installing needs root (CI runs as root).
 # A test whose dependency cannot be provisioned fails with the reason; none is skipped.
 set -euo pipefail
 
@@ -56,11 +58,26 @@ provision_typescript() {
         || die "npm could not install @anthropic-ai/sdk@$want (is the npm registry reachable?)"
 }
 
+# A Redis server binary for tests/shared.rs.
+provision_redis() {
+    if [ -n "${FALLTHROUGH_REDIS_SERVER:-}" ] || command -v redis-server >/dev/null; then
+        return
+    fi
+    [ "$(id -u)" = 0 ] || die "redis-server is not installed and installing it needs root; run: sudo apt-get install redis-server (or set FALLTHROUGH_REDIS_SERVER to a redis-server binary)"
+    command -v apt-get >/dev/null || die "redis-server is not installed and there is no apt-get; install Redis 6+ or Valkey and set FALLTHROUGH_REDIS_SERVER to its server binary"
+    say "installing redis-server from Debian's packages"
+    apt-get update -qq || die "apt-get update failed (are Debian's package mirrors reachable?)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server >/dev/null \
+        || die "apt-get could not install redis-server"
+}
+
 provision_python
 provision_typescript
+provision_redis
 export FALLTHROUGH_NODE="$(command -v node)"
 export FALLTHROUGH_PYTHON="$PWD/.venv/bin/python"
 say "python: $("$FALLTHROUGH_PYTHON" -c 'import anthropic; print("anthropic", anthropic.__version__)')"
+say "redis: $("${FALLTHROUGH_REDIS_SERVER:-redis-server}" --version)"
 
 say "cargo test --all-targets $*"
 exec cargo test --all-targets "$@"

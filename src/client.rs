@@ -328,6 +328,7 @@ impl Client {
             upstream_in_flight: (self.engine.config.max_concurrency
                 - self.engine.permits.available_permits()) as u64,
             store_errors: usage.disk_errors,
+            shared_errors: usage.shared_errors,
             upstream_queued: self
                 .engine
                 .queued
@@ -472,11 +473,13 @@ impl Engine {
                 key,
                 model,
                 attempts,
+                lease,
             } => {
                 let store = !p.controls.no_store;
                 let answer =
                     (self.store(&key, fetched.body, fetched.headers, &model, attempts, store))
                         .await;
+                drop(lease); // stored: the fleet's waiters find the answer
                 lead.tell(Ok(answer));
             }
             Reached::Stored { answer, .. } => lead.tell(Ok(answer)),

@@ -41,6 +41,65 @@ pub struct Config {
     pub fallback: HashMap<String, Vec<String>>,
     pub access: AccessConfig,
     pub server: ServerConfig,
+    pub shared: SharedConfig,
+}
+
+/// `[shared]`: the tier that several instances share, on a Redis-protocol server (SPEC,
+/// "Several instances: the shared tier"). No `url`, no shared tier.
+#[derive(Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SharedConfig {
+    /// `redis://[user:password@]host:port/db`, or `rediss://` for TLS. Default none (or
+    /// `FALLTHROUGH_SHARED_URL`). It may hold a password: never logged as it is.
+    pub url: Option<String>,
+    /// What every key the proxy writes starts with. Default `fallthrough:`.
+    pub prefix: String,
+    /// The longest a shared-tier operation may take before it counts as a miss of the tier.
+    /// Default 100 ms.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for SharedConfig {
+    fn default() -> Self {
+        SharedConfig {
+            url: None,
+            prefix: "fallthrough:".into(),
+            timeout: Duration::from_millis(100),
+        }
+    }
+}
+
+impl SharedConfig {
+    fn validate(&self) -> Result<(), Error> {
+        let Some(url) = &self.url else {
+            return Ok(());
+        };
+        let scheme = url.split_once("://").map(|(scheme, _)| scheme);
+        if !matches!(scheme, Some("redis" | "rediss")) {
+            return Err(Error::Config(format!(
+                "shared.url must start with redis:// or rediss://, for example redis://127.0.0.1:6379/0 (got {})",
+                redacted(url)
+            )));
+        }
+        if self.timeout.is_zero() {
+            return Err(Error::Config(
+                "shared.timeout must be more than zero".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The URL without its password, whatever else it holds.
+impl std::fmt::Debug for SharedConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedConfig")
+            .field("url", &self.url.as_deref().map(redacted))
+            .field("prefix", &self.prefix)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
 }
 
 /// `[access]`: who may use the proxy (SPEC, "Access").
@@ -191,6 +250,7 @@ impl Default for Config {
             fallback: default_fallbacks(),
             access: AccessConfig::default(),
             server: ServerConfig::default(),
+            shared: SharedConfig::default(),
         }
     }
 }
@@ -317,6 +377,7 @@ impl Config {
             }
         }
         self.access.validate()?;
+        self.shared.validate()?;
         for (model, chain) in &self.fallback {
             if chain.iter().any(|m| m == model) {
                 return Err(Error::Config(format!(

@@ -21,6 +21,9 @@ pub enum Error {
     /// The disk tier failed (I/O, or the directory is held by another process).
     #[error("disk cache")]
     Disk(#[from] DiskError),
+    /// The shared tier cannot be used as configured (its URL), or an admin command on it failed.
+    #[error("shared tier")]
+    Shared(#[from] SharedError),
     /// Something that should not happen did; the message says what.
     #[error("internal error: {0}")]
     Internal(String),
@@ -53,6 +56,19 @@ pub enum DiskError {
     /// The blocking thread that ran a disk operation panicked or was cancelled.
     #[error("the disk tier's worker thread failed: {0}")]
     Worker(String),
+}
+
+/// Errors of the shared tier that reach a caller: a URL that cannot work, and the admin
+/// commands' failures. On the request path the tier's failures are misses, never errors.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SharedError {
+    /// `shared.url` does not parse or names something the client cannot use.
+    #[error("shared.url {url} cannot be used: {reason}")]
+    Url { url: String, reason: String },
+    /// The server did not answer, or answered with an error.
+    #[error("the shared tier's server failed: {0}")]
+    Server(String),
 }
 
 /// A failure of the storage engine under the disk tier, opaque so that the engine's own error

@@ -17,6 +17,7 @@ use crate::outcome::Outcome;
 enum OutcomeValue {
     memory,
     disk,
+    shared,
     miss,
     stale,
     bypass,
@@ -63,6 +64,8 @@ pub struct Gauges {
     pub upstream_queued: u64,
     /// Disk tier operations that failed, timed out or could not start, since the start.
     pub store_errors: u64,
+    /// Shared tier operations that failed or timed out, since the start.
+    pub shared_errors: u64,
 }
 
 /// Entries and bytes held by one cache tier.
@@ -95,6 +98,7 @@ pub struct Metrics {
     in_flight: Gauge,
     queued: Gauge,
     store_errors: Counter,
+    shared_errors: Counter,
     /// Model labels in use. A std mutex: held for one set operation, on the miss path only.
     models: std::sync::Mutex<std::collections::HashSet<String>>,
     /// One scrape at a time: a scrape rebuilds the breaker gauges, which another one must not
@@ -158,8 +162,15 @@ impl Default for Metrics {
             "Disk cache operations that failed, timed out or were skipped (the answer was served, not stored)",
             store_errors.clone(),
         );
+        let shared_errors = Counter::default();
+        registry.register(
+            "shared_errors",
+            "Shared tier operations that failed or timed out (each was a miss of the tier, or a store that did not happen)",
+            shared_errors.clone(),
+        );
         Metrics {
             registry,
+            shared_errors,
             in_flight,
             queued,
             store_errors,
@@ -182,6 +193,7 @@ impl Metrics {
             outcome: match outcome {
                 Outcome::Memory => OutcomeValue::memory,
                 Outcome::Disk => OutcomeValue::disk,
+                Outcome::Shared => OutcomeValue::shared,
                 Outcome::Miss => OutcomeValue::miss,
                 Outcome::Stale => OutcomeValue::stale,
                 Outcome::Bypass => OutcomeValue::bypass,
@@ -268,6 +280,9 @@ impl Metrics {
         let seen = self.store_errors.get();
         self.store_errors
             .inc_by(gauges.store_errors.saturating_sub(seen));
+        let seen = self.shared_errors.get();
+        self.shared_errors
+            .inc_by(gauges.shared_errors.saturating_sub(seen));
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String never fails");

@@ -7,6 +7,8 @@ pub enum Outcome {
     Memory,
     /// A fresh entry from the disk tier (now promoted to memory).
     Disk,
+    /// A fresh entry from the tier several instances share (now promoted to the local ones).
+    Shared,
     /// Not cached (or not fresh): the upstream answered.
     Miss,
     /// A stale entry, served because the upstream could not answer.
@@ -17,9 +19,10 @@ pub enum Outcome {
 
 impl Outcome {
     /// Every outcome, for metrics that list them all.
-    pub const ALL: [Outcome; 5] = [
+    pub const ALL: [Outcome; 6] = [
         Outcome::Memory,
         Outcome::Disk,
+        Outcome::Shared,
         Outcome::Miss,
         Outcome::Stale,
         Outcome::Bypass,
@@ -30,6 +33,7 @@ impl Outcome {
         match self {
             Outcome::Memory => "memory",
             Outcome::Disk => "disk",
+            Outcome::Shared => "shared",
             Outcome::Miss => "miss",
             Outcome::Stale => "stale",
             Outcome::Bypass => "bypass",
@@ -38,7 +42,10 @@ impl Outcome {
 
     /// Whether the answer came from the cache.
     pub fn is_hit(self) -> bool {
-        matches!(self, Outcome::Memory | Outcome::Disk | Outcome::Stale)
+        matches!(
+            self,
+            Outcome::Memory | Outcome::Disk | Outcome::Shared | Outcome::Stale
+        )
     }
 }
 

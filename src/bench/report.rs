@@ -87,12 +87,14 @@ pub struct Report {
     pub hits: u64,
     pub memory: u64,
     pub disk: u64,
+    pub shared: u64,
     pub stale: u64,
     pub misses: u64,
     pub bypass: u64,
     pub hit_rate: f64,
     pub memory_rate: f64,
     pub disk_rate: f64,
+    pub shared_rate: f64,
     pub stale_rate: f64,
     pub miss_rate: f64,
     pub error_rate: f64,
@@ -156,6 +158,7 @@ impl Tally {
                 match outcome {
                     Outcome::Memory => r.memory += 1,
                     Outcome::Disk => r.disk += 1,
+                    Outcome::Shared => r.shared += 1,
                     Outcome::Stale => r.stale += 1,
                     Outcome::Miss => r.misses += 1,
                     Outcome::Bypass => r.bypass += 1,
@@ -178,7 +181,7 @@ impl Tally {
 
     pub(super) fn report(self, wall: Duration) -> Report {
         let mut r = self.report;
-        r.hits = r.memory + r.disk;
+        r.hits = r.memory + r.disk + r.shared;
         r.calls_saved = r.hits + r.stale;
         let share = |n: u64| match r.requests {
             0 => 0.0,
@@ -187,6 +190,7 @@ impl Tally {
         r.hit_rate = share(r.hits + r.stale);
         r.memory_rate = share(r.memory);
         r.disk_rate = share(r.disk);
+        r.shared_rate = share(r.shared);
         r.stale_rate = share(r.stale);
         r.miss_rate = share(r.misses);
         r.error_rate = share(r.errors);

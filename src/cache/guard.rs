@@ -11,13 +11,13 @@
 //! [`REOPEN_EVERY`], in the background: once there is space again, storing resumes by itself.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
-use tracing::{info, warn};
+use tracing::info;
 
+use super::failures::Failures;
 use super::DiskTier;
 use crate::error::{report, DiskError};
 
@@ -26,8 +26,6 @@ pub(super) const MAX_IN_FLIGHT: usize = 64;
 /// The longest a request waits for one disk call. Point reads and writes take microseconds;
 /// a call this slow means the disk is in trouble, and the upstream is the better source.
 pub(super) const TIME_LIMIT: Duration = Duration::from_secs(1);
-/// The least time between two log lines about disk failures.
-const LOG_EVERY: Duration = Duration::from_secs(60);
 /// The least time between two attempts to reopen a failed tier.
 const REOPEN_EVERY: Duration = Duration::from_secs(5);
 
@@ -38,16 +36,9 @@ pub(super) struct Guard {
     dir: PathBuf,
     max_bytes: u64,
     places: Arc<Semaphore>,
-    failures: AtomicU64,
-    log: Mutex<LogState>,
+    failures: Failures,
     /// When a reopen was last tried; `Some` while one runs or has run.
     reopened_at: Mutex<Option<Instant>>,
-}
-
-#[derive(Default)]
-struct LogState {
-    last: Option<Instant>,
-    unlogged: u64,
 }
 
 impl Guard {
@@ -64,8 +55,9 @@ impl Guard {
             max_bytes,
             tier: RwLock::new(None),
             places: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
-            failures: AtomicU64::new(0),
-            log: Mutex::new(LogState::default()),
+            failures: Failures::new(
+                "the disk cache failed; answering without it (misses are not stored meanwhile)",
+            ),
             reopened_at: Mutex::new(None),
         }
     }
@@ -161,25 +153,10 @@ impl Guard {
 
     /// Disk calls that failed, since the start.
     pub(super) fn failures(&self) -> u64 {
-        self.failures.load(Ordering::Relaxed)
+        self.failures.count()
     }
 
     fn failed(&self, what: &str, why: &dyn std::fmt::Display) {
-        self.failures.fetch_add(1, Ordering::Relaxed);
-        let mut log = self.log.lock().expect("disk log lock");
-        let due = log.last.is_none_or(|at| at.elapsed() >= LOG_EVERY);
-        if !due {
-            log.unlogged += 1;
-            return;
-        }
-        let also = std::mem::take(&mut log.unlogged);
-        log.last = Some(Instant::now());
-        drop(log);
-        warn!(
-            operation = what,
-            error = %why,
-            failures_since_last_message = also,
-            "the disk cache failed; answering without it (misses are not stored meanwhile)"
-        );
+        self.failures.record(what, why);
     }
 }

@@ -1,10 +1,13 @@
-//! The two cache tiers and the rules between them: memory first, then disk, and a disk hit is
-//! promoted to memory. A fault of the disk tier is logged and treated as a miss: the cache may
-//! lose an answer, never serve a wrong one, and never fail a request by itself.
+//! The cache tiers and the rules between them: memory first, then disk, then the shared tier
+//! of several instances (when configured); a hit is promoted to the tiers before it. A fault
+//! of the disk or shared tier is logged and treated as a miss: the cache may lose an answer,
+//! never serve a wrong one, and never fail a request by itself.
 
 mod disk;
+mod failures;
 mod guard;
 mod memory;
+pub mod shared;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -14,6 +17,7 @@ use tracing::{error, info};
 pub(crate) use disk::create_private_dir;
 pub use disk::{DiskTier, Evicted};
 pub use memory::MemoryTier;
+pub use shared::SharedTier;
 
 use crate::entry::{Entry, Freshness, UnixMillis};
 use crate::error::{report, DiskError};
@@ -43,6 +47,7 @@ fn bytes_under(dir: &std::path::Path) -> u64 {
 pub enum Tier {
     Memory,
     Disk,
+    Shared,
 }
 
 /// A lookup's answer: the entry, fresh or stale, and where it was found.
@@ -61,6 +66,18 @@ pub struct Usage {
     pub disk_bytes: u64,
     /// Disk tier operations that failed, timed out or could not start, since the start.
     pub disk_errors: u64,
+    /// Shared tier operations that failed or timed out, since the start.
+    pub shared_errors: u64,
+}
+
+/// What a miss found of identical misses on other instances ([`Cache::shared_flight`]).
+pub enum SharedFlight {
+    /// Another instance's answer landed while this one waited.
+    Answered(Lookup),
+    /// This instance leads: the lease is held until it is dropped.
+    Lead(shared::Lease),
+    /// No shared tier, or it did not answer, or the wait ran out: go on alone.
+    Alone,
 }
 
 /// Memory in front of an optional disk tier. Cheap to clone.
@@ -69,6 +86,8 @@ pub struct Cache {
     memory: MemoryTier,
     /// The disk tier behind its guard; `None` for a memory-only cache.
     disk: Option<Arc<guard::Guard>>,
+    /// The tier several instances share; `None` without `[shared]`.
+    shared: Option<Arc<SharedTier>>,
 }
 
 impl Cache {
@@ -77,6 +96,7 @@ impl Cache {
         Cache {
             memory: MemoryTier::new(memory_bytes),
             disk: None,
+            shared: None,
         }
     }
 
@@ -91,6 +111,7 @@ impl Cache {
             disk: Some(Arc::new(guard::Guard::new(
                 DiskTier::open(dir, disk_bytes).await?,
             ))),
+            shared: None,
         })
     }
 
@@ -118,6 +139,7 @@ impl Cache {
         Ok(Cache {
             memory: MemoryTier::new(memory_bytes),
             disk: Some(guard),
+            shared: None,
         })
     }
 
@@ -149,6 +171,18 @@ impl Cache {
         Ok(())
     }
 
+    /// This cache in front of a shared tier (looked up after the local tiers, written with
+    /// them).
+    pub fn with_shared(mut self, shared: Option<Arc<SharedTier>>) -> Self {
+        self.shared = shared;
+        self
+    }
+
+    /// The shared tier, if there is one.
+    pub fn shared(&self) -> Option<&Arc<SharedTier>> {
+        self.shared.as_ref()
+    }
+
     /// The cache directory, for a cache with a disk tier (open, or still opening).
     pub fn dir(&self) -> Option<&std::path::Path> {
         self.disk.as_deref().map(guard::Guard::dir)
@@ -164,30 +198,97 @@ impl Cache {
                 });
             }
         }
+        if let Some(entry) = self.disk_get(key, now).await {
+            self.memory.insert(*key, entry.clone()).await;
+            return Some(Lookup {
+                entry,
+                tier: Tier::Disk,
+            });
+        }
+        let entry = self.shared.as_ref()?.get(key).await?;
+        self.promoted(key, entry, now).await
+    }
+
+    /// The disk tier's servable entry under `key`; an expired one is removed.
+    async fn disk_get(&self, key: &CacheKey, now: UnixMillis) -> Option<Arc<Entry>> {
         let disk = self.disk.as_ref()?;
         let k = *key;
-        let found = disk.call("read", move |d| d.get(&k, now)).await?;
-        match found {
-            Some(entry) if entry.freshness(now, None) != Freshness::Expired => {
-                let entry = Arc::new(entry);
-                self.memory.insert(*key, entry.clone()).await;
-                Some(Lookup {
-                    entry,
-                    tier: Tier::Disk,
-                })
-            }
-            Some(_expired) => {
+        match disk.call("read", move |d| d.get(&k, now)).await?? {
+            entry if entry.freshness(now, None) != Freshness::Expired => Some(Arc::new(entry)),
+            _expired => {
                 disk.call("remove", move |d| d.remove(&k)).await;
                 None
             }
-            None => None,
         }
     }
 
-    /// Stores `entry` in both tiers. The disk's part never fails or holds up the caller for
-    /// long (the `guard` room): a disk that cannot take it leaves the entry in memory only.
+    /// A shared tier's entry, stored in the local tiers, as a shared hit (`None` if expired:
+    /// the server's expiry is at the stale deadline, but its clock is not ours).
+    async fn promoted(&self, key: &CacheKey, entry: Entry, now: UnixMillis) -> Option<Lookup> {
+        if entry.freshness(now, None) == Freshness::Expired {
+            return None;
+        }
+        let entry = Arc::new(entry);
+        self.insert_local(*key, entry.clone(), now).await;
+        Some(Lookup {
+            entry,
+            tier: Tier::Shared,
+        })
+    }
+
+    /// A miss's place among identical misses on other instances: it leads (holding the
+    /// shared lease on `key` for at most `ttl`), or waits, within `ttl`, for the instance that
+    /// leads, and takes its answer. `Alone` without a shared tier, when the tier does not
+    /// answer, or when the wait runs out.
+    pub async fn shared_flight(&self, key: &CacheKey, ttl: std::time::Duration) -> SharedFlight {
+        use shared::{Leasing, Watch};
+        let Some(tier) = &self.shared else {
+            return SharedFlight::Alone;
+        };
+        let until = tokio::time::Instant::now() + ttl;
+        loop {
+            match tier.lease(key, ttl).await {
+                Leasing::Taken(lease) => return SharedFlight::Lead(lease),
+                Leasing::Unavailable => return SharedFlight::Alone,
+                Leasing::Held => {}
+            }
+            loop {
+                if tokio::time::Instant::now() + shared::POLL_EVERY >= until {
+                    return SharedFlight::Alone;
+                }
+                tokio::time::sleep(shared::POLL_EVERY).await;
+                let now = crate::entry::now_millis();
+                match tier.watch(key).await {
+                    // A stale entry is the one this miss already knows: not the answer.
+                    Watch::Seen {
+                        entry: Some(entry), ..
+                    } if entry.freshness(now, None) == Freshness::Fresh => {
+                        return match self.promoted(key, entry, now).await {
+                            Some(hit) => SharedFlight::Answered(hit),
+                            None => SharedFlight::Alone,
+                        };
+                    }
+                    Watch::Seen { leased: true, .. } => continue,
+                    // The lead ended without an answer: lead ourselves.
+                    Watch::Seen { leased: false, .. } => break,
+                    Watch::Unavailable => return SharedFlight::Alone,
+                }
+            }
+        }
+    }
+
+    /// Stores `entry` in every tier. The disk's and the shared tier's parts never fail or
+    /// hold up the caller for long (their time limits): a tier that cannot take it is skipped.
     pub async fn insert(&self, key: CacheKey, entry: Entry, now: UnixMillis) {
         let entry = Arc::new(entry);
+        if let Some(shared) = &self.shared {
+            shared.put(&key, &entry, now).await;
+        }
+        self.insert_local(key, entry, now).await;
+    }
+
+    /// Stores `entry` in the memory and disk tiers.
+    async fn insert_local(&self, key: CacheKey, entry: Arc<Entry>, now: UnixMillis) {
         if let Some(disk) = &self.disk {
             let stored = entry.clone();
             let write = move |d: &DiskTier| d.insert(&key, &stored, now);
@@ -196,16 +297,20 @@ impl Cache {
         self.memory.insert(key, entry).await;
     }
 
-    /// Removes `key` from both tiers.
+    /// Removes `key` from every tier.
     pub async fn remove(&self, key: &CacheKey) {
         self.memory.remove(key).await;
         if let Some(disk) = &self.disk {
             let k = *key;
             disk.call("remove", move |d| d.remove(&k)).await;
         }
+        if let Some(shared) = &self.shared {
+            shared.remove(key).await;
+        }
     }
 
-    /// Removes everything from both tiers.
+    /// Removes everything from the local tiers (the shared one is other instances' too:
+    /// `cache purge --shared` clears it).
     pub async fn clear(&self) -> Result<(), DiskError> {
         self.memory.clear();
         if let Some(disk) = self.disk() {
@@ -256,6 +361,7 @@ impl Cache {
             disk_entries,
             disk_bytes,
             disk_errors: self.disk.as_ref().map_or(0, |g| g.failures()),
+            shared_errors: self.shared.as_ref().map_or(0, |s| s.failures()),
         }
     }
 }

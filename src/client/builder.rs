@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::sync::{Notify, Semaphore};
 use tracing::{error, warn};
 
-use crate::cache::Cache;
+use crate::cache::{Cache, SharedTier};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::error::{report, DiskError, Error};
@@ -42,6 +42,9 @@ fn fresh_secret() -> KeySecret {
 /// fix and stops the build.
 async fn open_or_memory_only(config: &Config) -> Result<Cache, Error> {
     let memory = config.cache.memory_bytes.as_u64();
+    if config.cache.disk_bytes.as_u64() == 0 {
+        return Ok(Cache::memory_only(memory)); // `disk_bytes = "0"`: no local state
+    }
     let dir = config.cache_dir();
     match Cache::open_serving(&dir, memory, config.cache.disk_bytes.as_u64()).await {
         Ok(cache) => Ok(cache),
@@ -51,6 +54,21 @@ async fn open_or_memory_only(config: &Config) -> Result<Cache, Error> {
             Ok(Cache::memory_only(memory))
         }
     }
+}
+
+/// The configured shared tier, if any. Instances share entries for requests with a
+/// credential only if they fingerprint credentials with the same secret: without
+/// `FALLTHROUGH_KEY_SECRET`, each keeps its own, and says so.
+fn shared_tier(config: &Config) -> Result<Option<Arc<SharedTier>>, Error> {
+    let tier = SharedTier::from_config(&config.shared)?;
+    if tier.is_some() && secret::from_env().is_none() {
+        warn!(
+            "a shared tier without {}: requests that carry a credential are keyed with this instance's own secret, so other instances cannot share their entries; set the same {} on every instance",
+            secret::SECRET_ENV,
+            secret::SECRET_ENV
+        );
+    }
+    Ok(tier)
 }
 
 impl ClientBuilder {
@@ -213,6 +231,10 @@ impl ClientBuilder {
             Some(cache) => cache,
             None if self.memory_only => Cache::memory_only(config.cache.memory_bytes.as_u64()),
             None => open_or_memory_only(&config).await?,
+        };
+        let cache = match cache.shared() {
+            Some(_) => cache,
+            None => cache.with_shared(shared_tier(&config)?),
         };
         let key_secret = match (self.key_secret, cache.dir()) {
             (Some(secret), _) => secret,

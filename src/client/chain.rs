@@ -12,6 +12,8 @@ use bytes::Bytes;
 use tokio::time::Instant;
 use tracing::{debug, info};
 
+use crate::cache::shared::Lease;
+use crate::cache::SharedFlight;
 use crate::error::UpstreamError;
 use crate::key::CacheKey;
 use crate::upstream::retry::Spend;
@@ -30,8 +32,13 @@ pub(super) enum Reached<T> {
         key: CacheKey,
         model: String,
         attempts: u32,
+        /// The shared tier's lease on the request's key, if this instance leads the fleet's
+        /// flight: to be dropped once the answer is stored, so that the other instances find
+        /// the answer, not a free key.
+        lease: Option<Lease>,
     },
-    /// A stored answer stands in: an identical flight's, or a fallback's fresh entry.
+    /// A stored answer stands in: an identical flight's (this instance's or another's), or a
+    /// fallback's fresh entry.
     Stored { answer: Answer, key: CacheKey },
     /// The primary failed while a stale entry is at hand: the caller is served that entry at
     /// once, and a refresh may go on until `deadline`.
@@ -54,6 +61,10 @@ impl Engine {
         if let Some(answer) = self.raced_answer(p).await {
             return Reached::Stored { answer, key: p.key };
         }
+        let lease = match self.fleet_flight(p).await {
+            Ok(lease) => lease,
+            Err(answer) => return Reached::Stored { answer, key: p.key },
+        };
         let deadline = Instant::now() + self.config.retry.deadline;
         let mut attempts = 0;
         let mut last = None;
@@ -86,6 +97,7 @@ impl Engine {
                         key,
                         model: model.clone(),
                         attempts,
+                        lease,
                     }
                 }
                 Err(e) if stale_here && e.allows_stale() => {
@@ -109,7 +121,7 @@ impl Engine {
         }
         // Reached only without a stale entry: with one, the primary's failure returned above.
         if attempts == 0 {
-            if let Some(reached) = self.rescue::<F>(p, deadline).await {
+            if let Some(reached) = self.rescue::<F>(p, deadline, lease).await {
                 return reached;
             }
         }
@@ -126,8 +138,9 @@ impl Engine {
         &self,
         p: &Prepared,
         deadline: Instant,
+        mut lease: Option<Lease>,
     ) -> Option<Reached<F::Fetched>> {
-        if let Some(reached) = self.try_rescue::<F>(p, deadline).await {
+        if let Some(reached) = self.try_rescue::<F>(p, deadline, &mut lease).await {
             return Some(reached);
         }
         let now = Instant::now();
@@ -139,7 +152,7 @@ impl Engine {
             return None;
         }
         tokio::time::sleep_until(next).await;
-        self.try_rescue::<F>(p, deadline).await
+        self.try_rescue::<F>(p, deadline, &mut lease).await
     }
 
     /// One pass of [`Self::rescue`] over the chain's models.
@@ -147,6 +160,7 @@ impl Engine {
         &self,
         p: &Prepared,
         deadline: Instant,
+        lease: &mut Option<Lease>,
     ) -> Option<Reached<F::Fetched>> {
         let mut attempts = 0;
         for (position, model) in self.models(p).enumerate() {
@@ -169,11 +183,32 @@ impl Engine {
                     key,
                     model: model.clone(),
                     attempts,
+                    lease: lease.take(),
                 },
                 Err(e) => Reached::Failed(exhausted(e, attempts)),
             });
         }
         None
+    }
+
+    /// The request's place in the fleet's flight for its key (the shared tier's single
+    /// flight): `Ok` with the lease when this instance leads (or `None` when there is no
+    /// fleet to lead: no shared tier, or it did not answer), `Err` with another instance's
+    /// answer when one landed while this one waited. `no-cache` requests fetch for
+    /// themselves.
+    async fn fleet_flight(&self, p: &Prepared) -> Result<Option<Lease>, Answer> {
+        if p.controls.no_cache {
+            return Ok(None);
+        }
+        match self
+            .cache
+            .shared_flight(&p.key, self.config.retry.deadline)
+            .await
+        {
+            SharedFlight::Lead(lease) => Ok(Some(lease)),
+            SharedFlight::Alone => Ok(None),
+            SharedFlight::Answered(hit) => Err(hit_answer(&hit, self.clock.millis())),
+        }
     }
 
     /// The request's model, then its fallbacks.

@@ -130,6 +130,7 @@ pub(super) fn hit_answer(hit: &Lookup, now: u64) -> Answer {
         outcome: match hit.tier {
             Tier::Memory => Outcome::Memory,
             Tier::Disk => Outcome::Disk,
+            Tier::Shared => Outcome::Shared,
         },
         attempts: 0,
         age: Some(hit.entry.age(now)),

@@ -20,6 +20,7 @@ use super::{
     wait_live, Answer, Engine, Flight, Joined, Lead, LiveFlight, LookedUp, Prepared, Reached,
     Request, Response,
 };
+use crate::cache::shared::Lease;
 use crate::cache::Lookup;
 use crate::error::Error;
 use crate::key::CacheKey;
@@ -146,7 +147,17 @@ impl Engine {
                 key,
                 model,
                 attempts,
-            } => Ok(self.relay(fetched, &p, key, &model, attempts, lead)),
+                lease,
+            } => {
+                let flight = Flown {
+                    key,
+                    model,
+                    attempts,
+                    lead,
+                    lease,
+                };
+                Ok(self.relay(fetched, &p, flight))
+            }
             Reached::Stored { answer, key } => {
                 lead.tell(Ok(answer.clone()));
                 replay(answer, key)
@@ -170,20 +181,19 @@ impl Engine {
     /// the upstream to its end whatever the readers do, assembling the Message on the way: an
     /// answer already paid for is kept, and the upstream slot is given back at the upstream's
     /// pace, not the slowest caller's.
-    fn relay(
-        self: &Arc<Self>,
-        live: LiveResponse,
-        p: &Prepared,
-        key: CacheKey,
-        model: &str,
-        attempts: u32,
-        lead: Lead,
-    ) -> StreamResponse {
+    fn relay(self: &Arc<Self>, live: LiveResponse, p: &Prepared, flown: Flown) -> StreamResponse {
+        let Flown {
+            key,
+            model,
+            attempts,
+            lead,
+            lease,
+        } = flown;
         let tape = Tape::new();
         let flight = LiveFlight {
             tape: tape.clone(),
             key,
-            model: model.to_owned(),
+            model,
             attempts,
             headers: live.response.headers().clone(),
         };
@@ -220,6 +230,7 @@ impl Engine {
                 // an error the upstream never sent.)
                 lead.tell(Ok(answer));
             }
+            drop(lease); // after the store: the fleet's waiters find the answer
             drop(lead);
             // Only now do the readers' streams end: a graceful shutdown, which waits for them,
             // cannot flush the disk tier before this answer is in it.
@@ -227,6 +238,16 @@ impl Engine {
         });
         response
     }
+}
+
+/// A streamed lead's answer as the chain gave it: whose it is, and whom to tell.
+struct Flown {
+    key: CacheKey,
+    model: String,
+    attempts: u32,
+    lead: Lead,
+    /// The shared tier's lease, held until the stream is stored.
+    lease: Option<Lease>,
 }
 
 /// Copies the upstream's bytes onto `tape`, assembling the Message as they pass. Returns it

@@ -381,6 +381,7 @@ fn print_report(r: &Report, setup: &str) {
     let rows = [
         ("memory", r.memory),
         ("disk", r.disk),
+        ("shared", r.shared),
         ("stale", r.stale),
         ("miss", r.misses),
         ("bypass", r.bypass),

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod proxy;
+pub mod redis;
 pub mod sdk;
 
 use std::path::Path;

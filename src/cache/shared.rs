@@ -1,0 +1,278 @@
+//! The shared tier: entries on a Redis-protocol server (Redis 6+ or Valkey) that several
+//! instances share, and a lease per key so that identical misses on different instances make
+//! one upstream call. This file is the only one that speaks to the server.
+//!
+//! # Never in the way
+//! The server is another machine's process: it may be down, slow or full. Every operation is
+//! given `timeout` (100 ms by default); one that fails or takes longer is a miss of the tier
+//! (or a store that did not happen), counted (`fallthrough_shared_errors_total`) and logged at
+//! most once a minute. After a failure the tier is *resting*: requests skip it at once, as if
+//! there were none, while a background task pings the server every [`PING_EVERY`] and ends the
+//! rest when it answers. So an outage of the server costs one request at most `timeout`, not
+//! every request, and sharing resumes by itself. The connection itself is redis-rs's
+//! connection manager, made lazily (a server down at start-up does not stop the start) and
+//! reconnecting when its connection drops.
+//!
+//! # What is stored
+//! An entry is the same versioned, checksummed bytes as on disk ([`Entry::encode`]), under
+//! `{prefix}e:{key}`, expiring at its stale deadline. Bytes that do not decode (a bad
+//! checksum, a value some other program wrote) are a miss and are deleted, so the next answer
+//! replaces them. Entries hold no credential: keys are hashes, bodies are the API's answers.
+//!
+//! # Single flight across instances: a lease, then polling
+//! The first instance to miss takes `{prefix}l:{key}` (`SET NX PX`, expiring after the
+//! request's deadline, so a lead that dies frees it). Another instance that misses the same
+//! key finds the lease and waits: every [`POLL_EVERY`] it reads the entry and the lease in one
+//! `MGET`, and takes the entry when it lands, or leads itself when the lease is gone without
+//! one (the lead failed). Polling rather than pub/sub: a subscription needs a connection of
+//! its own per instance and a channel per key, and a missed message would leave a waiter
+//! waiting out the lease; polling costs a waiter one small round trip per 20 ms, only while an
+//! identical request is in flight elsewhere, and cannot miss the answer.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::{AsyncCommands, FromRedisValue};
+use tokio::time::Instant;
+use tracing::info;
+
+use super::failures::Failures;
+use crate::config::{redacted, SharedConfig};
+use crate::entry::{Entry, UnixMillis};
+use crate::error::SharedError;
+use crate::key::CacheKey;
+
+/// How often a resting tier pings its server.
+pub const PING_EVERY: Duration = Duration::from_millis(500);
+/// How often a request waiting for another instance's answer looks for it.
+pub const POLL_EVERY: Duration = Duration::from_millis(20);
+
+/// Deletes a lease only if it is still the one its holder took.
+const RELEASE: &str =
+    "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0";
+
+/// The shared tier (see the module's doc). Cheap to share behind an `Arc`.
+pub struct SharedTier {
+    connection: ConnectionManager,
+    prefix: String,
+    timeout: Duration,
+    /// Set after a failure until the server answers a ping again.
+    resting: AtomicBool,
+    failures: Failures,
+}
+
+/// What a waiting instance saw of another's flight.
+pub enum Watch {
+    /// The entry under the key (one that decodes), if any, and whether the lease is held.
+    Seen { entry: Option<Entry>, leased: bool },
+    /// The tier did not answer.
+    Unavailable,
+}
+
+/// What taking a lease gave.
+pub enum Leasing {
+    /// Ours: lead the flight; dropping the lease frees it.
+    Taken(Lease),
+    /// Another instance holds it.
+    Held,
+    /// The tier did not answer: go on alone.
+    Unavailable,
+}
+
+impl SharedTier {
+    /// The tier the configuration describes, or `None` without a `url`. Does not connect:
+    /// the connection is made by the first operation, and a server that is down then is only
+    /// a miss.
+    pub fn from_config(config: &SharedConfig) -> Result<Option<Arc<Self>>, SharedError> {
+        let Some(url) = &config.url else {
+            return Ok(None);
+        };
+        let bad = |e: redis::RedisError| SharedError::Url {
+            url: redacted(url),
+            reason: e.to_string(),
+        };
+        let client = redis::Client::open(url.as_str()).map_err(bad)?;
+        let settings = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(config.timeout))
+            .set_response_timeout(Some(config.timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(PING_EVERY);
+        let connection = ConnectionManager::new_lazy_with_config(client, settings).map_err(bad)?;
+        info!(url = %redacted(url), prefix = %config.prefix, "shared tier");
+        Ok(Some(Arc::new(SharedTier {
+            connection,
+            prefix: config.prefix.clone(),
+            timeout: config.timeout,
+            resting: AtomicBool::new(false),
+            failures: Failures::new(
+                "the shared tier failed; answering without it until it is back",
+            ),
+        })))
+    }
+
+    /// The entry under `key`, if the tier holds one that decodes. One that does not is
+    /// deleted: it is never served, and the next answer replaces it.
+    pub async fn get(self: &Arc<Self>, key: &CacheKey) -> Option<Entry> {
+        let name = self.entry_name(key);
+        let bytes: Option<Vec<u8>> = self.run("read", redis::cmd("GET").arg(&name)).await?;
+        self.decoded(key, bytes?).await
+    }
+
+    /// Stores `entry` under `key`, expiring at its stale deadline (nothing when that has
+    /// passed).
+    pub async fn put(self: &Arc<Self>, key: &CacheKey, entry: &Entry, now: UnixMillis) {
+        let ttl = entry.stale_until.saturating_sub(now);
+        if ttl == 0 {
+            return;
+        }
+        let mut set = redis::cmd("SET");
+        set.arg(self.entry_name(key))
+            .arg(entry.encode())
+            .arg("PX")
+            .arg(ttl);
+        let _: Option<()> = self.run("write", &set).await;
+    }
+
+    /// Removes the entry under `key`.
+    pub async fn remove(self: &Arc<Self>, key: &CacheKey) {
+        let _: Option<u64> = self
+            .run("remove", redis::cmd("DEL").arg(self.entry_name(key)))
+            .await;
+    }
+
+    /// Takes the flight's lease on `key` for `ttl`.
+    pub async fn lease(self: &Arc<Self>, key: &CacheKey, ttl: Duration) -> Leasing {
+        let name = self.lease_name(key);
+        let token = format!("{:032x}", rand::random::<u128>());
+        let mut set = redis::cmd("SET");
+        set.arg(&name)
+            .arg(&token)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl.as_millis().max(1) as u64);
+        match self.run::<Option<String>>("lease", &set).await {
+            Some(Some(_ok)) => Leasing::Taken(Lease {
+                tier: self.clone(),
+                name,
+                token,
+            }),
+            Some(None) => Leasing::Held,
+            None => Leasing::Unavailable,
+        }
+    }
+
+    /// The entry and the lease under `key`, in one round trip.
+    pub async fn watch(self: &Arc<Self>, key: &CacheKey) -> Watch {
+        let mut mget = redis::cmd("MGET");
+        mget.arg(self.entry_name(key)).arg(self.lease_name(key));
+        let Some((entry, lease)) = self
+            .run::<(Option<Vec<u8>>, Option<Vec<u8>>)>("watch", &mget)
+            .await
+        else {
+            return Watch::Unavailable;
+        };
+        let entry = match entry {
+            Some(bytes) => self.decoded(key, bytes).await,
+            None => None,
+        };
+        Watch::Seen {
+            entry,
+            leased: lease.is_some(),
+        }
+    }
+
+    /// Operations that failed, timed out or were skipped while resting, since the start.
+    pub fn failures(&self) -> u64 {
+        self.failures.count()
+    }
+
+    /// Whether the tier is skipped for now (after a failure, until the server answers).
+    pub fn is_resting(&self) -> bool {
+        self.resting.load(Ordering::Relaxed)
+    }
+
+    /// `bytes` as an entry, or `None` (and the value deleted) when they do not decode.
+    async fn decoded(self: &Arc<Self>, key: &CacheKey, bytes: Vec<u8>) -> Option<Entry> {
+        match Entry::decode(&bytes) {
+            Ok(entry) => Some(entry),
+            Err(e) => {
+                self.failures.record("decode", &e);
+                self.remove(key).await;
+                None
+            }
+        }
+    }
+
+    /// Runs `cmd` within the timeout; `None` when it failed, took too long, or the tier rests.
+    async fn run<T: FromRedisValue>(self: &Arc<Self>, what: &str, cmd: &redis::Cmd) -> Option<T> {
+        if self.is_resting() {
+            return None;
+        }
+        let mut connection = self.connection.clone();
+        let why = match tokio::time::timeout(self.timeout, cmd.query_async(&mut connection)).await {
+            Ok(Ok(value)) => return Some(value),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("no answer within {:?}", self.timeout),
+        };
+        self.failures.record(what, &why);
+        self.rest();
+        None
+    }
+
+    /// Skips the tier until a ping is answered, pinging in the background.
+    fn rest(self: &Arc<Self>) {
+        if self.resting.swap(true, Ordering::Relaxed) {
+            return; // a pinger runs already
+        }
+        let tier = self.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            loop {
+                tokio::time::sleep(PING_EVERY).await;
+                let mut connection = tier.connection.clone();
+                let ping = connection.ping::<String>();
+                if let Ok(Ok(_)) = tokio::time::timeout(tier.timeout, ping).await {
+                    tier.resting.store(false, Ordering::Relaxed);
+                    info!(after = ?started.elapsed(), "the shared tier answers again");
+                    return;
+                }
+            }
+        });
+    }
+
+    fn entry_name(&self, key: &CacheKey) -> String {
+        format!("{}e:{key}", self.prefix)
+    }
+
+    fn lease_name(&self, key: &CacheKey) -> String {
+        format!("{}l:{key}", self.prefix)
+    }
+}
+
+/// A flight's lease on a key; dropping it frees the key for other instances at once (a lease
+/// whose holder died expires by itself).
+pub struct Lease {
+    tier: Arc<SharedTier>,
+    name: String,
+    token: String,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let tier = self.tier.clone();
+        let mut release = redis::cmd("EVAL");
+        release
+            .arg(RELEASE)
+            .arg(1)
+            .arg(std::mem::take(&mut self.name))
+            .arg(std::mem::take(&mut self.token));
+        runtime.spawn(async move {
+            let _: Option<u64> = tier.run("release", &release).await;
+        });
+    }
+}

@@ -1,0 +1,304 @@
+//! Several instances over one real Redis (SPEC, "Several instances: the shared tier"): two
+//! `fallthrough serve` processes, one `redis-server` started for the test, one fake API.
+
+mod support;
+
+use std::process::Stdio;
+
+use fallthrough::mock::{MockConfig, MockServer};
+use support::proxy::{header, request};
+use support::redis::Redis;
+
+/// The same secret on every instance: requests with a credential get the same keys.
+const SECRET: &str = "the fleet's key secret";
+const CALLER: &str = "sk-ant-caller";
+
+struct Serve {
+    child: std::process::Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An instance over `mock` sharing `redis`, with `more` appended to its configuration.
+fn serve(mock: &MockServer, redis: &Redis, more: &str) -> Serve {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("fallthrough.toml");
+    let config = format!(
+        "[shared]\nurl = \"{}\"\nprefix = \"test:\"\n{more}",
+        redis.url()
+    );
+    std::fs::write(&file, config).unwrap();
+    let (child, url) = support::spawn_serve(&mock.url(), &dir.path().join("cache"), |cmd| {
+        cmd.arg("--config")
+            .arg(&file)
+            .env("FALLTHROUGH_KEY_SECRET", SECRET)
+            .env("RUST_LOG", "warn")
+            .stderr(Stdio::null());
+    });
+    Serve {
+        child,
+        url,
+        _dir: dir,
+    }
+}
+
+async fn ask(url: &str, text: &str) -> reqwest::Response {
+    ask_with(url, text, &[]).await
+}
+
+async fn ask_with(url: &str, text: &str, headers: &[(&str, &str)]) -> reqwest::Response {
+    let mut r = reqwest::Client::new()
+        .post(format!("{url}/v1/messages"))
+        .header("x-api-key", CALLER)
+        .json(&request(text));
+    for (name, value) in headers {
+        r = r.header(*name, *value);
+    }
+    r.send().await.unwrap()
+}
+
+/// `POST /v1/messages` calls the fake answered with `status`.
+fn upstream_calls(mock: &MockServer, status: u16) -> u64 {
+    mock.stats()
+        .by_model
+        .values()
+        .filter_map(|by_status| by_status.get(&status))
+        .sum()
+}
+
+async fn cache_header(r: reqwest::Response) -> (u16, String, String) {
+    let outcome = header(&r, "x-fallthrough-cache").to_owned();
+    let status = r.status().as_u16();
+    (status, outcome, r.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_miss_on_one_instance_is_a_shared_hit_on_another() {
+    let redis = Redis::start().await;
+    let mock = MockServer::start(MockConfig::default()).await.unwrap();
+    let (a, b) = (serve(&mock, &redis, ""), serve(&mock, &redis, ""));
+
+    let (status, outcome, first) = cache_header(ask(&a.url, "shared question").await).await;
+    assert_eq!((status, outcome.as_str()), (200, "miss"));
+    let (status, outcome, second) = cache_header(ask(&b.url, "shared question").await).await;
+    assert_eq!((status, outcome.as_str()), (200, "shared"));
+    assert_eq!(first, second, "the same answer, byte for byte");
+    let (_, outcome, _) = cache_header(ask(&b.url, "shared question").await).await;
+    assert_eq!(
+        outcome, "memory",
+        "a shared hit is promoted to the local tiers"
+    );
+    assert_eq!(upstream_calls(&mock, 200), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_misses_spread_over_two_instances_make_one_upstream_call() {
+    let redis = Redis::start().await;
+    let slow = MockConfig {
+        latency_ms: 300,
+        ..MockConfig::default()
+    };
+    let mock = MockServer::start(slow).await.unwrap();
+    let (a, b) = (serve(&mock, &redis, ""), serve(&mock, &redis, ""));
+
+    let asks: Vec<_> = (0..10)
+        .map(|n| {
+            let url = if n % 2 == 0 {
+                a.url.clone()
+            } else {
+                b.url.clone()
+            };
+            tokio::spawn(async move { cache_header(ask(&url, "everyone asks this").await).await })
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for ask in asks {
+        let (status, outcome, _) = ask.await.unwrap();
+        assert_eq!(status, 200);
+        outcomes.push(outcome);
+    }
+    assert_eq!(upstream_calls(&mock, 200), 1, "outcomes: {outcomes:?}");
+    assert!(
+        outcomes.iter().any(|o| o == "shared"),
+        "the other instance took the lead's answer from the shared tier: {outcomes:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_entry_written_by_one_instance_stands_in_on_another() {
+    let redis = Redis::start().await;
+    let mock = MockServer::start(MockConfig::default()).await.unwrap();
+    let (a, b) = (serve(&mock, &redis, ""), serve(&mock, &redis, ""));
+    let (status, _, answer) = cache_header(ask(&a.url, "asked before the outage").await).await;
+    assert_eq!(status, 200);
+
+    mock.set_config(MockConfig {
+        overload_rate: 1.0,
+        ..MockConfig::default()
+    });
+    // `max-age=0`: the shared entry is stale for this request, so the upstream is asked, and
+    // when it cannot answer the entry stands in.
+    let r = ask_with(
+        &b.url,
+        "asked before the outage",
+        &[("cache-control", "max-age=0")],
+    )
+    .await;
+    let (status, outcome, body) = cache_header(r).await;
+    assert_eq!((status, outcome.as_str()), (200, "stale"));
+    assert_eq!(body, answer);
+    assert!(
+        upstream_calls(&mock, 529) >= 1,
+        "the upstream was asked first"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_garbage_value_is_a_miss_never_served_and_is_rewritten() {
+    let redis = Redis::start().await;
+    let mock = MockServer::start(MockConfig::default()).await.unwrap();
+    let (a, b) = (serve(&mock, &redis, ""), serve(&mock, &redis, ""));
+    let r = ask(&a.url, "a question whose entry is damaged").await;
+    let key = header(&r, "x-fallthrough-key").to_owned();
+    assert_eq!(r.status(), 200);
+
+    let mut conn = redis.connection().await;
+    let name = format!("test:e:{key}");
+    let stored: Vec<u8> = redis::cmd("GET")
+        .arg(&name)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        !stored.is_empty(),
+        "the answer was written to the shared tier"
+    );
+    let mut damaged = stored.clone();
+    let last = damaged.len() - 1;
+    damaged[last] ^= 0x20;
+    let _: () = redis::cmd("SET")
+        .arg(&name)
+        .arg(&damaged)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    let (status, outcome, _) =
+        cache_header(ask(&b.url, "a question whose entry is damaged").await).await;
+    assert_eq!(
+        (status, outcome.as_str()),
+        (200, "miss"),
+        "a value that fails its checksum is never served"
+    );
+    assert_eq!(upstream_calls(&mock, 200), 2);
+    let rewritten: Vec<u8> = redis::cmd("GET")
+        .arg(&name)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_ne!(
+        rewritten, damaged,
+        "the new answer replaced the damaged value"
+    );
+    assert!(fallthrough::entry::Entry::decode(&rewritten).is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_down_both_instances_answer_and_sharing_resumes_when_it_is_back() {
+    let mut redis = Redis::start().await;
+    let mock = MockServer::start(MockConfig::default()).await.unwrap();
+    let (a, b) = (serve(&mock, &redis, ""), serve(&mock, &redis, ""));
+    let (_, outcome, _) = cache_header(ask(&a.url, "before the fall").await).await;
+    assert_eq!(outcome, "miss");
+
+    redis.kill();
+    let (status, outcome, _) = cache_header(ask(&a.url, "before the fall").await).await;
+    assert_eq!(
+        (status, outcome.as_str()),
+        (200, "memory"),
+        "local hits go on"
+    );
+    for (n, s) in [&a, &b].into_iter().enumerate() {
+        let (status, outcome, _) =
+            cache_header(ask(&s.url, &format!("while down {n}")).await).await;
+        assert_eq!(
+            (status, outcome.as_str()),
+            (200, "miss"),
+            "misses go upstream"
+        );
+    }
+    let metrics = reqwest::get(format!("{}/metrics", b.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let errors = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("fallthrough_shared_errors_total "))
+        .expect("the shared tier's error counter");
+    assert!(errors.parse::<f64>().unwrap() >= 1.0, "{errors}");
+
+    redis.restart().await;
+    let mut n = 0;
+    support::eventually_async("sharing resumes by itself", || {
+        n += 1;
+        let (a, b) = (a.url.clone(), b.url.clone());
+        async move {
+            let question = format!("after the return {n}");
+            let _ = ask(&a, &question).await;
+            let (_, outcome, _) = cache_header(ask(&b, &question).await).await;
+            outcome == "shared"
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_without_a_disk_tier_can_overlap_on_one_directory() {
+    let redis = Redis::start().await;
+    let mock = MockServer::start(MockConfig::default()).await.unwrap();
+    let a = serve(&mock, &redis, "[cache]\ndisk_bytes = \"0\"\n");
+    let dir = tempfile::tempdir().unwrap();
+    // Both on one --cache-dir: with the disk tier off, neither takes its lock.
+    let spawn = |url: &str| {
+        let file = dir.path().join("fallthrough.toml");
+        std::fs::write(
+            &file,
+            format!(
+                "[shared]\nurl = \"{}\"\nprefix = \"test:\"\n[cache]\ndisk_bytes = \"0\"\n",
+                redis.url()
+            ),
+        )
+        .unwrap();
+        support::spawn_serve(url, &dir.path().join("cache"), |cmd| {
+            cmd.arg("--config")
+                .arg(&file)
+                .env("FALLTHROUGH_KEY_SECRET", SECRET)
+                .stderr(Stdio::null());
+        })
+    };
+    let (mut old, old_url) = spawn(&mock.url());
+    let (mut new, new_url) = spawn(&mock.url());
+    let (_, outcome, _) = cache_header(ask(&old_url, "during the deploy").await).await;
+    assert_eq!(outcome, "miss");
+    let (_, outcome, _) = cache_header(ask(&new_url, "during the deploy").await).await;
+    assert_eq!(outcome, "shared");
+    let (_, outcome, _) = cache_header(ask(&a.url, "during the deploy").await).await;
+    assert_eq!(outcome, "shared");
+    assert!(
+        !dir.path().join("cache").join("db").exists(),
+        "no disk tier was opened"
+    );
+    for child in [&mut old, &mut new] {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
