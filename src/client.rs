@@ -36,6 +36,7 @@ use crate::upstream::{self, Upstream};
 mod attempt;
 mod builder;
 mod chain;
+mod fleet;
 mod flight;
 mod form;
 mod pass;

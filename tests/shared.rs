@@ -302,3 +302,68 @@ async fn instances_without_a_disk_tier_can_overlap_on_one_directory() {
         let _ = child.wait();
     }
 }
+
+/// The breaker gauge of `model` on the instance at `url` (0 passing, 1 blocking, 2 probing).
+async fn breaker_gauge(url: &str, model: &str) -> Option<i64> {
+    let metrics = reqwest::get(format!("{url}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    let line = format!("fallthrough_breaker_state{{model=\"{model}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&line))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_breaker_opened_on_one_instance_holds_the_model_on_another_until_its_probe_answers() {
+    let redis = Redis::start().await;
+    let mock = MockServer::start(MockConfig::default()).await.unwrap();
+    // No rescues: they are per instance (client/fleet.rs), and would try the held model.
+    let config = "[fallback]\n[breaker]\nfailures = 2\ncooldown = \"2s\"\nrescue_interval = \"0s\"\n[retry]\nmax_retries = 0\n";
+    let (a, b) = (serve(&mock, &redis, config), serve(&mock, &redis, config));
+    let model = support::proxy::MODEL;
+    mock.set_config(MockConfig {
+        overload_rate: 1.0,
+        ..MockConfig::default()
+    });
+    for n in 0..2 {
+        let r = ask(&a.url, &format!("overloaded {n}")).await;
+        assert_eq!(r.status(), 529);
+    }
+    assert_eq!(
+        breaker_gauge(&a.url, model).await,
+        Some(1),
+        "A's breaker opened"
+    );
+    support::eventually_async("B holds the model A's breaker blocks", || async {
+        breaker_gauge(&b.url, model).await == Some(1)
+    })
+    .await;
+
+    let before = mock.stats().requests;
+    let r = ask(&b.url, "a new question on B").await;
+    assert_eq!(r.status(), 529, "held as what opened it: an overload");
+    assert_eq!(mock.stats().requests, before, "B made no upstream attempt");
+
+    // The upstream recovers; A's probe, after its cooldown, decides for both.
+    mock.set_config(MockConfig::default());
+    let mut n = 0;
+    support::eventually_async("A's probe is answered", || {
+        n += 1;
+        let url = a.url.clone();
+        async move { ask(&url, &format!("probe {n}")).await.status() == 200 }
+    })
+    .await;
+    assert_eq!(upstream_calls(&mock, 200), 1, "one probe");
+    support::eventually_async("B passes again", || async {
+        breaker_gauge(&b.url, model).await == Some(0)
+    })
+    .await;
+    assert_eq!(upstream_calls(&mock, 200), 1, "B did not probe for itself");
+    let (status, outcome, _) = cache_header(ask(&b.url, "after the recovery").await).await;
+    assert_eq!((status, outcome.as_str()), (200, "miss"));
+}

@@ -183,6 +183,73 @@ impl SharedTier {
         }
     }
 
+    /// Tells the fleet that `model` is held for `cooldown`, for `cause` (a name).
+    pub async fn open_breaker(self: &Arc<Self>, model: &str, cause: &str, cooldown: Duration) {
+        let mut set = redis::cmd("SET");
+        set.arg(self.breaker_name(model))
+            .arg(cause)
+            .arg("PX")
+            .arg(cooldown.as_millis().max(1) as u64);
+        let _: Option<()> = self.run("breaker", &set).await;
+    }
+
+    /// Tells the fleet that `model` answers again.
+    pub async fn close_breaker(self: &Arc<Self>, model: &str) {
+        let _: Option<u64> = self
+            .run("breaker", redis::cmd("DEL").arg(self.breaker_name(model)))
+            .await;
+    }
+
+    /// The fleet's held models: name, cause (a name) and the time the hold has left.
+    /// `None` when the tier does not answer. (`KEYS` would do for a handful of models, but
+    /// blocks the server on a large database; `SCAN` walks it in steps.)
+    pub async fn breakers(self: &Arc<Self>) -> Option<Vec<(String, String, Duration)>> {
+        let prefix = self.breaker_name("");
+        let mut names: Vec<String> = Vec::new();
+        let mut cursor = 0u64;
+        loop {
+            let mut scan = redis::cmd("SCAN");
+            scan.arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{prefix}*"))
+                .arg("COUNT")
+                .arg(1000);
+            let (next, batch): (u64, Vec<String>) = self.run("breakers", &scan).await?;
+            names.extend(batch);
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
+        if names.is_empty() {
+            return Some(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for name in &names {
+            pipe.cmd("GET").arg(name).cmd("PTTL").arg(name);
+        }
+        let mut replies = Vec::new();
+        if !self.is_resting() {
+            let mut connection = self.connection.clone();
+            let query = pipe.query_async::<Vec<redis::Value>>(&mut connection);
+            match tokio::time::timeout(self.timeout, query).await {
+                Ok(Ok(values)) => replies = values,
+                Ok(Err(e)) => return self.fail("breakers", &e),
+                Err(_) => return self.fail("breakers", &"no answer in time"),
+            }
+        }
+        let held = names
+            .iter()
+            .zip(replies.chunks(2))
+            .filter_map(|(name, pair)| {
+                let cause = String::from_redis_value(pair.first()?.clone()).ok()?;
+                let left = i64::from_redis_value(pair.get(1)?.clone()).ok()?;
+                let model = name.strip_prefix(&prefix)?.to_owned();
+                (left > 0).then(|| (model, cause, Duration::from_millis(left as u64)))
+            });
+        Some(held.collect())
+    }
+
     /// Operations that failed, timed out or were skipped while resting, since the start.
     pub fn failures(&self) -> u64 {
         self.failures.count()
@@ -216,7 +283,12 @@ impl SharedTier {
             Ok(Err(e)) => e.to_string(),
             Err(_) => format!("no answer within {:?}", self.timeout),
         };
-        self.failures.record(what, &why);
+        self.fail(what, &why)
+    }
+
+    /// Counts and logs a failure, and rests the tier.
+    fn fail<T>(self: &Arc<Self>, what: &str, why: &dyn std::fmt::Display) -> Option<T> {
+        self.failures.record(what, why);
         self.rest();
         None
     }
@@ -248,6 +320,10 @@ impl SharedTier {
 
     fn lease_name(&self, key: &CacheKey) -> String {
         format!("{}l:{key}", self.prefix)
+    }
+
+    fn breaker_name(&self, model: &str) -> String {
+        format!("{}b:{model}", self.prefix)
     }
 }
 

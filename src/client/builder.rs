@@ -250,25 +250,34 @@ impl ClientBuilder {
             .as_deref()
             .filter(|_| credential.is_some())
             .map(|c| CredentialFingerprint::of(&key_secret, c));
-        Ok(Client {
-            engine: Arc::new(Engine {
-                breakers: Breakers::new(config.breaker.failures, config.breaker.cooldown)
-                    .rescuing_every(config.breaker.rescue_interval),
-                budget: RetryBudget::new(config.retry.budget_ratio, config.retry.budget_floor),
-                permits: Arc::new(Semaphore::new(config.max_concurrency)),
-                queued: Default::default(),
-                refreshes: Arc::new(Semaphore::new(MAX_REFRESHES)),
-                flights: Mutex::new(HashMap::new()),
-                flight_ended: Notify::new(),
-                clock: Clock::system(),
-                metrics: self.metrics.unwrap_or_default(),
-                credential,
-                credential_fingerprint,
-                key_secret,
-                upstream,
-                cache,
-                config,
-            }),
-        })
+        // With a shared tier, the breakers' turns go to the fleet (`fleet.rs`).
+        let fleet = (cache.shared().cloned()).map(|s| (s, tokio::sync::mpsc::unbounded_channel()));
+        let breakers = Breakers::new(config.breaker.failures, config.breaker.cooldown)
+            .rescuing_every(config.breaker.rescue_interval);
+        let breakers = match &fleet {
+            Some((_, (turns, _))) => breakers.reporting_to(turns.clone()),
+            None => breakers,
+        };
+        let engine = Arc::new(Engine {
+            breakers,
+            budget: RetryBudget::new(config.retry.budget_ratio, config.retry.budget_floor),
+            permits: Arc::new(Semaphore::new(config.max_concurrency)),
+            queued: Default::default(),
+            refreshes: Arc::new(Semaphore::new(MAX_REFRESHES)),
+            flights: Mutex::new(HashMap::new()),
+            flight_ended: Notify::new(),
+            clock: Clock::system(),
+            metrics: self.metrics.unwrap_or_default(),
+            credential,
+            credential_fingerprint,
+            key_secret,
+            upstream,
+            cache,
+            config,
+        });
+        if let Some((shared, (_, heard))) = fleet {
+            super::fleet::spawn(&engine, shared, heard);
+        }
+        Ok(Client { engine })
     }
 }

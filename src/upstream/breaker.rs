@@ -99,6 +99,40 @@ pub enum Cause {
     Unreachable,
 }
 
+impl Cause {
+    /// The name the shared tier keeps a fleet's breaker under.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::Overloaded => "overloaded",
+            Cause::ServerError => "server_error",
+            Cause::Unreachable => "unreachable",
+        }
+    }
+
+    /// The cause an [`Self::as_str`] name stands for (an unknown one: an overload).
+    pub fn from_name(name: &str) -> Cause {
+        match name {
+            "server_error" => Cause::ServerError,
+            "unreachable" => Cause::Unreachable,
+            _ => Cause::Overloaded,
+        }
+    }
+}
+
+/// A breaker's turn that the other instances of a fleet must hear of
+/// ([`Breakers::reporting_to`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Turn {
+    /// This instance's breaker for the model blocked, for `cooldown`, for this cause.
+    Opened {
+        model: String,
+        cause: Cause,
+        cooldown: Duration,
+    },
+    /// This instance's probe (or rescue) was answered: the model passes again.
+    Closed { model: String },
+}
+
 /// How an attempt went, as far as the breaker cares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
@@ -122,6 +156,23 @@ struct ModelBreaker {
     cause: Cause,
     /// When the latest rescue was let through.
     rescued_at: Option<Instant>,
+    /// Blocking because another instance's breaker blocks ([`Breakers::hold`]), not
+    /// because of this instance's own failures.
+    held_by_fleet: bool,
+}
+
+impl ModelBreaker {
+    fn new(now: Instant) -> Self {
+        ModelBreaker {
+            state: BreakerState::Passing,
+            until: now,
+            consecutive_failures: 0,
+            recent: VecDeque::with_capacity(WINDOW),
+            cause: Cause::Overloaded,
+            rescued_at: None,
+            held_by_fleet: false,
+        }
+    }
 }
 
 /// Breakers of all models of one upstream.
@@ -133,6 +184,8 @@ pub struct Breakers {
     rescue_interval: Option<Duration>,
     /// A std mutex: held for a map lookup and a few comparisons, never across an await.
     models: Mutex<HashMap<String, ModelBreaker>>,
+    /// Where turns go for the fleet, when there is one.
+    turns: Option<tokio::sync::mpsc::UnboundedSender<Turn>>,
 }
 
 impl Breakers {
@@ -142,6 +195,59 @@ impl Breakers {
             cooldown,
             rescue_interval: None,
             models: Mutex::new(HashMap::new()),
+            turns: None,
+        }
+    }
+
+    /// Reports each breaker's own opening and closing to `turns`, for the other instances.
+    pub fn reporting_to(mut self, turns: tokio::sync::mpsc::UnboundedSender<Turn>) -> Self {
+        self.turns = Some(turns);
+        self
+    }
+
+    /// Another instance's breaker blocks `model` until `until`: a passing breaker here
+    /// blocks too, until `until + margin`, so that the instance that opened it, whose own
+    /// cooldown ends first, is the fleet's one probe. A breaker already blocking or probing
+    /// for its own failures keeps its own course.
+    pub fn hold(&self, model: &str, cause: Cause, until: Instant, margin: Duration) {
+        let mut models = self.models.lock().expect("breaker lock");
+        if models.len() >= MAX_MODELS && !models.contains_key(model) {
+            return;
+        }
+        let b = models
+            .entry(model.to_owned())
+            .or_insert_with(|| ModelBreaker::new(until));
+        if b.state == BreakerState::Passing || b.held_by_fleet {
+            b.state = BreakerState::Blocking;
+            b.until = until + margin;
+            b.cause = cause;
+            b.held_by_fleet = true;
+        }
+    }
+
+    /// The fleet no longer blocks `model` (its probe was answered): a breaker that blocks
+    /// only because of the fleet passes again.
+    pub fn release(&self, model: &str) {
+        let mut models = self.models.lock().expect("breaker lock");
+        if let Some(b) = models.get_mut(model) {
+            if b.held_by_fleet && b.state == BreakerState::Blocking {
+                pass_again(b);
+            }
+        }
+    }
+
+    /// The models whose breakers block only because of the fleet.
+    pub fn held_by_fleet(&self) -> Vec<String> {
+        let models = self.models.lock().expect("breaker lock");
+        (models.iter())
+            .filter(|(_, b)| b.held_by_fleet && b.state == BreakerState::Blocking)
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
+    fn report(&self, turn: Turn) {
+        if let Some(turns) = &self.turns {
+            let _ = turns.send(turn); // the fleet's task ended with the engine
         }
     }
 
@@ -239,17 +345,32 @@ impl Breakers {
         }
         let b = models
             .entry(model.to_owned())
-            .or_insert_with(|| ModelBreaker {
-                state: BreakerState::Passing,
-                until: now,
-                consecutive_failures: 0,
-                recent: VecDeque::with_capacity(WINDOW),
-                cause: Cause::Overloaded,
-                rescued_at: None,
-            });
+            .or_insert_with(|| ModelBreaker::new(now));
+        let (was, until_was) = (b.state, b.until);
         if admission == Admission::Rescue && b.state != BreakerState::Passing {
-            return rescued(b, verdict);
+            rescued(b, verdict);
+        } else {
+            self.judge(b, probe, verdict, now);
         }
+        let turn = match (was, b.state) {
+            (BreakerState::Passing, BreakerState::Passing) => return,
+            (_, BreakerState::Passing) => Turn::Closed {
+                model: model.to_owned(),
+            },
+            (_, BreakerState::Blocking) if b.until != until_was => Turn::Opened {
+                model: model.to_owned(),
+                cause: b.cause,
+                cooldown: self.cooldown,
+            },
+            _ => return,
+        };
+        drop(models);
+        self.report(turn);
+    }
+
+    /// Counts `verdict` into a breaker, blocking it when the failures say so.
+    fn judge(&self, b: &mut ModelBreaker, probe: bool, verdict: Verdict, now: Instant) {
+        let failed = matches!(verdict, Verdict::Failed(_));
         let probing = b.state == BreakerState::Probing;
         if probing && !probe {
             return;
@@ -275,6 +396,7 @@ impl Breakers {
             b.state = BreakerState::Blocking;
             b.until = now + self.cooldown;
             b.consecutive_failures = 0;
+            b.held_by_fleet = false;
         }
     }
 
@@ -315,6 +437,7 @@ fn rescued(b: &mut ModelBreaker, verdict: Verdict) {
 /// Back to passing, with a fresh window: the failures that opened the breaker are over.
 fn pass_again(b: &mut ModelBreaker) {
     b.state = BreakerState::Passing;
+    b.held_by_fleet = false;
     b.consecutive_failures = 0;
     b.recent.clear();
 }
@@ -562,6 +685,55 @@ mod tests {
             b.state("real"),
             BreakerState::Blocking,
             "an open breaker is kept"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_fleet_hears_of_openings_and_closings_and_its_holds_block_passing_breakers() {
+        let (turns, mut heard) = tokio::sync::mpsc::unbounded_channel();
+        let b = Breakers::new(1, COOLDOWN).reporting_to(turns);
+        let failed = Verdict::Failed(Cause::Overloaded);
+        b.record("a", Admission::Pass, failed, Instant::now());
+        assert_eq!(
+            heard.try_recv().unwrap(),
+            Turn::Opened {
+                model: "a".into(),
+                cause: Cause::Overloaded,
+                cooldown: COOLDOWN
+            }
+        );
+
+        // Another instance holds b: b blocks here, a margin longer, as what opened it there.
+        let margin = Duration::from_secs(1);
+        let there = Instant::now() + Duration::from_secs(10);
+        b.hold("b", Cause::ServerError, there, margin);
+        assert_eq!(
+            b.admit("b", Instant::now()),
+            Admission::Reject {
+                retry_in: Duration::from_secs(11),
+                cause: Cause::ServerError
+            }
+        );
+        assert_eq!(b.held_by_fleet(), ["b"]);
+        // a blocks for its own failures and keeps its own course.
+        b.hold("a", Cause::ServerError, there, margin);
+        assert!(matches!(
+            b.admit("a", Instant::now()),
+            Admission::Reject { retry_in, cause: Cause::Overloaded } if retry_in == COOLDOWN
+        ));
+        b.release("b");
+        assert_eq!(b.state("b"), BreakerState::Passing);
+        assert!(
+            heard.try_recv().is_err(),
+            "a hold's end is not this instance's turn"
+        );
+
+        tokio::time::advance(COOLDOWN).await;
+        assert_eq!(b.admit("a", Instant::now()), Admission::Probe);
+        b.record("a", Admission::Probe, Verdict::Answered, Instant::now());
+        assert_eq!(
+            heard.try_recv().unwrap(),
+            Turn::Closed { model: "a".into() }
         );
     }
 }
