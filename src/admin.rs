@@ -1,5 +1,5 @@
-//! Cache administration over the disk tier: stats, get, purge, and export/import as JSONL so
-//! entries can move between machines.
+//! Cache administration over the disk tier, or the shared tier (`--shared`): stats, get,
+//! purge, and export/import as JSONL so entries can move between machines and tiers.
 //!
 //! An exported line is `{"key":…,"model":…,"stored_at":…,"fresh_until":…,"stale_until":…,
 //! "body":<the Message JSON, verbatim>}` with times in Unix milliseconds. Import keeps the
@@ -18,9 +18,9 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::cache::DiskTier;
-use crate::entry::{Entry, Freshness, UnixMillis};
-use crate::error::DiskError;
+use crate::cache::{DiskTier, SharedTier};
+use crate::entry::{DecodeError, Entry, Freshness, UnixMillis};
+use crate::error::{DiskError, SharedError};
 use crate::key::{secret, CacheKey};
 
 /// What the disk tier holds.
@@ -102,31 +102,50 @@ pub async fn stats(disk: &DiskTier, now: UnixMillis) -> Result<Stats, DiskError>
     let stats = Arc::new(Mutex::new(Stats::default()));
     let gathered = stats.clone();
     disk.visit(move |_, size, entry| {
-        let mut stats = gathered.lock().expect("stats lock");
-        stats.entries += 1;
-        stats.bytes += DiskTier::counted_size(size);
-        let Ok(entry) = entry else {
-            stats.corrupt += 1;
-            return Ok(());
-        };
-        match entry.freshness(now, None) {
-            Freshness::Fresh => stats.fresh += 1,
-            Freshness::Stale => stats.stale += 1,
-            Freshness::Expired => stats.expired += 1,
-        }
-        if let Some(n) = stats.by_model.get_mut(&entry.model) {
-            *n += 1;
-        } else {
-            stats.by_model.insert(entry.model.clone(), 1);
-        }
-        let at = entry.stored_at;
-        stats.oldest = Some(stats.oldest.map_or(at, |o| o.min(at)));
-        stats.newest = Some(stats.newest.map_or(at, |n| n.max(at)));
+        let size = DiskTier::counted_size(size);
+        gathered
+            .lock()
+            .expect("stats lock")
+            .count(size, &entry, now);
         Ok(())
     })
     .await?;
     let stats = stats.lock().expect("stats lock").clone();
     Ok(stats)
+}
+
+/// [`stats`] of the shared tier (`bytes`: the stored values' sizes).
+pub async fn shared_stats(shared: &Arc<SharedTier>, now: UnixMillis) -> Result<Stats, SharedError> {
+    let mut stats = Stats::default();
+    shared
+        .visit(|_, size, entry| stats.count(size as u64, &entry, now))
+        .await?;
+    Ok(stats)
+}
+
+impl Stats {
+    /// Counts one entry (of `size` bytes) as read at `now`.
+    fn count(&mut self, size: u64, entry: &Result<Entry, DecodeError>, now: UnixMillis) {
+        self.entries += 1;
+        self.bytes += size;
+        let Ok(entry) = entry else {
+            self.corrupt += 1;
+            return;
+        };
+        match entry.freshness(now, None) {
+            Freshness::Fresh => self.fresh += 1,
+            Freshness::Stale => self.stale += 1,
+            Freshness::Expired => self.expired += 1,
+        }
+        if let Some(n) = self.by_model.get_mut(&entry.model) {
+            *n += 1;
+        } else {
+            self.by_model.insert(entry.model.clone(), 1);
+        }
+        let at = entry.stored_at;
+        self.oldest = Some(self.oldest.map_or(at, |o| o.min(at)));
+        self.newest = Some(self.newest.map_or(at, |n| n.max(at)));
+    }
 }
 
 /// Removes what `purge` selects; returns how many entries went.
@@ -155,13 +174,7 @@ pub async fn chosen_for(
     let chosen = Arc::new(Mutex::new(Vec::new()));
     let choosing = chosen.clone();
     disk.visit(move |key, _, entry| {
-        let goes = match (&entry, purge) {
-            (Err(_), _) => true,
-            (Ok(e), Purge::Expired) => e.freshness(now, None) == Freshness::Expired,
-            (Ok(e), Purge::OlderThan(age)) => e.age(now) > age,
-            (Ok(_), Purge::All) => true,
-        };
-        if goes {
+        if goes(purge, &entry, now) {
             choosing.lock().expect("purge lock").push(key);
         }
         Ok(())
@@ -169,6 +182,37 @@ pub async fn chosen_for(
     .await?;
     let chosen = std::mem::take(&mut *chosen.lock().expect("purge lock"));
     Ok(chosen)
+}
+
+/// Whether `purge` selects an entry (corrupt ones always).
+fn goes(purge: Purge, entry: &Result<Entry, DecodeError>, now: UnixMillis) -> bool {
+    match (entry, purge) {
+        (Err(_), _) => true,
+        (Ok(e), Purge::Expired) => e.freshness(now, None) == Freshness::Expired,
+        (Ok(e), Purge::OlderThan(age)) => e.age(now) > age,
+        (Ok(_), Purge::All) => true,
+    }
+}
+
+/// [`purge`] of the shared tier. `All` removes everything under the prefix (leases and the
+/// fleet's breakers too).
+pub async fn shared_purge(
+    shared: &Arc<SharedTier>,
+    purge: Purge,
+    now: UnixMillis,
+) -> Result<u64, SharedError> {
+    if purge == Purge::All {
+        return shared.clear().await;
+    }
+    let mut chosen = Vec::new();
+    shared
+        .visit(|key, _, entry| {
+            if goes(purge, &entry, now) {
+                chosen.push(key);
+            }
+        })
+        .await?;
+    shared.delete(&chosen).await
 }
 
 /// Writes every entry that decodes as one JSONL line; returns how many were written.
@@ -179,30 +223,62 @@ pub async fn export(disk: &DiskTier, out: impl Write + Send + 'static) -> Result
     writeln!(out, "{header}").map_err(DiskError::Io)?;
     let (tx, rx) = std::sync::mpsc::channel();
     disk.visit(move |key, _, entry| {
-        let Ok(entry) = entry else { return Ok(()) };
-        // Stored bodies are JSON; one that is not (it cannot pass the checksum otherwise) is
-        // left out rather than exported broken.
-        let Ok(text) = String::from_utf8(entry.body.to_vec()) else {
-            return Ok(());
-        };
-        let Ok(body) = RawValue::from_string(text) else {
-            return Ok(());
-        };
-        let line = Line {
-            key: key.to_string(),
-            model: entry.model,
-            stored_at: entry.stored_at,
-            fresh_until: entry.fresh_until,
-            stale_until: entry.stale_until,
-            body: &body,
-        };
-        serde_json::to_writer(&mut out, &line)?;
-        out.write_all(b"\n")?;
-        let _ = tx.send(());
+        if let Ok(entry) = entry {
+            if write_line(&mut out, &key, entry)? {
+                let _ = tx.send(());
+            }
+        }
         Ok(())
     })
     .await?;
     Ok(rx.try_iter().count() as u64)
+}
+
+/// [`export`] of the shared tier. Its header carries `FALLTHROUGH_KEY_SECRET`, the secret
+/// a fleet keys with; without one, no header (each instance then keys with its own).
+pub async fn shared_export(shared: &Arc<SharedTier>, out: impl Write) -> Result<u64, SharedError> {
+    let failed = |e: std::io::Error| SharedError::Server(format!("writing the export: {e}"));
+    let mut out = std::io::BufWriter::new(out);
+    if let Some(key_secret) = secret::from_env() {
+        let header = serde_json::to_string(&Header { key_secret }).expect("a string field");
+        writeln!(out, "{header}").map_err(failed)?;
+    }
+    let (mut written, mut error) = (0, None);
+    shared
+        .visit(
+            |key, _, entry| match entry.map(|e| write_line(&mut out, &key, e)) {
+                Ok(Ok(true)) => written += 1,
+                Ok(Err(e)) => error = error.take().or(Some(e)),
+                _ => {}
+            },
+        )
+        .await?;
+    match error {
+        Some(e) => Err(failed(e)),
+        None => out.flush().map(|_| written).map_err(failed),
+    }
+}
+
+/// Writes an entry as an export line; `false` when its body is not JSON (it cannot pass the
+/// checksum otherwise): left out rather than exported broken.
+fn write_line(out: &mut impl Write, key: &CacheKey, entry: Entry) -> std::io::Result<bool> {
+    let Ok(text) = String::from_utf8(entry.body.to_vec()) else {
+        return Ok(false);
+    };
+    let Ok(body) = RawValue::from_string(text) else {
+        return Ok(false);
+    };
+    let line = Line {
+        key: key.to_string(),
+        model: entry.model,
+        stored_at: entry.stored_at,
+        fresh_until: entry.fresh_until,
+        stale_until: entry.stale_until,
+        body: &body,
+    };
+    serde_json::to_writer(&mut *out, &line)?;
+    out.write_all(b"\n")?;
+    Ok(true)
 }
 
 /// Reads JSONL made by [`export`]; invalid lines are reported, not fatal.
@@ -211,15 +287,56 @@ pub async fn import(
     input: impl BufRead,
     now: UnixMillis,
 ) -> Result<Imported, DiskError> {
+    let report = import_lines(
+        input,
+        now,
+        DiskError::Io,
+        |text| adopt_secret(disk, text),
+        async |key, entry| disk.insert(&key, &entry, now),
+    )
+    .await?;
+    disk.flush().await?;
+    Ok(report)
+}
+
+/// [`import`] into the shared tier. An export's secret is compared with
+/// `FALLTHROUGH_KEY_SECRET`, the fleet's: a fleet's secret is not kept in the tier.
+pub async fn shared_import(
+    shared: &Arc<SharedTier>,
+    input: impl BufRead,
+    now: UnixMillis,
+) -> Result<Imported, SharedError> {
+    let failed = |e: std::io::Error| SharedError::Server(format!("reading the import: {e}"));
+    let compared = |text: &str| {
+        Ok(match secret::from_env() {
+            Some(ours) if ours == text.trim() => SecretImport::Same,
+            _ => SecretImport::Differs,
+        })
+    };
+    let store = async |key, entry| shared.store(&key, &entry, now).await;
+    import_lines(input, now, failed, compared, store).await
+}
+
+/// The import loop of both tiers: the header line goes to `header`, each valid unexpired
+/// entry to `insert`.
+async fn import_lines<E>(
+    input: impl BufRead,
+    now: UnixMillis,
+    io: impl Fn(std::io::Error) -> E,
+    header: impl FnOnce(&str) -> Result<SecretImport, E>,
+    mut insert: impl AsyncFnMut(CacheKey, Entry) -> Result<(), E>,
+) -> Result<Imported, E> {
     let mut report = Imported::default();
+    let mut header = Some(header);
     for (n, line) in input.lines().enumerate() {
-        let line = line.map_err(DiskError::Io)?;
+        let line = line.map_err(&io)?;
         if line.trim().is_empty() {
             continue;
         }
         if n == 0 {
-            if let Ok(header) = serde_json::from_str::<Header>(&line) {
-                report.secret = adopt_secret(disk, &header.key_secret)?;
+            if let Ok(h) = serde_json::from_str::<Header>(&line) {
+                let adopt = header.take().expect("the first line comes once");
+                report.secret = adopt(&h.key_secret)?;
                 continue;
             }
         }
@@ -231,10 +348,9 @@ pub async fn import(
             report.expired += 1;
             continue;
         }
-        disk.insert(&key, &entry, now)?;
+        insert(key, entry).await?;
         report.imported += 1;
     }
-    disk.flush().await?;
     Ok(report)
 }
 

@@ -56,8 +56,12 @@ enum Command {
         /// Go through a running proxy's admin endpoints (for when it holds the cache
         /// directory): `stats`, `get` and `purge`. `ANTHROPIC_API_KEY` is sent as the key (an
         /// admin token when the proxy requires tokens).
-        #[arg(long, global = true, value_name = "URL")]
+        #[arg(long, global = true, value_name = "URL", conflicts_with = "shared")]
         server: Option<String>,
+        /// Work on the shared tier (`[shared]` in the configuration, or
+        /// `FALLTHROUGH_SHARED_URL`) instead of the disk cache: every subcommand.
+        #[arg(long, global = true)]
+        shared: bool,
         #[command(subcommand)]
         command: cmd::cache::CacheCommand,
     },
@@ -176,6 +180,20 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             ..
         } => cmd::cache::run_remote(command, &url).await,
         Command::Cache {
+            common,
+            command,
+            shared: true,
+            ..
+        } => {
+            let config = load_config(&common)?;
+            let Some(shared) = fallthrough::cache::SharedTier::from_config(&config.shared)? else {
+                anyhow::bail!(
+                    "--shared needs a shared tier: a [shared] table with a url in the configuration (--config), or FALLTHROUGH_SHARED_URL"
+                );
+            };
+            cmd::cache::run_shared(command, shared).await
+        }
+        Command::Cache {
             common, command, ..
         } => {
             let config = load_config(&common)?;
@@ -243,6 +261,12 @@ pub fn load_config(common: &CommonArgs) -> Result<Config> {
     }
     if let Some(dir) = &common.cache_dir {
         config.cache_dir = Some(dir.clone());
+    }
+    if let Some(url) = std::env::var("FALLTHROUGH_SHARED_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+    {
+        config.shared.url = Some(url);
     }
     config.validate()?;
     Ok(config)

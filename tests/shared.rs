@@ -367,3 +367,85 @@ async fn a_breaker_opened_on_one_instance_holds_the_model_on_another_until_its_p
     let (status, outcome, _) = cache_header(ask(&b.url, "after the recovery").await).await;
     assert_eq!((status, outcome.as_str()), (200, "miss"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cache_commands_work_on_the_shared_tier() {
+    let redis = Redis::start().await;
+    let mock = MockServer::start(MockConfig::default()).await.unwrap();
+    let a = serve(&mock, &redis, "");
+    let mut keys = Vec::new();
+    for n in 0..2 {
+        let r = ask(&a.url, &format!("kept in the fleet {n}")).await;
+        assert_eq!(r.status(), 200);
+        keys.push(header(&r, "x-fallthrough-key").to_owned());
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let export = dir.path().join("export.jsonl");
+    let cache = |args: &[&str]| {
+        support::bin()
+            .args(["cache", "--shared"])
+            .args(args)
+            .env("FALLTHROUGH_SHARED_URL", redis.url())
+            .env("FALLTHROUGH_KEY_SECRET", SECRET)
+            .output()
+            .unwrap()
+    };
+    // The prefix is the configuration's: give it the tests' one.
+    let config = dir.path().join("fallthrough.toml");
+    std::fs::write(&config, "[shared]\nprefix = \"test:\"\n").unwrap();
+    let config = config.to_str().unwrap();
+    let stats = |cache: &dyn Fn(&[&str]) -> std::process::Output| {
+        let out = cache(&["stats", "--json", "--config", config]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let s = stats(&cache);
+    assert_eq!(
+        (s["entries"].as_u64(), s["fresh"].as_u64()),
+        (Some(2), Some(2))
+    );
+
+    let got = cache(&["get", &keys[0], "--config", config]);
+    assert!(got.status.success());
+    let body: serde_json::Value = serde_json::from_slice(&got.stdout).unwrap();
+    assert_eq!(body["type"], "message");
+
+    let out = cache(&["export", export.to_str().unwrap(), "--config", config]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines = std::fs::read_to_string(&export).unwrap();
+    assert_eq!(
+        lines.lines().count(),
+        3,
+        "the fleet's secret, then two entries"
+    );
+
+    let out = cache(&["purge", "--all", "--config", config]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "removed 2 entries"
+    );
+    assert_eq!(stats(&cache)["entries"], 0);
+    let missing = cache(&["get", &keys[0], "--config", config]);
+    assert!(!missing.status.success());
+
+    let out = cache(&["import", export.to_str().unwrap(), "--config", config]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("imported 2,"));
+    // A new instance finds them: shared hits, no upstream call.
+    let b = serve(&mock, &redis, "");
+    let (status, outcome, _) = cache_header(ask(&b.url, "kept in the fleet 1").await).await;
+    assert_eq!((status, outcome.as_str()), (200, "shared"));
+    assert_eq!(upstream_calls(&mock, 200), 2);
+}

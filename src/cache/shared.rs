@@ -44,6 +44,12 @@ use crate::entry::{Entry, UnixMillis};
 use crate::error::SharedError;
 use crate::key::CacheKey;
 
+/// The longest one step of an admin command (`cache … --shared`) may take: it walks the
+/// server in batches, and a batch of a thousand values is more than a request's look-up.
+pub const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Keys an admin walk reads per round trip.
+const ADMIN_BATCH: usize = 500;
+
 /// How often a resting tier pings its server.
 pub const PING_EVERY: Duration = Duration::from_millis(500);
 /// How often a request waiting for another instance's answer looks for it.
@@ -201,26 +207,17 @@ impl SharedTier {
     }
 
     /// The fleet's held models: name, cause (a name) and the time the hold has left.
-    /// `None` when the tier does not answer. (`KEYS` would do for a handful of models, but
-    /// blocks the server on a large database; `SCAN` walks it in steps.)
+    /// `None` when the tier does not answer (or rests). Read by a background task, never on
+    /// a request's path.
     pub async fn breakers(self: &Arc<Self>) -> Option<Vec<(String, String, Duration)>> {
-        let prefix = self.breaker_name("");
-        let mut names: Vec<String> = Vec::new();
-        let mut cursor = 0u64;
-        loop {
-            let mut scan = redis::cmd("SCAN");
-            scan.arg(cursor)
-                .arg("MATCH")
-                .arg(format!("{prefix}*"))
-                .arg("COUNT")
-                .arg(1000);
-            let (next, batch): (u64, Vec<String>) = self.run("breakers", &scan).await?;
-            names.extend(batch);
-            cursor = next;
-            if cursor == 0 {
-                break;
-            }
+        if self.is_resting() {
+            return None;
         }
+        let prefix = self.breaker_name("");
+        let names = match self.names(&prefix).await {
+            Ok(names) => names,
+            Err(e) => return self.fail("breakers", &e),
+        };
         if names.is_empty() {
             return Some(Vec::new());
         }
@@ -248,6 +245,122 @@ impl SharedTier {
                 (left > 0).then(|| (model, cause, Duration::from_millis(left as u64)))
             });
         Some(held.collect())
+    }
+
+    /// Every entry, in batches: `visit` gets each one's key, stored size and decoded entry
+    /// (an `Err` for bytes that do not decode). For `cache … --shared`: its failures are
+    /// errors, not misses.
+    pub async fn visit(
+        self: &Arc<Self>,
+        mut visit: impl FnMut(CacheKey, usize, Result<Entry, crate::entry::DecodeError>),
+    ) -> Result<(), SharedError> {
+        let names = self.names(&self.entry_name_prefix()).await?;
+        for batch in names.chunks(ADMIN_BATCH) {
+            let mut mget = redis::cmd("MGET");
+            for name in batch {
+                mget.arg(name);
+            }
+            let values: Vec<Option<Vec<u8>>> = self.admin(&mget).await?;
+            for (name, value) in batch.iter().zip(values) {
+                let key = name.strip_prefix(&self.entry_name_prefix());
+                let (Some(key), Some(bytes)) = (key.and_then(|k| k.parse().ok()), value) else {
+                    continue; // expired meanwhile, or not a name this tier writes
+                };
+                visit(key, bytes.len(), Entry::decode(&bytes));
+            }
+        }
+        Ok(())
+    }
+
+    /// The entry under `key` as the admin commands see it: `Err` inside for bytes that do not
+    /// decode.
+    pub async fn lookup(
+        self: &Arc<Self>,
+        key: &CacheKey,
+    ) -> Result<Option<Result<Entry, crate::entry::DecodeError>>, SharedError> {
+        let bytes: Option<Vec<u8>> = self
+            .admin(redis::cmd("GET").arg(self.entry_name(key)))
+            .await?;
+        Ok(bytes.map(|b| Entry::decode(&b)))
+    }
+
+    /// Stores an entry for `cache import --shared`.
+    pub async fn store(
+        self: &Arc<Self>,
+        key: &CacheKey,
+        entry: &Entry,
+        now: UnixMillis,
+    ) -> Result<(), SharedError> {
+        let ttl = entry.stale_until.saturating_sub(now).max(1);
+        let mut set = redis::cmd("SET");
+        set.arg(self.entry_name(key))
+            .arg(entry.encode())
+            .arg("PX")
+            .arg(ttl);
+        self.admin(&set).await
+    }
+
+    /// Deletes these entries; returns how many there were.
+    pub async fn delete(self: &Arc<Self>, keys: &[CacheKey]) -> Result<u64, SharedError> {
+        let mut removed = 0;
+        for batch in keys.chunks(ADMIN_BATCH) {
+            let mut del = redis::cmd("DEL");
+            for key in batch {
+                del.arg(self.entry_name(key));
+            }
+            removed += self.admin::<u64>(&del).await?;
+        }
+        Ok(removed)
+    }
+
+    /// Deletes everything under the prefix (entries, leases, breakers); returns how many
+    /// entries went. Other programs' keys on the server are left alone.
+    pub async fn clear(self: &Arc<Self>) -> Result<u64, SharedError> {
+        let names = self.names(&self.prefix).await?;
+        let entries = (names.iter())
+            .filter(|n| n.starts_with(&self.entry_name_prefix()))
+            .count();
+        for batch in names.chunks(ADMIN_BATCH) {
+            let mut del = redis::cmd("DEL");
+            for name in batch {
+                del.arg(name);
+            }
+            let _: u64 = self.admin(&del).await?;
+        }
+        Ok(entries as u64)
+    }
+
+    /// The names on the server that start with `prefix`, walked with `SCAN` (which, unlike
+    /// `KEYS`, does not hold the server up on a large database).
+    async fn names(self: &Arc<Self>, prefix: &str) -> Result<Vec<String>, SharedError> {
+        let mut names = Vec::new();
+        let mut cursor = 0u64;
+        loop {
+            let mut scan = redis::cmd("SCAN");
+            scan.arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{}*", glob_escaped(prefix)))
+                .arg("COUNT")
+                .arg(ADMIN_BATCH);
+            let (next, batch): (u64, Vec<String>) = self.admin(&scan).await?;
+            names.extend(batch);
+            cursor = next;
+            if cursor == 0 {
+                return Ok(names);
+            }
+        }
+    }
+
+    /// Runs an admin command within [`ADMIN_TIMEOUT`].
+    async fn admin<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, SharedError> {
+        let mut connection = self.connection.clone();
+        match tokio::time::timeout(ADMIN_TIMEOUT, cmd.query_async(&mut connection)).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(SharedError::Server(e.to_string())),
+            Err(_) => Err(SharedError::Server(format!(
+                "no answer within {ADMIN_TIMEOUT:?}"
+            ))),
+        }
     }
 
     /// Operations that failed, timed out or were skipped while resting, since the start.
@@ -318,6 +431,10 @@ impl SharedTier {
         format!("{}e:{key}", self.prefix)
     }
 
+    fn entry_name_prefix(&self) -> String {
+        format!("{}e:", self.prefix)
+    }
+
     fn lease_name(&self, key: &CacheKey) -> String {
         format!("{}l:{key}", self.prefix)
     }
@@ -325,6 +442,18 @@ impl SharedTier {
     fn breaker_name(&self, model: &str) -> String {
         format!("{}b:{model}", self.prefix)
     }
+}
+
+/// `text` with the glob characters of `SCAN MATCH` escaped, so a prefix matches as written.
+fn glob_escaped(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// A flight's lease on a key; dropping it frees the key for other instances at once (a lease

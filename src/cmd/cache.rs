@@ -1,15 +1,16 @@
 //! `fallthrough cache stats | get KEY | purge | export FILE | import FILE`
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{ArgGroup, Args, Subcommand};
 
 use fallthrough::admin::{self, Purge};
-use fallthrough::cache::DiskTier;
-use fallthrough::entry::{now_millis, Freshness};
+use fallthrough::cache::{DiskTier, SharedTier};
+use fallthrough::entry::{now_millis, Entry, Freshness};
 use fallthrough::CacheKey;
 
 #[derive(Subcommand)]
@@ -80,63 +81,118 @@ pub async fn run(command: CacheCommand, disk: DiskTier) -> Result<ExitCode> {
         }
         CacheCommand::Get { key } => {
             let key: CacheKey = key.parse().context("not a key")?;
-            let Some(entry) = disk.get(&key, now)? else {
-                eprintln!("no entry under {key}");
-                return Ok(ExitCode::FAILURE);
-            };
-            let state = match entry.freshness(now, None) {
-                Freshness::Fresh => "fresh",
-                Freshness::Stale => "stale",
-                Freshness::Expired => "expired",
-            };
-            print_entry(&entry.model, state, entry.age(now).as_secs(), &entry.body)?;
+            return Ok(show(&key, disk.get(&key, now)?, now));
         }
         CacheCommand::Purge(args) => {
             let removed = admin::purge(&disk, args.what()?, now).await?;
             println!("removed {removed} entries");
         }
         CacheCommand::Export { file } => {
-            let out: Box<dyn Write + Send> = if file.as_os_str() == "-" {
-                Box::new(std::io::stdout())
-            } else {
-                Box::new(
-                    std::fs::File::create(&file)
-                        .with_context(|| format!("cannot create {}", file.display()))?,
-                )
-            };
-            let n = admin::export(&disk, out).await?;
+            let n = admin::export(&disk, output(&file)?).await?;
             eprintln!("exported {n} entries");
         }
         CacheCommand::Import { file } => {
-            let input: Box<dyn std::io::BufRead> = if file.as_os_str() == "-" {
-                Box::new(std::io::stdin().lock())
-            } else {
-                let f = std::fs::File::open(&file)
-                    .with_context(|| format!("cannot open {}", file.display()))?;
-                Box::new(std::io::BufReader::new(f))
-            };
-            let report = admin::import(&disk, input, now).await?;
-            println!(
-                "imported {}, skipped {} expired, {} invalid lines",
-                report.imported,
-                report.expired,
-                report.invalid_lines.len()
-            );
-            if report.secret == admin::SecretImport::Differs {
-                eprintln!(
-                    "warning: this cache keys credentials with another secret than the export's: \
-                     entries stored for an API key or token will not match here. Import into an \
-                     empty cache directory, or set FALLTHROUGH_KEY_SECRET to the exporting cache's \
-                     key-secret file's content"
-                );
-            }
-            if !report.invalid_lines.is_empty() {
-                println!("invalid lines: {:?}", report.invalid_lines);
-                return Ok(ExitCode::FAILURE);
-            }
+            let report = admin::import(&disk, input(&file)?, now).await?;
+            return Ok(imported(&report));
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Every subcommand on the shared tier (`--shared`), over the server `[shared]` names.
+pub async fn run_shared(command: CacheCommand, shared: Arc<SharedTier>) -> Result<ExitCode> {
+    let now = now_millis();
+    match command {
+        CacheCommand::Stats { json } => {
+            print_stats(&admin::shared_stats(&shared, now).await?, json)?
+        }
+        CacheCommand::Get { key } => {
+            let key: CacheKey = key.parse().context("not a key")?;
+            let entry = match shared.lookup(&key).await? {
+                Some(Ok(entry)) => Some(entry),
+                Some(Err(e)) => bail!(
+                    "the shared tier's value under {key} is damaged ({e}); it is never served"
+                ),
+                None => None,
+            };
+            return Ok(show(&key, entry, now));
+        }
+        CacheCommand::Purge(args) => {
+            let removed = admin::shared_purge(&shared, args.what()?, now).await?;
+            println!("removed {removed} entries");
+        }
+        CacheCommand::Export { file } => {
+            let n = admin::shared_export(&shared, output(&file)?).await?;
+            eprintln!("exported {n} entries");
+        }
+        CacheCommand::Import { file } => {
+            let report = admin::shared_import(&shared, input(&file)?, now).await?;
+            return Ok(imported(&report));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints an entry found under `key` (failure when there is none).
+fn show(key: &CacheKey, entry: Option<Entry>, now: u64) -> ExitCode {
+    let Some(entry) = entry else {
+        eprintln!("no entry under {key}");
+        return ExitCode::FAILURE;
+    };
+    let state = match entry.freshness(now, None) {
+        Freshness::Fresh => "fresh",
+        Freshness::Stale => "stale",
+        Freshness::Expired => "expired",
+    };
+    match print_entry(&entry.model, state, entry.age(now).as_secs(), &entry.body) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Where `export` writes: the file, or stdout for `-`.
+fn output(file: &Path) -> Result<Box<dyn Write + Send>> {
+    if file.as_os_str() == "-" {
+        return Ok(Box::new(std::io::stdout()));
+    }
+    let f =
+        std::fs::File::create(file).with_context(|| format!("cannot create {}", file.display()))?;
+    Ok(Box::new(f))
+}
+
+/// What `import` reads: the file, or stdin for `-`.
+fn input(file: &Path) -> Result<Box<dyn std::io::BufRead>> {
+    if file.as_os_str() == "-" {
+        return Ok(Box::new(std::io::stdin().lock()));
+    }
+    let f = std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
+    Ok(Box::new(std::io::BufReader::new(f)))
+}
+
+/// Prints how an import went; failure when any line was invalid.
+fn imported(report: &admin::Imported) -> ExitCode {
+    println!(
+        "imported {}, skipped {} expired, {} invalid lines",
+        report.imported,
+        report.expired,
+        report.invalid_lines.len()
+    );
+    if report.secret == admin::SecretImport::Differs {
+        eprintln!(
+            "warning: this cache keys credentials with another secret than the export's: \
+             entries stored for an API key or token will not match here. Import into an \
+             empty cache directory, or set FALLTHROUGH_KEY_SECRET to the exporting cache's \
+             key-secret file's content"
+        );
+    }
+    if !report.invalid_lines.is_empty() {
+        println!("invalid lines: {:?}", report.invalid_lines);
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
 }
 
 /// `stats`, `get` and `purge` through a running proxy's admin endpoints.

@@ -64,6 +64,7 @@ pub fn bin() -> assert_cmd::Command {
     cmd.env_remove("ANTHROPIC_API_KEY")
         .env_remove("FALLTHROUGH_CONFIG")
         .env_remove("FALLTHROUGH_UPSTREAM")
+        .env_remove("FALLTHROUGH_SHARED_URL")
         .timeout(Duration::from_secs(60));
     cmd
 }
@@ -88,6 +89,7 @@ pub fn spawn_serve(
     .arg(cache)
     .env_remove("ANTHROPIC_API_KEY")
     .env_remove("FALLTHROUGH_CONFIG")
+    .env_remove("FALLTHROUGH_SHARED_URL")
     .stdout(Stdio::piped());
     tune(&mut cmd);
     let mut child = cmd.spawn().unwrap();
