@@ -58,17 +58,20 @@ provision_typescript() {
         || die "npm could not install @anthropic-ai/sdk@$want (is the npm registry reachable?)"
 }
 
-# A Redis server binary for tests/shared.rs.
+# A Redis server binary for tests/shared.rs, and openssl for its TLS test's certificates.
 provision_redis() {
-    if [ -n "${FALLTHROUGH_REDIS_SERVER:-}" ] || command -v redis-server >/dev/null; then
-        return
+    local missing=()
+    if [ -z "${FALLTHROUGH_REDIS_SERVER:-}" ] && ! command -v redis-server >/dev/null; then
+        missing+=(redis-server)
     fi
-    [ "$(id -u)" = 0 ] || die "redis-server is not installed and installing it needs root; run: sudo apt-get install redis-server (or set FALLTHROUGH_REDIS_SERVER to a redis-server binary)"
-    command -v apt-get >/dev/null || die "redis-server is not installed and there is no apt-get; install Redis 6+ or Valkey and set FALLTHROUGH_REDIS_SERVER to its server binary"
-    say "installing redis-server from Debian's packages"
+    command -v openssl >/dev/null || missing+=(openssl)
+    [ ${#missing[@]} -eq 0 ] && return
+    [ "$(id -u)" = 0 ] || die "${missing[*]} not installed and installing needs root; run: sudo apt-get install ${missing[*]} (or set FALLTHROUGH_REDIS_SERVER to a redis-server binary)"
+    command -v apt-get >/dev/null || die "${missing[*]} not installed and there is no apt-get; install Redis 6+ (or Valkey, with FALLTHROUGH_REDIS_SERVER naming its server binary) and openssl"
+    say "installing ${missing[*]} from Debian's packages"
     apt-get update -qq || die "apt-get update failed (are Debian's package mirrors reachable?)"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends redis-server >/dev/null \
-        || die "apt-get could not install redis-server"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null \
+        || die "apt-get could not install ${missing[*]}"
 }
 
 provision_python

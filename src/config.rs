@@ -58,6 +58,9 @@ pub struct SharedConfig {
     /// Default 100 ms.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    /// For `rediss://` with a private certificate authority: a PEM file of the certificates
+    /// the server's must chain to. Default: the system's roots and the web's.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for SharedConfig {
@@ -66,11 +69,17 @@ impl Default for SharedConfig {
             url: None,
             prefix: "fallthrough:".into(),
             timeout: Duration::from_millis(100),
+            ca_file: None,
         }
     }
 }
 
 impl SharedConfig {
+    /// `ca_file`, a leading `~` meaning the home directory.
+    pub fn ca_path(&self) -> Option<PathBuf> {
+        self.ca_file.as_deref().map(expand_home)
+    }
+
     fn validate(&self) -> Result<(), Error> {
         let Some(url) = &self.url else {
             return Ok(());
@@ -98,6 +107,7 @@ impl std::fmt::Debug for SharedConfig {
             .field("url", &self.url.as_deref().map(redacted))
             .field("prefix", &self.prefix)
             .field("timeout", &self.timeout)
+            .field("ca_file", &self.ca_file)
             .finish()
     }
 }

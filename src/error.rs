@@ -66,6 +66,9 @@ pub enum SharedError {
     /// `shared.url` does not parse or names something the client cannot use.
     #[error("shared.url {url} cannot be used: {reason}")]
     Url { url: String, reason: String },
+    /// `shared.ca_file` cannot be read.
+    #[error("shared.ca_file {path} cannot be read: {reason}")]
+    CaFile { path: String, reason: String },
     /// The server did not answer, or answered with an error.
     #[error("the shared tier's server failed: {0}")]
     Server(String),

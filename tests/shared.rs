@@ -7,7 +7,7 @@ use std::process::Stdio;
 
 use fallthrough::mock::{MockConfig, MockServer};
 use support::proxy::{header, request};
-use support::redis::Redis;
+use support::redis::{Redis, Setup};
 
 /// The same secret on every instance: requests with a credential get the same keys.
 const SECRET: &str = "the fleet's key secret";
@@ -448,4 +448,134 @@ async fn the_cache_commands_work_on_the_shared_tier() {
     let (status, outcome, _) = cache_header(ask(&b.url, "kept in the fleet 1").await).await;
     assert_eq!((status, outcome.as_str()), (200, "shared"));
     assert_eq!(upstream_calls(&mock, 200), 2);
+}
+
+/// Every name and value under the tests' prefix.
+async fn everything(redis: &Redis) -> Vec<(String, Vec<u8>)> {
+    let mut conn = redis.connection().await;
+    let names: Vec<String> = redis::cmd("KEYS")
+        .arg("test:*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mut all = Vec::new();
+    for name in names {
+        let value: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(&name)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        all.push((name, value.unwrap_or_default()));
+    }
+    all
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_with_a_password_is_shared_and_never_sees_a_credential() {
+    let redis = Redis::start_with(|port| Setup {
+        args: vec!["--requirepass".into(), "fleet-password".into()],
+        url: format!("redis://:fleet-password@127.0.0.1:{port}/0"),
+        ca: None,
+    })
+    .await;
+    let mock = MockServer::start(MockConfig::default()).await.unwrap();
+    let (a, b) = (serve(&mock, &redis, ""), serve(&mock, &redis, ""));
+    let (_, outcome, _) = cache_header(ask(&a.url, "behind a password").await).await;
+    assert_eq!(outcome, "miss");
+    let (_, outcome, _) = cache_header(ask(&b.url, "behind a password").await).await;
+    assert_eq!(outcome, "shared");
+
+    let all = everything(&redis).await;
+    assert!(!all.is_empty());
+    for (name, value) in &all {
+        let text = String::from_utf8_lossy(value);
+        assert!(
+            !name.contains(CALLER) && !text.contains(CALLER) && !text.contains(SECRET),
+            "{name} holds a credential or the key secret"
+        );
+    }
+    // And a wrong password is only a shared tier that does not answer.
+    let wrong = Redis::start_with(|port| Setup {
+        args: vec!["--requirepass".into(), "right".into()],
+        url: format!("redis://:right@127.0.0.1:{port}/0"),
+        ca: None,
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("fallthrough.toml");
+    let url = format!("redis://:wrong@127.0.0.1:{}/0", wrong.port);
+    std::fs::write(&file, format!("[shared]\nurl = \"{url}\"\n")).unwrap();
+    let (mut c, c_url) = support::spawn_serve(&mock.url(), &dir.path().join("cache"), |cmd| {
+        cmd.arg("--config").arg(&file).stderr(Stdio::null());
+    });
+    let (status, outcome, _) = cache_header(ask(&c_url, "a wrong password").await).await;
+    assert_eq!((status, outcome.as_str()), (200, "miss"));
+    let _ = c.kill();
+    let _ = c.wait();
+}
+
+/// A certificate authority and a certificate for 127.0.0.1 signed by it, made with openssl
+/// in `dir`: (CA file, certificate file, key file).
+fn certificates(dir: &std::path::Path) -> (String, String, String) {
+    let run = |line: &str| {
+        let out = std::process::Command::new("openssl")
+            .args(line.split(' '))
+            .current_dir(dir)
+            .output()
+            .expect("openssl, to make the TLS test's certificates");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    run("req -x509 -newkey rsa:2048 -nodes -days 2 -keyout ca.key -out ca.pem -subj /CN=ca");
+    run("req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=127.0.0.1");
+    run("x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem -days 2 -extfile ext.cnf");
+    let path = |name: &str| dir.join(name).to_str().unwrap().to_owned();
+    (path("ca.pem"), path("server.pem"), path("server.key"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_server_with_a_private_authority_is_shared() {
+    let pki = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = certificates(pki.path());
+    let ca_pem = std::fs::read(&ca).unwrap();
+    let redis = Redis::start_with(|port| Setup {
+        args: [
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+            "--tls-ca-cert-file",
+            &ca,
+            "--tls-auth-clients",
+            "no",
+        ]
+        .map(String::from)
+        .to_vec(),
+        url: format!("rediss://127.0.0.1:{port}/0"),
+        ca: Some(ca_pem),
+    })
+    .await;
+    let mock = MockServer::start(MockConfig::default()).await.unwrap();
+    let with_ca = format!("ca_file = \"{ca}\"\n");
+    let (a, b) = (
+        serve(&mock, &redis, &with_ca),
+        serve(&mock, &redis, &with_ca),
+    );
+    let (_, outcome, _) = cache_header(ask(&a.url, "over TLS").await).await;
+    assert_eq!(outcome, "miss");
+    let (_, outcome, _) = cache_header(ask(&b.url, "over TLS").await).await;
+    assert_eq!(outcome, "shared");
+    assert_eq!(upstream_calls(&mock, 200), 1);
 }

@@ -99,7 +99,20 @@ impl SharedTier {
             url: redacted(url),
             reason: e.to_string(),
         };
-        let client = redis::Client::open(url.as_str()).map_err(bad)?;
+        let client = match &config.ca_path() {
+            None => redis::Client::open(url.as_str()).map_err(bad)?,
+            Some(path) => {
+                let root_cert = std::fs::read(path).map_err(|e| SharedError::CaFile {
+                    path: path.display().to_string(),
+                    reason: e.to_string(),
+                })?;
+                let certificates = redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root_cert),
+                };
+                redis::Client::build_with_tls(url.as_str(), certificates).map_err(bad)?
+            }
+        };
         let settings = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.timeout))
             .set_response_timeout(Some(config.timeout))

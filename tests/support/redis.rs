@@ -10,24 +10,53 @@ pub struct Redis {
     child: Option<Child>,
     pub port: u16,
     dir: tempfile::TempDir,
+    /// More server arguments (a password, TLS), kept for restarts.
+    args: Vec<String>,
+    /// The URL clients use.
+    url: String,
+    /// The PEM certificate authority of a TLS server, for the test's own connections.
+    ca: Option<Vec<u8>>,
+}
+
+/// How a test's server is set up beyond the defaults: more server arguments, the URL
+/// clients use, and the CA of a TLS server.
+pub struct Setup {
+    pub args: Vec<String>,
+    pub url: String,
+    pub ca: Option<Vec<u8>>,
 }
 
 impl Redis {
     /// Starts a server on a free port and waits until it answers.
     pub async fn start() -> Redis {
+        Self::start_with(|port| Setup {
+            args: vec![],
+            url: format!("redis://127.0.0.1:{port}/0"),
+            ca: None,
+        })
+        .await
+    }
+
+    /// As [`Self::start`], set up as `setup` says for the port (its arguments come after the
+    /// default ones, so they may override them).
+    pub async fn start_with(setup: impl FnOnce(u16) -> Setup) -> Redis {
         let port = free_port();
+        let Setup { args, url, ca } = setup(port);
         let mut redis = Redis {
             child: None,
             port,
             dir: tempfile::tempdir().unwrap(),
+            args,
+            url,
+            ca,
         };
         redis.restart().await;
         redis
     }
 
-    /// `redis://127.0.0.1:PORT/0`.
+    /// The URL clients use (`redis://127.0.0.1:PORT/0` unless set up otherwise).
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        self.url.clone()
     }
 
     /// Starts the server (again) on its port, empty, and waits until it answers.
@@ -39,6 +68,7 @@ impl Redis {
             .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
             .args(["--save", "", "--appendonly", "no", "--dir"])
             .arg(self.dir.path())
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -50,12 +80,7 @@ impl Redis {
                 )
             });
         self.child = Some(child);
-        let url = self.url();
-        super::eventually_async("redis-server answers", || {
-            let url = url.clone();
-            async move { ping(&url).await }
-        })
-        .await;
+        super::eventually_async("redis-server answers", || async { self.ping().await }).await;
     }
 
     /// Stops the server (SIGKILL to its pid) and waits for it to exit.
@@ -68,11 +93,35 @@ impl Redis {
 
     /// A connection for the test's own look at the server.
     pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
-        redis::Client::open(self.url())
-            .unwrap()
+        self.client()
             .get_multiplexed_async_connection()
             .await
             .unwrap()
+    }
+
+    fn client(&self) -> redis::Client {
+        match &self.ca {
+            None => redis::Client::open(self.url()).unwrap(),
+            Some(ca) => {
+                let certificates = redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(ca.clone()),
+                };
+                redis::Client::build_with_tls(self.url(), certificates).unwrap()
+            }
+        }
+    }
+
+    async fn ping(&self) -> bool {
+        let client = self.client();
+        let attempt = async {
+            let mut c = client.get_multiplexed_async_connection().await.ok()?;
+            redis::cmd("PING").query_async::<String>(&mut c).await.ok()
+        };
+        matches!(
+            tokio::time::timeout(Duration::from_secs(1), attempt).await,
+            Ok(Some(_))
+        )
     }
 }
 
@@ -80,20 +129,6 @@ impl Drop for Redis {
     fn drop(&mut self) {
         self.kill();
     }
-}
-
-async fn ping(url: &str) -> bool {
-    let Ok(client) = redis::Client::open(url) else {
-        return false;
-    };
-    let attempt = async {
-        let mut c = client.get_multiplexed_async_connection().await.ok()?;
-        redis::cmd("PING").query_async::<String>(&mut c).await.ok()
-    };
-    matches!(
-        tokio::time::timeout(Duration::from_secs(1), attempt).await,
-        Ok(Some(_))
-    )
 }
 
 /// A port nothing listens on now (the kernel's choice for port 0).
