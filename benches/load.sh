@@ -15,6 +15,8 @@
 #   memory    fallthrough memory hits
 #   token     fallthrough memory hits of a caller admitted by an access token (require_token)
 #   disk      fallthrough disk hits (a second `serve` with [cache] memory_bytes = "0")
+#   shared    fallthrough shared hits: memory and disk tiers off, a redis-server (started here,
+#             on the server core too) as the shared tier
 #   miss      fallthrough misses: a unique body per request, through to the mock (latency 0)
 #   direct    the mock called directly with the same kind of unique bodies
 #   miss1     as miss, one connection   } the miss overhead (target ≤ 0.3 ms) is miss1 − direct1:
@@ -36,7 +38,7 @@ SERVER_CPU=${SERVER_CPU:-0}
 LOAD_CPU=${LOAD_CPU:-1}
 HIT_UPSTREAM=${HIT_UPSTREAM:-fixed}
 # SCENARIOS="memory token" runs only those (in that order).
-read -r -a SCENARIOS <<<"${SCENARIOS:-bare nginx memory token disk miss direct miss1 direct1}"
+read -r -a SCENARIOS <<<"${SCENARIOS:-bare nginx memory token disk shared miss direct miss1 direct1}"
 TOKEN=ft-load-benchmark-token
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -63,6 +65,7 @@ command -v wrk >/dev/null || missing+=(wrk)
 command -v nginx >/dev/null || [[ -x /usr/sbin/nginx ]] || missing+=(nginx)
 command -v curl >/dev/null || missing+=(curl)
 command -v taskset >/dev/null || missing+=(util-linux)
+command -v redis-server >/dev/null || missing+=(redis-server)
 if (( ${#missing[@]} )); then
     command -v apt-get >/dev/null || die "missing ${missing[*]} and no apt-get to install them"
     sudo=()
@@ -219,6 +222,14 @@ SERVE_TOKEN=$(wait_addr serve_token)
 start serve_disk "$FT" serve --listen 127.0.0.1:0 --upstream "http://$HIT_ORIGIN" \
     --cache-dir "$WORK/cache-disk" --config "$WORK/disk.toml"
 SERVE_DISK=$(wait_addr serve_disk)
+REDIS_PORT=$(free_port)
+start redis redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save "" --appendonly no --dir "$WORK"
+printf '[cache]\nmemory_bytes = "0"\ndisk_bytes = "0"\n[shared]\nurl = "redis://127.0.0.1:%s/0"\n' \
+    "$REDIS_PORT" >"$WORK/shared.toml"
+for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$REDIS_PORT") 2>/dev/null && break; sleep 0.1; done
+start serve_shared "$FT" serve --listen 127.0.0.1:0 --upstream "http://$HIT_ORIGIN" \
+    --cache-dir "$WORK/cache-shared" --config "$WORK/shared.toml"
+SERVE_SHARED=$(wait_addr serve_shared)
 start serve_miss "$FT" serve --listen 127.0.0.1:0 --upstream "http://$MOCK" \
     --cache-dir "$WORK/cache-miss" --config "$WORK/default.toml"
 SERVE_MISS=$(wait_addr serve_miss)
@@ -301,6 +312,7 @@ refused=$(curl -s --max-time 5 -o /dev/null -w '%{http_code}' -X POST --data-bin
     -H 'content-type: application/json' -H 'x-api-key: sk-bench' "http://$SERVE_TOKEN/v1/messages")
 [[ $refused == 401 ]] || die "token: a caller without the token got $refused, not 401"
 prewarm disk "http://$SERVE_DISK/v1/messages" x-fallthrough-cache disk
+prewarm shared "http://$SERVE_SHARED/v1/messages" x-fallthrough-cache shared
 sed 's/@@TAG@@/check/' "$WORK/template.json" >"$WORK/check.json"
 got=$(post "http://$SERVE_MISS/v1/messages" "$WORK/check.json" | header_of x-fallthrough-cache)
 [[ $got == miss ]] || die "miss: a new body answered x-fallthrough-cache: '${got:-none}', not miss"
@@ -383,6 +395,7 @@ for round in $(seq 1 "$ROUNDS"); do
             memory)  run "$s" "$round" "http://$SERVE_MEMORY/v1/messages" fixed.lua "$CONNECTIONS" "$PID_serve_memory" ;;
             token)   run "$s" "$round" "http://$SERVE_TOKEN/v1/messages" token.lua "$CONNECTIONS" "$PID_serve_token" ;;
             disk)    run "$s" "$round" "http://$SERVE_DISK/v1/messages" fixed.lua "$CONNECTIONS" "$PID_serve_disk" ;;
+            shared)  run "$s" "$round" "http://$SERVE_SHARED/v1/messages" fixed.lua "$CONNECTIONS" "$PID_serve_shared" "$PID_redis" ;;
             miss)    run "$s" "$round" "http://$SERVE_MISS/v1/messages" unique.lua "$CONNECTIONS" "$PID_serve_miss" "$PID_mock" ;;
             direct)  run "$s" "$round" "http://$MOCK/v1/messages" unique.lua "$CONNECTIONS" "$PID_mock" ;;
             miss1)   run "$s" "$round" "http://$SERVE_MISS/v1/messages" unique.lua 1 "$PID_serve_miss" "$PID_mock" ;;
@@ -395,7 +408,8 @@ elapsed=$(( $(date +%s) - started ))
 # The hits must still have been hits at the end.
 for check in "nginx http://$NGINX_ADDR x-cache-status HIT" \
              "memory http://$SERVE_MEMORY x-fallthrough-cache memory" \
-             "disk http://$SERVE_DISK x-fallthrough-cache disk"; do
+             "disk http://$SERVE_DISK x-fallthrough-cache disk" \
+             "shared http://$SERVE_SHARED x-fallthrough-cache shared"; do
     read -r name url header want <<<"$check"
     got=$(post "$url/v1/messages" | header_of "$header")
     [[ $got == "$want" ]] || say "WARNING: after the runs, $name answered $header: '$got', not $want"
@@ -439,6 +453,7 @@ label() {
     case $1 in
         bare) echo "bare fixed-body server" ;;   nginx) echo "nginx proxy_cache hits" ;;
         memory) echo "fallthrough memory hits" ;; disk) echo "fallthrough disk hits" ;;
+        shared) echo "fallthrough shared hits" ;;
         token) echo "memory hits, access token" ;;
         miss) echo "fallthrough misses" ;;       direct) echo "mock direct (unique)" ;;
         miss1) echo "fallthrough misses" ;;      direct1) echo "mock direct (unique)" ;;

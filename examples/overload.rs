@@ -99,6 +99,14 @@ struct Args {
     /// Time between rescues of a held model, in milliseconds; 0: none (default: the library's).
     #[arg(long)]
     rescue_interval_ms: Option<u64>,
+    /// Instances (engines in this process) the requests are spread over, in turn; more than
+    /// one needs `--shared-url` (issue 15: a fleet sharing one Redis).
+    #[arg(long, default_value_t = 1)]
+    instances: usize,
+    /// The shared tier's server, for example `redis://127.0.0.1:6379/0`; every run writes
+    /// under a prefix of its own.
+    #[arg(long)]
+    shared_url: Option<String>,
     /// Emit the results as one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -196,15 +204,28 @@ async fn main() -> anyhow::Result<()> {
     config
         .fallback
         .insert(PRIMARY.into(), vec![FALLBACK.into()]);
-    let client = ClientBuilder::from_config(config)
-        .upstream(mock.url())
-        .credential("sk-overload")
-        .memory_only()
-        .build()
-        .await?;
-    let used = client.config();
+    anyhow::ensure!(
+        args.instances >= 1 && (args.instances == 1 || args.shared_url.is_some()),
+        "--instances above 1 needs --shared-url: instances share nothing else"
+    );
+    config.shared.url = args.shared_url.clone();
+    config.shared.prefix = format!("overload-{}-{}:", std::process::id(), args.seed);
+    let mut clients = Vec::new();
+    for _ in 0..args.instances {
+        let client = ClientBuilder::from_config(config.clone())
+            .upstream(mock.url())
+            .credential("sk-overload")
+            .memory_only()
+            .key_secret(fallthrough::key::KeySecret::from_text("the fleet's secret"))
+            .build()
+            .await?;
+        clients.push(client);
+    }
+    let used = clients[0].config();
     let config_json = json!({
         "scenario": format!("{:?}", args.scenario).to_lowercase(),
+        "instances": args.instances,
+        "shared": args.shared_url.is_some(),
         "requests": planned,
         "rate_per_s": args.rate,
         "phases_s": {"healthy": args.healthy, "half_529": args.half, "all_529": args.dead, "recovery": args.recovery},
@@ -278,7 +299,7 @@ async fn main() -> anyhow::Result<()> {
         }
         let answerable =
             args.scenario == Scenario::Easy || phase != 2 || asked_before_outage.contains(&n);
-        let client = client.clone();
+        let client = clients[tasks.len() % clients.len()].clone();
         tasks.push(tokio::spawn(async move {
             let begun = Instant::now();
             let sent = begun - started;
