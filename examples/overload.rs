@@ -99,6 +99,10 @@ struct Args {
     /// Time between rescues of a held model, in milliseconds; 0: none (default: the library's).
     #[arg(long)]
     rescue_interval_ms: Option<u64>,
+    /// Retries the budget allows on top of its share of first attempts, per instance
+    /// (default: the library's).
+    #[arg(long)]
+    budget_floor: Option<u32>,
     /// Instances (engines in this process) the requests are spread over, in turn; more than
     /// one needs `--shared-url` (issue 15: a fleet sharing one Redis).
     #[arg(long, default_value_t = 1)]
@@ -200,6 +204,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if let Some(ms) = args.rescue_interval_ms {
         config.breaker.rescue_interval = Duration::from_millis(ms);
+    }
+    if let Some(n) = args.budget_floor {
+        config.retry.budget_floor = n;
     }
     config
         .fallback

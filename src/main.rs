@@ -136,6 +136,12 @@ struct MockArgs {
     /// identical requests came before it, so the same requests get the same faults in any order.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// How long a Message Batch takes to end (`/v1/messages/batches`), e.g. `1s`, `10m`.
+    #[arg(long, default_value = "0s", value_name = "DUR", value_parser = humantime::parse_duration)]
+    batch_latency: std::time::Duration,
+    /// Share of batched requests that end `expired`.
+    #[arg(long, default_value_t = 0.0, value_name = "P")]
+    batch_expire_rate: f64,
 }
 
 fn main() -> ExitCode {
@@ -352,6 +358,8 @@ async fn run_mock(args: MockArgs) -> Result<ExitCode> {
         retry_after: args.retry_after,
         latency_ms: args.latency,
         seed: args.seed,
+        batch_latency_ms: args.batch_latency.as_millis() as u64,
+        batch_expire_rate: args.batch_expire_rate,
         ..MockConfig::default()
     };
     let listener = bind(&args.listen).await?;

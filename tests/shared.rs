@@ -579,3 +579,34 @@ async fn a_tls_server_with_a_private_authority_is_shared() {
     assert_eq!(outcome, "shared");
     assert_eq!(upstream_calls(&mock, 200), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_shared_answer_wins_over_a_stale_local_copy() {
+    let redis = Redis::start().await;
+    let mock = MockServer::start(MockConfig::default()).await.unwrap();
+    let config = "[cache]\nttl = \"3s\"\n";
+    let (a, b) = (serve(&mock, &redis, config), serve(&mock, &redis, config));
+    let r = ask(&a.url, "asked everywhere").await;
+    let key = header(&r, "x-fallthrough-key").to_owned();
+    let (_, outcome, _) = cache_header(ask(&b.url, "asked everywhere").await).await;
+    assert_eq!(outcome, "shared", "B keeps a copy");
+
+    // B's copy goes stale (read through its admin endpoint: no request, no refresh).
+    let entry = format!("{}/fallthrough/entries/{key}", b.url);
+    support::eventually_async("B's copy is stale", || async {
+        let r = reqwest::get(&entry).await.unwrap();
+        header(&r, "x-fallthrough-freshness") == "stale"
+    })
+    .await;
+    // A fetches again; its fresh answer lands in the shared tier.
+    let r = ask_with(&a.url, "asked everywhere", &[("cache-control", "no-cache")]).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(upstream_calls(&mock, 200), 2);
+    let (status, outcome, _) = cache_header(ask(&b.url, "asked everywhere").await).await;
+    assert_eq!(
+        (status, outcome.as_str()),
+        (200, "shared"),
+        "B takes the fleet's fresh answer instead of going upstream"
+    );
+    assert_eq!(upstream_calls(&mock, 200), 2);
+}

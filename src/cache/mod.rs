@@ -188,8 +188,31 @@ impl Cache {
         self.disk.as_deref().map(guard::Guard::dir)
     }
 
-    /// The entry under `key` if it is still servable (fresh or stale) at `now`.
+    /// The entry under `key` if it is still servable (fresh or stale) at `now`. A local
+    /// entry that is only stale is checked against the shared tier, where another instance
+    /// may have stored a fresh answer since: the fresher one wins.
     pub async fn get(&self, key: &CacheKey, now: UnixMillis) -> Option<Lookup> {
+        let local = self.local_get(key, now).await;
+        match (&local, &self.shared) {
+            (Some(hit), Some(shared)) if hit.entry.freshness(now, None) != Freshness::Fresh => {
+                match shared.get(key).await {
+                    Some(entry) if entry.freshness(now, None) == Freshness::Fresh => {
+                        self.promoted(key, entry, now).await.or(local)
+                    }
+                    _ => local,
+                }
+            }
+            (Some(_), _) => local,
+            (None, Some(shared)) => {
+                let entry = shared.get(key).await?;
+                self.promoted(key, entry, now).await
+            }
+            (None, None) => None,
+        }
+    }
+
+    /// The memory tier's entry, else the disk tier's (promoted to memory).
+    async fn local_get(&self, key: &CacheKey, now: UnixMillis) -> Option<Lookup> {
         if let Some(entry) = self.memory.get(key).await {
             if entry.freshness(now, None) != Freshness::Expired {
                 return Some(Lookup {
@@ -198,15 +221,12 @@ impl Cache {
                 });
             }
         }
-        if let Some(entry) = self.disk_get(key, now).await {
-            self.memory.insert(*key, entry.clone()).await;
-            return Some(Lookup {
-                entry,
-                tier: Tier::Disk,
-            });
-        }
-        let entry = self.shared.as_ref()?.get(key).await?;
-        self.promoted(key, entry, now).await
+        let entry = self.disk_get(key, now).await?;
+        self.memory.insert(*key, entry.clone()).await;
+        Some(Lookup {
+            entry,
+            tier: Tier::Disk,
+        })
     }
 
     /// The disk tier's servable entry under `key`; an expired one is removed.

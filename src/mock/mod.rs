@@ -20,6 +20,7 @@
 //!   `POST /mock/reset`.
 
 mod answer;
+mod batches;
 mod routes;
 mod state;
 #[cfg(test)]
@@ -62,6 +63,10 @@ pub struct MockConfig {
     /// Seeds the random faults (see the module docs). Replacing the config starts the schedule
     /// afresh: every request's ordinal counts from 0 again.
     pub seed: u64,
+    /// How long a Message Batch takes to end, from its creation.
+    pub batch_latency_ms: u64,
+    /// Probability that a batched request ends `expired` rather than answered.
+    pub batch_expire_rate: f64,
 }
 
 /// One queued answer, served before any random fault (see [`MockServer::script`]).

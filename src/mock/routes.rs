@@ -102,6 +102,9 @@ pub(super) async fn api_route(
     body: Bytes,
     request_id: &str,
 ) -> (Response, Option<String>) {
+    if let Some(response) = super::batches::route(shared, method, path, &body, request_id).await {
+        return (response, None);
+    }
     let endpoint = match path {
         "/v1/messages" => Endpoint::Messages,
         "/v1/messages/count_tokens" => Endpoint::CountTokens,

@@ -28,6 +28,8 @@ pub(super) struct Shared {
     pub(super) stats: Mutex<MockStats>,
     /// `/v1` requests being answered now; its peak is [`MockStats::max_in_flight`].
     pub(super) in_flight: Mutex<u64>,
+    /// Message Batches created, oldest first.
+    pub(super) batches: Mutex<Vec<super::batches::Batch>>,
 }
 
 /// One `/v1` request being answered, counted in [`Shared::in_flight`] until dropped.
@@ -59,6 +61,7 @@ impl Shared {
             scripts: Mutex::default(),
             stats: Mutex::default(),
             in_flight: Mutex::new(0),
+            batches: Mutex::default(),
         }
     }
 
