@@ -293,6 +293,27 @@ impl Client {
         Ok(self.engine.prepare(request.clone())?.key)
     }
 
+    /// Stores `message`, a complete Message fetched some other way (a Message Batch's
+    /// result), as the answer to `request`: under the key `request` has, fresh for `ttl`, as
+    /// if the upstream had just answered it. Returns the key; an incomplete Message is refused.
+    pub async fn store_answer(&self, request: &Request, message: Bytes) -> Result<CacheKey, Error> {
+        let p = self.engine.prepare(request.clone())?;
+        if !store::is_complete_message(&message) {
+            return Err(Error::InvalidRequest(
+                "not a complete Message (no stop_reason, or not a message)".into(),
+            ));
+        }
+        let model = serde_json::from_slice::<Value>(&message)
+            .ok()
+            .and_then(|m| m["model"].as_str().map(str::to_owned))
+            .unwrap_or_else(|| p.model.clone());
+        let headers = http::HeaderMap::new();
+        (self.engine)
+            .store(&p.key, message, headers, &model, 0, true)
+            .await;
+        Ok(p.key)
+    }
+
     /// The cache behind this client.
     pub fn cache(&self) -> &Cache {
         &self.engine.cache

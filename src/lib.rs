@@ -57,6 +57,7 @@
 //! and `bench` ([`bench`](mod@bench)). With `default-features = false` the crate is the engine alone:
 //! no axum, clap, indicatif or hdrhistogram.
 pub mod admin;
+pub mod batch;
 #[cfg(feature = "bench")]
 pub mod bench;
 pub mod cache;

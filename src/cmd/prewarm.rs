@@ -1,4 +1,5 @@
-//! `fallthrough prewarm FILE.jsonl|- [--concurrency N] [--dry-run] [--server URL] [--json]`
+//! `fallthrough prewarm FILE.jsonl|- [--concurrency N] [--dry-run] [--server URL] [--json]
+//! [--batch [--poll-interval DUR]]`
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -10,6 +11,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
+use fallthrough::batch;
 use fallthrough::prewarm::{self, LineResult, Options, Summary, Target};
 use fallthrough::ClientBuilder;
 
@@ -30,6 +32,13 @@ pub struct PrewarmArgs {
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
+    /// Send the lines that are not fresh as Message Batches (half the price, outside the
+    /// interactive overload) and store each result; a rerun resumes the batches in flight.
+    #[arg(long, conflicts_with = "server")]
+    batch: bool,
+    /// With --batch: how often the batches in flight are polled.
+    #[arg(long, default_value = "30s", value_name = "DUR", value_parser = humantime::parse_duration, requires = "batch")]
+    poll_interval: Duration,
 }
 
 pub async fn run(args: PrewarmArgs, common: crate::CommonArgs) -> Result<ExitCode> {
@@ -39,6 +48,9 @@ pub async fn run(args: PrewarmArgs, common: crate::CommonArgs) -> Result<ExitCod
         std::fs::read_to_string(&args.file)
             .with_context(|| format!("cannot read {}", args.file.display()))?
     };
+    if args.batch {
+        return run_batch(&args, &input, common).await;
+    }
     let target = match &args.server {
         Some(url) => Target::Server {
             url: url.clone(),
@@ -77,6 +89,107 @@ pub async fn run(args: PrewarmArgs, common: crate::CommonArgs) -> Result<ExitCod
     } else {
         ExitCode::from(1)
     })
+}
+
+/// `prewarm --batch`: through the Batches API, storing into the cache directory.
+async fn run_batch(args: &PrewarmArgs, input: &str, common: crate::CommonArgs) -> Result<ExitCode> {
+    let config = crate::load_config(&common)?;
+    if !args.dry_run {
+        crate::warn_if_no_key(&config.upstream, "the batches");
+    }
+    let dir = config.cache_dir();
+    let client = crate::with_credential(ClientBuilder::from_config(config))
+        .build()
+        .await
+        .with_context(|| format!("opening the cache in {}", dir.display()))?;
+    let options = batch::Options {
+        poll_interval: args.poll_interval,
+        dry_run: args.dry_run,
+        api_key: std::env::var("ANTHROPIC_API_KEY")
+            .ok()
+            .filter(|k| !k.is_empty()),
+        record_dir: client.cache().dir().map(std::path::Path::to_path_buf),
+    };
+    let bar = BatchProgress::new();
+    let summary = batch::run(&client, input, &options, |counts| bar.show(counts)).await;
+    bar.finish();
+    let summary = summary?;
+    report_batch(&summary, args.json)?;
+    let failed = !summary.failed.is_empty();
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn report_batch(s: &batch::Summary, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(s)?);
+        return Ok(());
+    }
+    let row = |label: &str, count: u64| println!("{label:<16} {count}");
+    row("already cached", s.already_cached);
+    if s.would_batches > 0 || (s.batches.is_empty() && s.would_submit > 0) {
+        println!(
+            "would submit     {} lines in {} batches",
+            s.would_submit, s.would_batches
+        );
+    }
+    match s.resumed {
+        true => println!(
+            "resumed          {} batches of an earlier run",
+            s.batches.len()
+        ),
+        false => row("submitted", s.submitted),
+    }
+    row("stored", s.stored);
+    row("failed", s.failed.len() as u64);
+    for f in &s.failed {
+        println!("  line {}: {}: {}", f.line, f.result, f.reason);
+    }
+    row("invalid lines", s.invalid.len() as u64);
+    for line in fallthrough::jsonl::describe(&s.invalid) {
+        println!("  {line}");
+    }
+    Ok(())
+}
+
+/// The batches' states: a spinner with the counts on a terminal, else a line per poll.
+struct BatchProgress {
+    bar: Option<ProgressBar>,
+}
+
+impl BatchProgress {
+    fn new() -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = ProgressBar::new_spinner();
+            bar.set_style(
+                ProgressStyle::with_template("{spinner} batches {elapsed} {msg}")
+                    .expect("valid template"),
+            );
+            bar.enable_steady_tick(Duration::from_millis(200));
+            bar
+        });
+        BatchProgress { bar }
+    }
+
+    fn show(&self, c: &batch::Counts) {
+        let text = format!(
+            "processing {}, succeeded {}, errored {}, canceled {}, expired {}",
+            c.processing, c.succeeded, c.errored, c.canceled, c.expired
+        );
+        match &self.bar {
+            Some(bar) => bar.set_message(text),
+            None => eprintln!("prewarm: {text}"),
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
 }
 
 fn report(s: &Summary, json: bool, dry_run: bool) -> Result<()> {

@@ -1,5 +1,6 @@
 //! The Message Batches API, faked: create, retrieve, list, cancel and results (PROTOCOL.md,
-//! "Message Batches"). A batch ends `batch_latency_ms` after it was created; its results are
+//! "Message Batches"). A batch ends `batch_latency_ms` after it was created (the setting as it
+//! is when the batch is looked at, so a test can end a long batch by shortening it); its results are
 //! decided then, each request answered exactly as `POST /v1/messages` would answer it (the
 //! same deterministic Message, the same faults per request, an error as `errored`), or
 //! `expired` at `batch_expire_rate`. Batched requests are not counted as `/v1/messages`
@@ -24,7 +25,7 @@ pub const MAX_REQUESTS: usize = 100_000;
 pub(super) struct Batch {
     id: String,
     created_at: SystemTime,
-    ends_at: Instant,
+    created: Instant,
     requests: Vec<(String, Value)>,
     /// The results, once decided (at the end, or at a cancel).
     results: Option<Vec<Value>>,
@@ -65,13 +66,12 @@ fn create(shared: &Shared, body: &[u8], request_id: &str) -> Response {
         Ok(requests) => requests,
         Err(message) => return api_error(400, &message, request_id),
     };
-    let latency = lock(&shared.config).batch_latency_ms;
     let mut batches = lock(&shared.batches);
     let id = format!("msgbatch_{:024x}", rand::random::<u128>() >> 32);
     batches.push(Batch {
         id: id.clone(),
         created_at: SystemTime::now(),
-        ends_at: Instant::now() + Duration::from_millis(latency),
+        created: Instant::now(),
         requests,
         results: None,
         ended_at: None,
@@ -200,10 +200,11 @@ async fn results(shared: &Shared, id: &str, path: &str, request_id: &str) -> Res
 
 /// Decides the results of batch `id` if its time has come. `None` when there is no such batch.
 async fn decide_if_ended(shared: &Shared, id: &str) -> Option<()> {
+    let latency = Duration::from_millis(lock(&shared.config).batch_latency_ms);
     let requests = {
         let batches = lock(&shared.batches);
         let batch = batches.iter().find(|b| b.id == id)?;
-        if batch.results.is_some() || Instant::now() < batch.ends_at {
+        if batch.results.is_some() || batch.created.elapsed() < latency {
             return Some(());
         }
         batch.requests.clone()
