@@ -65,6 +65,8 @@ pub struct Summary {
     pub lines: u64,
     /// Already fresh: not submitted.
     pub already_cached: u64,
+    /// Lines with the key of an earlier line (the same request): answered by its result.
+    pub duplicates: u64,
     /// Lines sent in batches by this run (0 when it resumed recorded batches).
     pub submitted: u64,
     /// The batches polled, in order of creation.
@@ -177,7 +179,8 @@ pub async fn run(
     Ok(summary)
 }
 
-/// The lines that have no fresh entry, in order; the rest are counted as cached.
+/// The lines that have no fresh entry, in order, each request once (a line with the key of
+/// an earlier one is a duplicate); the rest are counted as cached.
 async fn not_fresh(
     client: &Client,
     bodies: &HashMap<u64, Bytes>,
@@ -186,8 +189,15 @@ async fn not_fresh(
     let mut numbers: Vec<u64> = bodies.keys().copied().collect();
     numbers.sort_unstable();
     let mut pending = Vec::new();
+    let mut keys = std::collections::HashSet::new();
     for n in numbers {
         let body = bodies[&n].clone();
+        if let Ok(key) = client.key(&Request::messages(body.clone())) {
+            if !keys.insert(key) {
+                summary.duplicates += 1;
+                continue;
+            }
+        }
         let check = Request::messages(body.clone()).controls(Controls {
             only_if_cached: true,
             ..Controls::default()
@@ -377,7 +387,13 @@ impl Api {
             .send()
             .await
             .map_err(|e| self.unreachable(e))?;
-        let batch = self.answer(response).await?;
+        let batch = match self.answer(response).await {
+            Ok(batch) => batch,
+            Err(Error::Internal(message)) => {
+                return Err(Error::Internal(name_line(&message, lines)))
+            }
+            Err(e) => return Err(e),
+        };
         let id = batch["id"].as_str().unwrap_or_default().to_owned();
         info!(id, requests = lines.len(), "batch created");
         Ok(id)
@@ -490,6 +506,19 @@ fn refused(base: &str, status: u16, body: &[u8]) -> Error {
     ))
 }
 
+/// The API names a refused request by its index in the batch (`requests.3.params…`): the
+/// message says which line of the file that is.
+fn name_line(message: &str, lines: &[(u64, Bytes)]) -> String {
+    let index = message.split("requests.").nth(1).and_then(|rest| {
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        digits.parse::<usize>().ok()
+    });
+    match index.and_then(|i| lines.get(i)) {
+        Some((n, _)) => format!("{message} (line {n} of the file)"),
+        None => message.to_owned(),
+    }
+}
+
 /// The requests by state over `batches`.
 fn total<'a>(batches: impl Iterator<Item = &'a Value>) -> Counts {
     let mut c = Counts::default();
@@ -527,6 +556,17 @@ mod tests {
             3,
             "two halves and their envelopes overflow one"
         );
+    }
+
+    #[test]
+    fn a_refused_request_is_named_by_its_line() {
+        let lines = [(4, Bytes::new()), (9, Bytes::new())];
+        let said = name_line(
+            "answered 400: requests.1.params.max_tokens: Field required",
+            &lines,
+        );
+        assert!(said.ends_with("(line 9 of the file)"), "{said}");
+        assert_eq!(name_line("no index here", &lines), "no index here");
     }
 
     #[test]

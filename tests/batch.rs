@@ -87,6 +87,7 @@ async fn every_line_is_cached_from_batches_and_served_as_a_hit() {
         line("claude-sonnet-4-6", "first"),
         line("claude-haiku-4-5", "second"),
         streamed.to_string(),
+        line("claude-sonnet-4-6", "first"),
     ];
     let file = write_lines(dir.path(), &lines);
 
@@ -100,7 +101,8 @@ async fn every_line_is_cached_from_batches_and_served_as_a_hit() {
 
     let (code, summary) = prewarm(&mock, &cache, &file, &[]);
     assert_eq!(code, 0, "{summary}");
-    assert_eq!(summary["submitted"], 3);
+    assert_eq!(summary["submitted"], 3, "the repeated line goes once");
+    assert_eq!(summary["duplicates"], 1);
     assert_eq!(summary["stored"], 3);
     assert_eq!(summary["counts"]["succeeded"], 3);
     assert_eq!(messages_calls(&mock), 0, "only the Batches API was called");
@@ -118,7 +120,7 @@ async fn every_line_is_cached_from_batches_and_served_as_a_hit() {
             .unwrap();
         assert_eq!(r.status(), 200);
         let outcome = support::proxy::header(&r, "x-fallthrough-cache").to_owned();
-        assert_eq!(outcome, "disk", "{body}");
+        assert!(outcome == "disk" || outcome == "memory", "{outcome}: {body}");
     }
     assert_eq!(messages_calls(&mock), 0, "every live request was a hit");
     support::terminate(&child);
@@ -126,6 +128,7 @@ async fn every_line_is_cached_from_batches_and_served_as_a_hit() {
 
     let (code, again) = prewarm(&mock, &cache, &file, &[]);
     assert_eq!((code, again["already_cached"].as_u64()), (0, Some(3)));
+    assert_eq!(again["duplicates"], 1);
     assert_eq!(batch_creations(&mock), 1, "nothing left to submit");
 }
 
@@ -266,6 +269,32 @@ async fn an_upstream_without_batches_is_a_clear_error() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("does not offer the Message Batches API"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_line_the_batches_api_refuses_is_named_by_its_line_number() {
+    let mock = MockServer::start(MockConfig::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let no_max_tokens =
+        json!({"model": "claude-sonnet-4-6", "messages": [{"role": "user", "content": "x"}]});
+    let file = write_lines(
+        dir.path(),
+        &[line("claude-sonnet-4-6", "fine"), no_max_tokens.to_string()],
+    );
+    let out = bin()
+        .args(["prewarm", "--batch"])
+        .arg(&file)
+        .args(["--upstream", &mock.url(), "--cache-dir"])
+        .arg(dir.path().join("cache"))
+        .env("ANTHROPIC_API_KEY", KEY)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("max_tokens") && stderr.contains("line 2 of the file"),
         "{stderr}"
     );
 }

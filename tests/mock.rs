@@ -938,3 +938,99 @@ async fn serve_runs_until_its_shutdown_future_completes() {
         .unwrap()
         .unwrap();
 }
+
+fn batch_request(custom_id: &str, text: &str) -> Value {
+    json!({"custom_id": custom_id, "params": {"model": "claude-sonnet-4-6", "max_tokens": 16,
+        "messages": [{"role": "user", "content": text}]}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_batches_are_created_listed_canceled_and_answered_as_messages_would_be() {
+    let server = MockServer::start(MockConfig {
+        batch_latency_ms: 3_600_000,
+        ..MockConfig::default()
+    })
+    .await
+    .unwrap();
+    let created = post(
+        &server,
+        "/v1/messages/batches",
+        &json!({"requests": [batch_request("a", "one"), batch_request("b", "two")]}),
+    )
+    .await;
+    assert_eq!(created.status, 200);
+    let id = created.body["id"].as_str().unwrap().to_owned();
+    assert!(id.starts_with("msgbatch_"));
+    assert_eq!(created.body["processing_status"], "in_progress");
+    assert_eq!(created.body["request_counts"]["processing"], 2);
+    let early = get(&server, &format!("/v1/messages/batches/{id}/results")).await;
+    assert_eq!(early.status, 400, "no results before the end");
+
+    // A second batch, canceled: it ends at once, every request canceled.
+    let other = post(
+        &server,
+        "/v1/messages/batches",
+        &json!({"requests": [batch_request("c", "three")]}),
+    )
+    .await;
+    let other_id = other.body["id"].as_str().unwrap().to_owned();
+    let canceled = post(
+        &server,
+        &format!("/v1/messages/batches/{other_id}/cancel"),
+        &json!({}),
+    )
+    .await;
+    assert_eq!(canceled.body["processing_status"], "ended");
+    assert_eq!(canceled.body["request_counts"]["canceled"], 1);
+    let list = get(&server, "/v1/messages/batches").await;
+    let ids: Vec<&str> = (list.body["data"].as_array().unwrap().iter())
+        .map(|b| b["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [other_id.as_str(), id.as_str()], "newest first");
+
+    // The first ends when its processing time is shortened; each answer is /v1/messages's.
+    server.set_config(MockConfig::default());
+    let ended = get(&server, &format!("/v1/messages/batches/{id}")).await;
+    assert_eq!(ended.body["processing_status"], "ended");
+    assert_eq!(ended.body["request_counts"]["succeeded"], 2);
+    let url = ended.body["results_url"].as_str().unwrap();
+    let results = client()
+        .get(format!("{}{url}", server.url()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let direct = post(
+        &server,
+        "/v1/messages",
+        &batch_request("a", "one")["params"],
+    )
+    .await;
+    let line: Value = (results.lines())
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|l| l["custom_id"] == "a")
+        .unwrap();
+    assert_eq!(line["result"]["type"], "succeeded");
+    assert_eq!(
+        line["result"]["message"], direct.body,
+        "the same Message as /v1/messages"
+    );
+
+    let streamed = post(
+        &server,
+        "/v1/messages/batches",
+        &json!({"requests": [{"custom_id": "s", "params": {"model": "m", "max_tokens": 1,
+            "stream": true, "messages": [{"role": "user", "content": "x"}]}}]}),
+    )
+    .await;
+    assert_eq!(streamed.status, 400, "streaming is not allowed in a batch");
+    let twice = post(
+        &server,
+        "/v1/messages/batches",
+        &json!({"requests": [batch_request("d", "x"), batch_request("d", "y")]}),
+    )
+    .await;
+    assert_eq!(twice.status, 400, "custom_ids are unique in a batch");
+}

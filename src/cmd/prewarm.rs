@@ -130,6 +130,9 @@ fn report_batch(s: &batch::Summary, json: bool) -> Result<()> {
     }
     let row = |label: &str, count: u64| println!("{label:<16} {count}");
     row("already cached", s.already_cached);
+    if s.duplicates > 0 {
+        row("duplicates", s.duplicates);
+    }
     if s.would_batches > 0 || (s.batches.is_empty() && s.would_submit > 0) {
         println!(
             "would submit     {} lines in {} batches",
