@@ -111,10 +111,7 @@ pub async fn run(
     progress: impl Fn(&Counts),
 ) -> Result<Summary, Error> {
     let api = Api::new(&client.config().upstream, options.api_key.clone())?;
-    let lines: Vec<(u64, &str)> = (input.lines().enumerate())
-        .map(|(i, l)| (i as u64 + 1, l.trim()))
-        .filter(|(_, l)| !l.is_empty())
-        .collect();
+    let lines = crate::jsonl::numbered_lines(input);
     let mut summary = Summary {
         lines: lines.len() as u64,
         ..Summary::default()
@@ -123,7 +120,8 @@ pub async fn run(
     for (n, line) in &lines {
         match crate::jsonl::parse_request(line) {
             Ok(_) => {
-                bodies.insert(*n, without_stream(line));
+                let body = Bytes::copy_from_slice(line.as_bytes());
+                bodies.insert(*n, crate::jsonl::without_stream(body));
             }
             Err(reason) => {
                 summary.invalid_lines.push(*n);
@@ -290,17 +288,6 @@ async fn store_results(
 
 fn line_number(custom_id: &str) -> Option<u64> {
     custom_id.strip_prefix("line-")?.parse().ok()
-}
-
-/// A line's body without `stream`, which a batch refuses.
-fn without_stream(line: &str) -> Bytes {
-    match serde_json::from_str::<Value>(line) {
-        Ok(mut v) if v.get("stream").is_some() => {
-            v.as_object_mut().map(|o| o.shift_remove("stream"));
-            Bytes::from(v.to_string())
-        }
-        _ => Bytes::copy_from_slice(line.as_bytes()),
-    }
 }
 
 /// Where the batches of a run over `input` are recorded.
@@ -573,14 +560,5 @@ mod tests {
     fn custom_ids_map_back_to_line_numbers() {
         assert_eq!(line_number("line-42"), Some(42));
         assert_eq!(line_number("other"), None);
-    }
-
-    #[test]
-    fn stream_is_dropped_and_the_rest_kept() {
-        let line = r#"{"model":"m","stream":true,"max_tokens":5}"#;
-        assert_eq!(
-            &without_stream(line)[..],
-            br#"{"model":"m","max_tokens":5}"#
-        );
     }
 }

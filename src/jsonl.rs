@@ -1,6 +1,7 @@
 //! JSONL input of Messages request bodies (`prewarm`, `bench`): which lines are requests, and
 //! in words why a line is not, so a user can fix the line instead of guessing.
 
+use bytes::Bytes;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -10,6 +11,26 @@ pub struct InvalidLine {
     /// 1-based.
     pub line: u64,
     pub reason: String,
+}
+
+/// The lines of `input` that are not blank, trimmed, each with its number (from 1).
+pub fn numbered_lines(input: &str) -> Vec<(u64, &str)> {
+    (input.lines().enumerate())
+        .map(|(i, l)| (i as u64 + 1, l.trim()))
+        .filter(|(_, l)| !l.is_empty())
+        .collect()
+}
+
+/// A request body without its `stream` field (prewarm fetches plainly, a batch refuses
+/// streams, and the key ignores it anyway); a body without one, or not JSON, as it is.
+pub fn without_stream(body: Bytes) -> Bytes {
+    match serde_json::from_slice::<Value>(&body) {
+        Ok(mut v) if v.get("stream").is_some() => {
+            v.as_object_mut().map(|o| o.shift_remove("stream"));
+            Bytes::from(v.to_string())
+        }
+        _ => body,
+    }
 }
 
 /// The request body on `line` (already trimmed, not blank), or why it is not one: a JSON
@@ -56,5 +77,21 @@ mod tests {
         assert!(reason(r#"{"no": "model"}"#).starts_with("no \"model\""));
         assert!(reason(r#"{"model": 3}"#).contains("not a model name"));
         assert!(parse_request(r#"{"model": "m", "messages": []}"#).is_ok());
+    }
+
+    #[test]
+    fn stream_is_dropped_and_the_rest_kept_in_order() {
+        let line = Bytes::from_static(br#"{"model":"m","stream":true,"max_tokens":5}"#);
+        assert_eq!(
+            &without_stream(line)[..],
+            br#"{"model":"m","max_tokens":5}"#
+        );
+        let plain = Bytes::from_static(b"not json");
+        assert_eq!(without_stream(plain.clone()), plain);
+    }
+
+    #[test]
+    fn lines_are_numbered_from_one_and_blank_ones_skipped() {
+        assert_eq!(numbered_lines("a\n\n  b  \n"), [(1, "a"), (3, "b")]);
     }
 }

@@ -80,12 +80,7 @@ pub async fn run(
     options: Options,
     progress: impl Fn(u64, &LineResult),
 ) -> Summary {
-    let lines: Vec<(u64, &str)> = input
-        .lines()
-        .enumerate()
-        .map(|(i, l)| (i as u64 + 1, l.trim()))
-        .filter(|(_, l)| !l.is_empty())
-        .collect();
+    let lines = crate::jsonl::numbered_lines(input);
     let mut summary = Summary {
         lines: lines.len() as u64,
         ..Summary::default()
@@ -172,7 +167,7 @@ async fn send(target: &Target, body: Bytes, controls: Controls) -> Result<(), Er
             client.execute(request).await.map(drop)
         }
         Target::Server { url, http, api_key } => {
-            let body = strip_stream(body);
+            let body = crate::jsonl::without_stream(body);
             let mut request = http
                 .post(format!("{}/v1/messages", url.trim_end_matches('/')))
                 .header("content-type", "application/json")
@@ -214,16 +209,5 @@ async fn send(target: &Target, body: Bytes, controls: Controls) -> Result<(), Er
                 should_retry: None,
             }))
         }
-    }
-}
-
-/// A body without `"stream": true`, so a proxy answers it plainly.
-fn strip_stream(body: Bytes) -> Bytes {
-    match serde_json::from_slice::<serde_json::Value>(&body) {
-        Ok(mut v) if v.get("stream").is_some() => {
-            v.as_object_mut().map(|o| o.shift_remove("stream"));
-            Bytes::from(v.to_string())
-        }
-        _ => body,
     }
 }

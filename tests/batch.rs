@@ -120,7 +120,10 @@ async fn every_line_is_cached_from_batches_and_served_as_a_hit() {
             .unwrap();
         assert_eq!(r.status(), 200);
         let outcome = support::proxy::header(&r, "x-fallthrough-cache").to_owned();
-        assert!(outcome == "disk" || outcome == "memory", "{outcome}: {body}");
+        assert!(
+            outcome == "disk" || outcome == "memory",
+            "{outcome}: {body}"
+        );
     }
     assert_eq!(messages_calls(&mock), 0, "every live request was a hit");
     support::terminate(&child);
