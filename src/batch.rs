@@ -139,6 +139,9 @@ pub async fn run(
             );
             summary.resumed = true;
             summary.batches = recorded.batches;
+            if options.dry_run {
+                return Ok(summary); // a run would poll these, and submit nothing
+            }
         }
         _ => {
             let pending = not_fresh(client, &bodies, &mut summary).await;

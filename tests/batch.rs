@@ -233,6 +233,11 @@ async fn a_prewarm_killed_after_creating_its_batch_resumes_it_without_a_new_one(
     let _ = child.kill();
     let _ = child.wait();
 
+    // A dry run says it would resume the batch, and touches nothing.
+    let (code, dry) = prewarm(&mock, &cache, &file, &["--dry-run"]);
+    assert_eq!((code, dry["resumed"].as_bool()), (0, Some(true)));
+    assert!(record.path().exists(), "the dry run left the record");
+
     // The batch ends; the rerun polls it instead of submitting again.
     mock.set_config(MockConfig::default());
     let (code, summary) = prewarm(&mock, &cache, &file, &[]);

@@ -80,7 +80,7 @@ pub enum SharedFlight {
     Alone,
 }
 
-/// Memory in front of an optional disk tier. Cheap to clone.
+/// Memory in front of an optional disk tier and an optional shared tier. Cheap to clone.
 #[derive(Clone)]
 pub struct Cache {
     memory: MemoryTier,

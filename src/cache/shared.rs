@@ -376,7 +376,8 @@ impl SharedTier {
         }
     }
 
-    /// Operations that failed, timed out or were skipped while resting, since the start.
+    /// Operations that failed or timed out, since the start (those skipped while the tier
+    /// rests are not counted: they cost nothing).
     pub fn failures(&self) -> u64 {
         self.failures.count()
     }

@@ -114,7 +114,7 @@ async fn run_batch(args: &PrewarmArgs, input: &str, common: crate::CommonArgs) -
     let summary = batch::run(&client, input, &options, |counts| bar.show(counts)).await;
     bar.finish();
     let summary = summary?;
-    report_batch(&summary, args.json)?;
+    report_batch(&summary, args.json, args.dry_run)?;
     let failed = !summary.failed.is_empty();
     Ok(if failed {
         ExitCode::from(1)
@@ -123,7 +123,7 @@ async fn run_batch(args: &PrewarmArgs, input: &str, common: crate::CommonArgs) -
     })
 }
 
-fn report_batch(s: &batch::Summary, json: bool) -> Result<()> {
+fn report_batch(s: &batch::Summary, json: bool, dry_run: bool) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(s)?);
         return Ok(());
@@ -133,23 +133,27 @@ fn report_batch(s: &batch::Summary, json: bool) -> Result<()> {
     if s.duplicates > 0 {
         row("duplicates", s.duplicates);
     }
-    if s.would_batches > 0 || (s.batches.is_empty() && s.would_submit > 0) {
-        println!(
+    match (dry_run, s.resumed) {
+        (true, true) => println!(
+            "would resume     {} batches of an earlier run",
+            s.batches.len()
+        ),
+        (true, false) => println!(
             "would submit     {} lines in {} batches",
             s.would_submit, s.would_batches
-        );
-    }
-    match s.resumed {
-        true => println!(
+        ),
+        (false, true) => println!(
             "resumed          {} batches of an earlier run",
             s.batches.len()
         ),
-        false => row("submitted", s.submitted),
+        (false, false) => row("submitted", s.submitted),
     }
-    row("stored", s.stored);
-    row("failed", s.failed.len() as u64);
-    for f in &s.failed {
-        println!("  line {}: {}: {}", f.line, f.result, f.reason);
+    if !dry_run {
+        row("stored", s.stored);
+        row("failed", s.failed.len() as u64);
+        for f in &s.failed {
+            println!("  line {}: {}: {}", f.line, f.result, f.reason);
+        }
     }
     row("invalid lines", s.invalid.len() as u64);
     for line in fallthrough::jsonl::describe(&s.invalid) {
