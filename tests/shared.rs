@@ -610,3 +610,50 @@ async fn a_fresh_shared_answer_wins_over_a_stale_local_copy() {
     );
     assert_eq!(upstream_calls(&mock, 200), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_server_refuses_writes_and_still_serves_what_it_holds() {
+    let redis = Redis::start().await;
+    let mock = MockServer::start(MockConfig::default()).await.unwrap();
+    let (a, b) = (serve(&mock, &redis, ""), serve(&mock, &redis, ""));
+    let (_, outcome, _) = cache_header(ask(&b.url, "stored before it filled up").await).await;
+    assert_eq!(outcome, "miss");
+
+    // Full: every write is refused (`OOM command not allowed`), reads go on.
+    let mut conn = redis.connection().await;
+    for (name, value) in [("maxmemory-policy", "noeviction"), ("maxmemory", "1")] {
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(name)
+            .arg(value)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let (status, outcome, _) = cache_header(ask(&a.url, "asked when it was full").await).await;
+    assert_eq!(
+        (status, outcome.as_str()),
+        (200, "miss"),
+        "the refused write costs nothing"
+    );
+    let (status, outcome, _) = cache_header(ask(&a.url, "stored before it filled up").await).await;
+    assert_eq!(
+        (status, outcome.as_str()),
+        (200, "shared"),
+        "a refusal is not an outage: A still reads the tier"
+    );
+    let metrics = reqwest::get(format!("{}/metrics", a.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let errors = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("fallthrough_shared_errors_total "))
+        .expect("the shared tier's error counter");
+    assert!(
+        errors.parse::<f64>().unwrap() >= 1.0,
+        "the refused write is counted"
+    );
+}

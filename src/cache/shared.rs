@@ -6,9 +6,11 @@
 //! The server is another machine's process: it may be down, slow or full. Every operation is
 //! given `timeout` (100 ms by default); one that fails or takes longer is a miss of the tier
 //! (or a store that did not happen), counted (`fallthrough_shared_errors_total`) and logged at
-//! most once a minute. After a failure the tier is *resting*: requests skip it at once, as if
-//! there were none, while a background task pings the server every [`PING_EVERY`] and ends the
-//! rest when it answers. So an outage of the server costs one request at most `timeout`, not
+//! most once a minute. After a failure to reach the server the tier is *resting*: requests skip
+//! it at once, as if there were none, while a background task pings the server every
+//! [`PING_EVERY`] and ends the rest when it answers. (A server that answers with a refusal, a
+//! full one's `OOM command not allowed`, is not rested from: its writes fail and are counted,
+//! its reads go on.) So an outage of the server costs one request at most `timeout`, not
 //! every request, and sharing resumes by itself. The connection itself is redis-rs's
 //! connection manager, made lazily (a server down at start-up does not stop the start) and
 //! reconnecting when its connection drops.
@@ -407,6 +409,12 @@ impl SharedTier {
         let mut connection = self.connection.clone();
         let why = match tokio::time::timeout(self.timeout, cmd.query_async(&mut connection)).await {
             Ok(Ok(value)) => return Some(value),
+            // The server answered, with a refusal (full: `OOM command not allowed`, or
+            // read-only): this operation failed, the server is there; nothing to rest from.
+            Ok(Err(e)) if refused_by_the_server(&e) => {
+                self.failures.record(what, &e);
+                return None;
+            }
             Ok(Err(e)) => e.to_string(),
             Err(_) => format!("no answer within {:?}", self.timeout),
         };
@@ -456,6 +464,16 @@ impl SharedTier {
     fn breaker_name(&self, model: &str) -> String {
         format!("{}b:{model}", self.prefix)
     }
+}
+
+/// Whether the server itself refused the command (an error reply), as opposed to a lost
+/// connection, a timeout or an unreadable answer.
+fn refused_by_the_server(e: &redis::RedisError) -> bool {
+    let reply = matches!(
+        e.kind(),
+        redis::ErrorKind::Server(_) | redis::ErrorKind::Extension
+    );
+    reply && !e.is_io_error() && !e.is_timeout()
 }
 
 /// `text` with the glob characters of `SCAN MATCH` escaped, so a prefix matches as written.
