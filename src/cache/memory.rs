@@ -47,6 +47,11 @@ impl Expiry<CacheKey, Arc<Entry>> for UntilStale {
 }
 
 impl MemoryTier {
+    /// Whether the tier holds anything at all (a bound above 0).
+    pub fn is_on(&self) -> bool {
+        self.cache.is_some()
+    }
+
     pub fn new(max_bytes: u64) -> Self {
         let cache = (max_bytes > 0).then(|| {
             Cache::builder()

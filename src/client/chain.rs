@@ -216,19 +216,6 @@ impl Engine {
         std::iter::once(&p.model).chain(self.chain(p))
     }
 
-    /// A fresh entry under `key`, as the answer after `attempts` upstream attempts.
-    pub(super) async fn fresh_answer(
-        &self,
-        key: &CacheKey,
-        p: &Prepared,
-        attempts: u32,
-    ) -> Option<Answer> {
-        match self.own_entry(key, p, attempts).await? {
-            Own::Fresh(answer) => Some(answer),
-            Own::Stale(_) => None,
-        }
-    }
-
     /// The entry under a model's `key`, fresh or stale, as the answer after `attempts`.
     async fn own_entry(&self, key: &CacheKey, p: &Prepared, attempts: u32) -> Option<Own> {
         let now = self.clock.millis();

@@ -10,7 +10,9 @@ use tokio::sync::watch;
 use crate::error::UpstreamError;
 use crate::key::CacheKey;
 
+use super::store::hit_answer;
 use super::tape::Tape;
+use crate::entry::Freshness;
 use super::{Answer, Controls, Engine, Prepared};
 
 impl Engine {
@@ -35,10 +37,13 @@ impl Engine {
     /// concurrent identical misses make one upstream call however they interleave. `no-cache`
     /// requests fetch whatever the cache holds.
     pub(super) async fn raced_answer(&self, p: &Prepared) -> Option<Answer> {
-        match p.controls.no_cache {
-            true => None,
-            false => self.fresh_answer(&p.key, p, 0).await,
+        if p.controls.no_cache {
+            return None;
         }
+        let now = self.clock.millis();
+        let hit = self.cache.just_stored(&p.key, now).await?;
+        let fresh = hit.entry.freshness(now, p.controls.max_age) == Freshness::Fresh;
+        fresh.then(|| hit_answer(&hit, now))
     }
 }
 
