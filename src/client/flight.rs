@@ -12,8 +12,8 @@ use crate::key::CacheKey;
 
 use super::store::hit_answer;
 use super::tape::Tape;
-use crate::entry::Freshness;
 use super::{Answer, Controls, Engine, Prepared};
+use crate::entry::Freshness;
 
 impl Engine {
     /// Joins the flight of an identical miss in progress, or leads a new one. A std mutex,
