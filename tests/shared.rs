@@ -322,8 +322,9 @@ async fn breaker_gauge(url: &str, model: &str) -> Option<i64> {
 async fn a_breaker_opened_on_one_instance_holds_the_model_on_another_until_its_probe_answers() {
     let redis = Redis::start().await;
     let mock = MockServer::start(MockConfig::default()).await.unwrap();
-    // No rescues: they are per instance (client/fleet.rs), and would try the held model.
-    let config = "[fallback]\n[breaker]\nfailures = 2\ncooldown = \"2s\"\nrescue_interval = \"0s\"\n[retry]\nmax_retries = 0\n";
+    // Rescues on (the default): only the opener, A, may rescue the held model.
+    let config =
+        "[fallback]\n[breaker]\nfailures = 2\ncooldown = \"2s\"\n[retry]\nmax_retries = 0\n";
     let (a, b) = (serve(&mock, &redis, config), serve(&mock, &redis, config));
     let model = support::proxy::MODEL;
     mock.set_config(MockConfig {

@@ -10,8 +10,10 @@
 //! which is what an instance without a fleet does. A held model refuses at once, as a local
 //! breaker does: the fleet's state is read in the background, never on the request path.
 //!
-//! Rescues stay per instance (one a `rescue_interval` each): a fleet-wide rate would need a
-//! round trip to the shared tier on the path of a request that is already failing.
+//! Rescues ([`Breakers::admit_rescue`]) are the opener's too: an instance that holds a model
+//! because of the fleet refuses at once, so the fleet tries a held model at most once a
+//! `rescue_interval`, as one instance would, and a recovery the opener's rescue finds
+//! releases every instance within a sync.
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;

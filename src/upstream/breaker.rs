@@ -294,6 +294,9 @@ impl Breakers {
         let Some(b) = models.get_mut(model) else {
             return admission;
         };
+        if b.held_by_fleet {
+            return admission; // the instance whose breaker opened rescues for the fleet
+        }
         match b.rescued_at {
             Some(at) if now < at + interval => admission,
             _ => {
@@ -312,8 +315,8 @@ impl Breakers {
             return None;
         };
         let models = self.models.lock().expect("breaker lock");
-        let at = models.get(model)?.rescued_at?;
-        Some((at + interval).max(now))
+        let b = models.get(model).filter(|b| !b.held_by_fleet)?;
+        Some((b.rescued_at? + interval).max(now))
     }
 
     /// Records how an attempt admitted by [`Self::admit`] went. Only the probe's own result
@@ -715,6 +718,16 @@ mod tests {
             }
         );
         assert_eq!(b.held_by_fleet(), ["b"]);
+        let rescuing = Breakers::new(1, COOLDOWN).rescuing_every(Duration::from_millis(100));
+        rescuing.hold("b", Cause::Overloaded, there, margin);
+        assert!(
+            matches!(
+                rescuing.admit_rescue("b", Instant::now()),
+                Admission::Reject { .. }
+            ),
+            "the instance whose breaker opened rescues for the fleet"
+        );
+        assert_eq!(rescuing.next_rescue("b", Instant::now()), None);
         // a blocks for its own failures and keeps its own course.
         b.hold("a", Cause::ServerError, there, margin);
         assert!(matches!(
