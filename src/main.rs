@@ -192,7 +192,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             ..
         } => {
             let config = load_config(&common)?;
-            let Some(shared) = fallthrough::cache::SharedTier::from_config(&config.shared)? else {
+            // An admin walk's batches may take longer than a request's look-up is allowed.
+            let mut settings = config.shared.clone();
+            settings.timeout = (settings.timeout).max(fallthrough::cache::shared::ADMIN_TIMEOUT);
+            let Some(shared) = fallthrough::cache::SharedTier::from_config(&settings)? else {
                 anyhow::bail!(
                     "--shared needs a shared tier: a [shared] table with a url in the configuration (--config), or FALLTHROUGH_SHARED_URL"
                 );
