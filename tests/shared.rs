@@ -234,17 +234,8 @@ async fn with_redis_down_both_instances_answer_and_sharing_resumes_when_it_is_ba
             "misses go upstream"
         );
     }
-    let metrics = reqwest::get(format!("{}/metrics", b.url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let errors = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("fallthrough_shared_errors_total "))
-        .expect("the shared tier's error counter");
-    assert!(errors.parse::<f64>().unwrap() >= 1.0, "{errors}");
+    let errors = metric(&b.url, SHARED_ERRORS).await;
+    assert!(errors >= Some(1.0), "{errors:?}");
 
     redis.restart().await;
     let mut n = 0;
@@ -303,19 +294,27 @@ async fn instances_without_a_disk_tier_can_overlap_on_one_directory() {
     }
 }
 
-/// The breaker gauge of `model` on the instance at `url` (0 passing, 1 blocking, 2 probing).
-async fn breaker_gauge(url: &str, model: &str) -> Option<i64> {
-    let metrics = reqwest::get(format!("{url}/metrics"))
+/// The shared tier's error counter.
+const SHARED_ERRORS: &str = "fallthrough_shared_errors_total";
+
+/// The value of the metric `name` (labels included, as exposed) on the instance at `url`.
+async fn metric(url: &str, name: &str) -> Option<f64> {
+    let text = reqwest::get(format!("{url}/metrics"))
         .await
         .ok()?
         .text()
         .await
         .ok()?;
-    let line = format!("fallthrough_breaker_state{{model=\"{model}\"}} ");
-    metrics
+    let value = text
         .lines()
-        .find_map(|l| l.strip_prefix(&line))
-        .and_then(|v| v.trim().parse().ok())
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))?;
+    value.trim().parse().ok()
+}
+
+/// The breaker gauge of `model` on the instance at `url` (0 passing, 1 blocking, 2 probing).
+async fn breaker_gauge(url: &str, model: &str) -> Option<i64> {
+    let name = format!("fallthrough_breaker_state{{model=\"{model}\"}}");
+    metric(url, &name).await.map(|v| v as i64)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -643,18 +642,9 @@ async fn a_full_server_refuses_writes_and_still_serves_what_it_holds() {
         (200, "shared"),
         "a refusal is not an outage: A still reads the tier"
     );
-    let metrics = reqwest::get(format!("{}/metrics", a.url))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let errors = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("fallthrough_shared_errors_total "))
-        .expect("the shared tier's error counter");
+    let errors = metric(&a.url, SHARED_ERRORS).await;
     assert!(
-        errors.parse::<f64>().unwrap() >= 1.0,
-        "the refused write is counted"
+        errors >= Some(1.0),
+        "the refused write is counted: {errors:?}"
     );
 }
