@@ -133,7 +133,9 @@ async fn skip(by: Duration) {
 }
 
 /// The delays of the retries the client decided on, from its "retrying" log events (field
-/// `delay_ms`): how long it chose to wait, checked without timing the wait.
+/// `delay_ms`): how long it chose to wait, checked without timing the wait; and the waits of
+/// requests for a rescue slot ("waiting for a rescue slot", `wait_ms`), so that a test can
+/// see a request is waiting before it moves the clock.
 ///
 /// One subscriber for the whole test binary, installed once, that keeps each thread's events
 /// apart: in a plain `#[tokio::test]` every task of the test runs on its thread. (A scoped
@@ -143,10 +145,11 @@ struct Retries;
 
 thread_local! {
     static RETRIES: std::cell::RefCell<Vec<Duration>> = const { std::cell::RefCell::new(Vec::new()) };
+    static RESCUE_WAITS: std::cell::RefCell<Vec<Duration>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 impl Retries {
-    /// Starts recording this thread's retries afresh.
+    /// Starts recording this thread's retries and rescue waits afresh.
     fn record() -> Retries {
         static INSTALLED: std::sync::Once = std::sync::Once::new();
         INSTALLED.call_once(|| {
@@ -154,11 +157,16 @@ impl Retries {
             tracing::subscriber::set_global_default(subscriber).expect("the only subscriber");
         });
         RETRIES.with(|r| r.borrow_mut().clear());
+        RESCUE_WAITS.with(|r| r.borrow_mut().clear());
         Retries
     }
 
     fn delays(&self) -> Vec<Duration> {
         RETRIES.with(|r| r.borrow().clone())
+    }
+
+    fn rescue_waits(&self) -> Vec<Duration> {
+        RESCUE_WAITS.with(|r| r.borrow().clone())
     }
 }
 
@@ -168,25 +176,32 @@ impl<S: tracing::Subscriber> Layer<S> for RetryLayer {
     fn on_event(&self, event: &tracing::Event<'_>, _: Context<'_, S>) {
         #[derive(Default)]
         struct Fields {
-            retrying: bool,
+            message: String,
             delay_ms: Option<u64>,
+            wait_ms: Option<u64>,
         }
         impl tracing::field::Visit for Fields {
             fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
-                if field.name() == "delay_ms" {
-                    self.delay_ms = Some(value);
+                match field.name() {
+                    "delay_ms" => self.delay_ms = Some(value),
+                    "wait_ms" => self.wait_ms = Some(value),
+                    _ => {}
                 }
             }
             fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
                 if field.name() == "message" {
-                    self.retrying = format!("{value:?}") == "retrying";
+                    self.message = format!("{value:?}");
                 }
             }
         }
         let mut fields = Fields::default();
         event.record(&mut fields);
-        if let (true, Some(delay)) = (fields.retrying, fields.delay_ms) {
-            RETRIES.with(|r| r.borrow_mut().push(ms(delay)));
+        match (fields.message.as_str(), fields.delay_ms, fields.wait_ms) {
+            ("retrying", Some(delay), _) => RETRIES.with(|r| r.borrow_mut().push(ms(delay))),
+            ("waiting for a rescue slot", _, Some(wait)) => {
+                RESCUE_WAITS.with(|r| r.borrow_mut().push(ms(wait)))
+            }
+            _ => {}
         }
     }
 }
@@ -693,14 +708,15 @@ async fn the_breaker_stops_calls_during_its_cooldown_then_probes() {
 
 /// After a total outage (both models of the chain held by their breakers), a request with
 /// nowhere else to go may still try a held model once a rescue interval: the first new question
-/// after the recovery is answered within one interval, not after the 30 s cooldown, and its
-/// answer closes the breaker. Timed on tokio's clock ([`skip`]).
+/// after the recovery is answered within one interval, not after the cooldown, and its answer
+/// closes the breaker. Timed on tokio's clock ([`skip`]): the interval and the cooldown are
+/// long (10 s, 10 min) and only `skip` moves the clock past them.
 #[tokio::test]
 async fn a_recovery_is_noticed_within_one_rescue_interval_not_after_the_cooldown() {
-    let interval = Duration::from_millis(300);
+    let interval = Duration::from_secs(10);
     let (mock, client) = start(overloaded(&["a", "b"]), |b| {
         b.fallback("a", ["b"])
-            .breaker(2, Duration::from_secs(30))
+            .breaker(2, Duration::from_secs(600))
             .breaker_rescue_interval(interval)
     })
     .await;
@@ -716,7 +732,6 @@ async fn a_recovery_is_noticed_within_one_rescue_interval_not_after_the_cooldown
     let before = (attempts_for(&mock, "a"), attempts_for(&mock, "b"));
 
     // Held everywhere: one rescue per model and interval, the primary's first.
-    let rescued = Instant::now();
     let first = upstream_error(client.send(&body("a", "rescue of a")).await);
     let second = upstream_error(client.send(&body("a", "rescue of b")).await);
     assert_eq!((first.attempts, second.attempts), (1, 1));
@@ -727,14 +742,24 @@ async fn a_recovery_is_noticed_within_one_rescue_interval_not_after_the_cooldown
         "a failed rescue is one call, without retries"
     );
 
-    // Both slots taken: the next request waits for one to open, not for the cooldown.
-    let third = upstream_error(client.send(&body("a", "waits for a slot")).await);
-    assert!(rescued.elapsed() >= interval, "it waited for the next slot");
+    // Both slots taken: the next request waits for the first to open (a's), not for the
+    // cooldown; it goes when the clock gets there.
+    let waits = Retries::record();
+    let waiting = client.clone();
+    let third = tokio::spawn(async move { waiting.send(&body("a", "waits for a slot")).await });
+    support::eventually("the third request waits for a rescue slot", || {
+        !waits.rescue_waits().is_empty()
+    })
+    .await;
+    let wait = waits.rescue_waits()[0];
+    assert!(wait > Duration::ZERO && wait <= interval, "{wait:?}");
+    skip(interval).await;
+    let third = upstream_error(third.await.unwrap());
     assert_eq!((third.attempts, third.model.as_str()), (1, "a"));
     assert_eq!(third.status, 529);
 
-    // The upstream recovers. The first slot to open again is b's (a's was just used); the
-    // rescue's head, streamed, closes b's breaker as a probe's does.
+    // The upstream recovers. b's slot is open again (a's was just used); the rescue's head,
+    // streamed, closes b's breaker as a probe's does, 10 s into a 10 min cooldown.
     mock.set_config(MockConfig::default());
     let r = client
         .stream(Request::json(&body("a", "the first new question")))

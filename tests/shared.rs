@@ -584,8 +584,11 @@ async fn a_tls_server_with_a_private_authority_is_shared() {
 async fn a_fresh_shared_answer_wins_over_a_stale_local_copy() {
     let redis = Redis::start().await;
     let mock = MockServer::start(MockConfig::default()).await.unwrap();
-    let config = "[cache]\nttl = \"3s\"\n";
-    let (a, b) = (serve(&mock, &redis, config), serve(&mock, &redis, config));
+    // A and B store answers fresh for a second; C for an hour, so that its answer stays
+    // fresh however slow the rest of the test runs.
+    let short = "[cache]\nttl = \"1s\"\n";
+    let (a, b) = (serve(&mock, &redis, short), serve(&mock, &redis, short));
+    let c = serve(&mock, &redis, "[cache]\nttl = \"1h\"\n");
     let r = ask(&a.url, "asked everywhere").await;
     let key = header(&r, "x-fallthrough-key").to_owned();
     let (_, outcome, _) = cache_header(ask(&b.url, "asked everywhere").await).await;
@@ -598,8 +601,8 @@ async fn a_fresh_shared_answer_wins_over_a_stale_local_copy() {
         header(&r, "x-fallthrough-freshness") == "stale"
     })
     .await;
-    // A fetches again; its fresh answer lands in the shared tier.
-    let r = ask_with(&a.url, "asked everywhere", &[("cache-control", "no-cache")]).await;
+    // C fetches again; its fresh answer lands in the shared tier.
+    let r = ask_with(&c.url, "asked everywhere", &[("cache-control", "no-cache")]).await;
     assert_eq!(r.status(), 200);
     assert_eq!(upstream_calls(&mock, 200), 2);
     let (status, outcome, _) = cache_header(ask(&b.url, "asked everywhere").await).await;

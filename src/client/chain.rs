@@ -151,6 +151,8 @@ impl Engine {
         if next >= deadline {
             return None;
         }
+        let wait_ms = (next - now).as_millis() as u64;
+        debug!(key = %p.key, wait_ms, "waiting for a rescue slot");
         tokio::time::sleep_until(next).await;
         self.try_rescue::<F>(p, deadline, &mut lease).await
     }
