@@ -315,11 +315,18 @@ async fn bind(listen: &str) -> Result<TcpListener> {
         .with_context(|| format!("cannot listen on {listen:?}{hint}"))
 }
 
+/// `ANTHROPIC_API_KEY`, when it is set and not empty.
+pub fn api_key_from_env() -> Option<String> {
+    std::env::var("ANTHROPIC_API_KEY")
+        .ok()
+        .filter(|k| !k.is_empty())
+}
+
 /// `ANTHROPIC_API_KEY` as the credential for requests that carry none.
 pub fn with_credential(builder: ClientBuilder) -> ClientBuilder {
-    match std::env::var("ANTHROPIC_API_KEY") {
-        Ok(key) if !key.is_empty() => builder.credential(key),
-        _ => builder,
+    match api_key_from_env() {
+        Some(key) => builder.credential(key),
+        None => builder,
     }
 }
 

@@ -2,9 +2,10 @@
 //! entry stands in) its fallbacks in order, each after a look for an entry of its own (a fresh
 //! one answers; a stale one stands in for the fallback as the primary's does for the primary:
 //! one try, and its failure serves the entry), until one answers, one fails in a way no
-//! fallback can mend, or all are exhausted. When no
-//! model was even tried (every one held by its breaker), one may be tried anyway as a rescue
-//! (`upstream/breaker.rs` argues the rate): the request has nowhere else to go.
+//! fallback can mend, or all are exhausted. When no model was even tried (every one held by
+//! its breaker), one may be tried anyway as a rescue (`upstream/breaker.rs` argues the rate):
+//! the request has nowhere else to go. Before any of it, a lead takes the fleet's lease on the
+//! key, or takes the answer of the instance that holds it (`cache/shared.rs`).
 
 use std::time::Duration;
 

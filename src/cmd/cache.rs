@@ -201,9 +201,9 @@ pub async fn run_remote(command: CacheCommand, server: &str) -> Result<ExitCode>
     let http = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(600))
         .build()?;
-    let with_key = |r: reqwest::RequestBuilder| match std::env::var("ANTHROPIC_API_KEY") {
-        Ok(key) if !key.is_empty() => r.header("x-api-key", key),
-        _ => r,
+    let with_key = |r: reqwest::RequestBuilder| match crate::api_key_from_env() {
+        Some(key) => r.header("x-api-key", key),
+        None => r,
     };
     let send = |r: reqwest::RequestBuilder| async move {
         let r = with_key(r)

@@ -13,7 +13,6 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use fallthrough::batch;
 use fallthrough::prewarm::{self, LineResult, Options, Summary, Target};
-use fallthrough::ClientBuilder;
 
 #[derive(Args)]
 pub struct PrewarmArgs {
@@ -55,21 +54,14 @@ pub async fn run(args: PrewarmArgs, common: crate::CommonArgs) -> Result<ExitCod
         Some(url) => Target::Server {
             url: url.clone(),
             http: reqwest::Client::new(),
-            api_key: std::env::var("ANTHROPIC_API_KEY")
-                .ok()
-                .filter(|k| !k.is_empty()),
+            api_key: crate::api_key_from_env(),
         },
         None => {
             let config = crate::load_config(&common)?;
             if !args.dry_run {
                 crate::warn_if_no_key(&config.upstream, "the lines' requests");
             }
-            let dir = config.cache_dir();
-            let client = crate::with_credential(ClientBuilder::from_config(config))
-                .build()
-                .await
-                .with_context(|| format!("opening the cache in {}", dir.display()))?;
-            Target::Local(client)
+            Target::Local(crate::build_client(config).await?)
         }
     };
     let total = input.lines().filter(|l| !l.trim().is_empty()).count() as u64;
@@ -97,17 +89,11 @@ async fn run_batch(args: &PrewarmArgs, input: &str, common: crate::CommonArgs) -
     if !args.dry_run {
         crate::warn_if_no_key(&config.upstream, "the batches");
     }
-    let dir = config.cache_dir();
-    let client = crate::with_credential(ClientBuilder::from_config(config))
-        .build()
-        .await
-        .with_context(|| format!("opening the cache in {}", dir.display()))?;
+    let client = crate::build_client(config).await?;
     let options = batch::Options {
         poll_interval: args.poll_interval,
         dry_run: args.dry_run,
-        api_key: std::env::var("ANTHROPIC_API_KEY")
-            .ok()
-            .filter(|k| !k.is_empty()),
+        api_key: crate::api_key_from_env(),
         record_dir: client.cache().dir().map(std::path::Path::to_path_buf),
     };
     let bar = BatchProgress::new();
