@@ -1,5 +1,7 @@
 //! The two tiers through their public face: lookups, promotion, reopening, corruption, bounds.
 
+mod support;
+
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -44,7 +46,7 @@ async fn reopened_store_answers_from_disk_then_memory() {
         }
         cache.flush().await.unwrap();
     }
-    let cache = Cache::open(dir.path(), MIB, 64 * MIB).await.unwrap();
+    let cache = support::once_unlocked(|| Cache::open(dir.path(), MIB, 64 * MIB)).await;
     for n in 0..20 {
         let hit = cache.get(&key(n), now).await.expect("disk hit");
         assert_eq!(hit.tier, Tier::Disk, "entry {n}");
@@ -91,7 +93,7 @@ async fn corrupt_entries_are_misses_and_removed() {
     disk.insert(&key(4), &entry(4, now), now).unwrap();
     drop(disk);
 
-    let cache = Cache::open(dir.path(), MIB, 64 * MIB).await.unwrap();
+    let cache = support::once_unlocked(|| Cache::open(dir.path(), MIB, 64 * MIB)).await;
     for n in 1..=3 {
         assert!(
             cache.get(&key(n), now).await.is_none(),

@@ -206,10 +206,10 @@ fn files(dir: &Path) -> Vec<PathBuf> {
 /// Opens a damaged directory: it must open, serve only what was written, byte for byte, and
 /// keep at most one moved-aside copy.
 async fn opens_and_serves_nothing_corrupt(dir: &Path, what: &str) -> bool {
-    let cache = tokio::time::timeout(EVENTUALLY, Cache::open(dir, 1 << 20, 1 << 30))
+    let open = support::once_unlocked(|| Cache::open(dir, 1 << 20, 1 << 30));
+    let cache = tokio::time::timeout(EVENTUALLY, open)
         .await
-        .unwrap_or_else(|_| panic!("{what}: opening hung"))
-        .unwrap_or_else(|e| panic!("{what}: the cache did not open: {e}"));
+        .unwrap_or_else(|_| panic!("{what}: opening hung"));
     let now = now_millis();
     for n in 0..ENTRIES {
         if let Some(hit) = cache.get(&key(n), now).await {
@@ -306,12 +306,13 @@ async fn a_damaged_database_never_stops_the_start_nor_serves_a_corrupt_answer() 
 async fn counts_survive_a_restart_without_reading_the_entries() {
     let dir = tempfile::tempdir().unwrap();
     filled(dir.path()).await;
-    let cache = Arc::new(Cache::open(dir.path(), 1 << 20, 1 << 30).await.unwrap());
+    let open = || Cache::open(dir.path(), 1 << 20, 1 << 30);
+    let cache = Arc::new(support::once_unlocked(open).await);
     let usage = cache.usage().await;
     assert_eq!(usage.disk_entries, ENTRIES);
     assert!(usage.disk_bytes > ENTRIES * 300, "{usage:?}");
     cache.remove(&key(0)).await;
     drop(cache);
-    let again = Cache::open(dir.path(), 1 << 20, 1 << 30).await.unwrap();
+    let again = support::once_unlocked(open).await;
     assert_eq!(again.usage().await.disk_entries, ENTRIES - 1);
 }

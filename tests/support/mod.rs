@@ -12,6 +12,7 @@ use std::process::{Child, Command as StdCommand, Stdio};
 use std::time::Duration;
 
 use fallthrough::entry::{now_millis, Entry};
+use fallthrough::error::DiskError;
 use fallthrough::key::CacheKey;
 use fallthrough::Client;
 
@@ -54,6 +55,25 @@ pub async fn eventually_async<F: std::future::Future<Output = bool>>(
             "waited a minute for {what}"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// What `open` opens, once the cache directory's lock is free. A tier dropped in this process
+/// lets go of sled's lock a moment later (when sled's flusher thread ends), so an open right
+/// after a drop can find the directory still held: it is tried again until it opens, for at
+/// most a minute (a bound only a wedged process reaches). Any other error panics.
+pub async fn once_unlocked<T, F: std::future::Future<Output = Result<T, DiskError>>>(
+    mut open: impl FnMut() -> F,
+) -> T {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match open().await {
+            Ok(opened) => return opened,
+            Err(DiskError::Locked { .. }) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(10)).await
+            }
+            Err(e) => panic!("opening the cache: {e}"),
+        }
     }
 }
 
