@@ -97,7 +97,8 @@ struct Line<'a> {
 
 /// Reads every entry, one at a time: memory stays bounded by a constant whatever the cache
 /// holds. `bytes` is what the entries count for, as read (the tier's kept count may lag after
-/// a crash; [`DiskTier::set_counts`] puts it right).
+/// a crash, or count an entry twice while its generation's copy lasts; a walk of a tier opened
+/// with [`DiskTier::open_for_walk`] puts it right).
 pub async fn stats(disk: &DiskTier, now: UnixMillis) -> Result<Stats, DiskError> {
     let stats = Arc::new(Mutex::new(Stats::default()));
     let gathered = stats.clone();

@@ -351,6 +351,7 @@ impl Client {
                 - self.engine.permits.available_permits()) as u64,
             store_errors: usage.disk_errors,
             shared_errors: usage.shared_errors,
+            disk_files_bytes: usage.disk_files_bytes,
             upstream_queued: self
                 .engine
                 .queued

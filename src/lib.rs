@@ -5,9 +5,10 @@
 //!   holds the form's rules once, for the value path and the one-pass byte path
 //!   (`key/streaming.rs`); `key/secret.rs` the secret credential fingerprints are keyed with.
 //! - [`entry`]: a stored answer, its freshness, and its versioned, checksummed encoding.
-//! - [`cache`]: the tiers (memory in moka; disk in sled: `disk.rs`, its opening in
-//!   `disk/open.rs`; `shared.rs`, the tier several instances share on Redis/Valkey, with the
-//!   fleet's leases and breaker holds) and promotion between them; `guard` runs every disk call
+//! - [`cache`]: the tiers (memory in moka; disk in sled: `disk.rs`, its two generations,
+//!   each a sled database in `disk/generation.rs`, opened in `disk/open.rs`; `shared.rs`, the
+//!   tier several instances share on Redis/Valkey, with the fleet's leases and breaker holds)
+//!   and promotion between them; `guard` runs every disk call
 //!   on the blocking pool with a time limit and reopens a failed tier; `failures` counts and
 //!   logs a tier's failures.
 //! - [`admin`]: stats, get, purge, export and import over the disk or the shared tier.

@@ -66,6 +66,8 @@ pub struct Gauges {
     pub store_errors: u64,
     /// Shared tier operations that failed or timed out, since the start.
     pub shared_errors: u64,
+    /// The disk tier's files, as last measured.
+    pub disk_files_bytes: u64,
 }
 
 /// Entries and bytes held by one cache tier.
@@ -99,6 +101,7 @@ pub struct Metrics {
     queued: Gauge,
     store_errors: Counter,
     shared_errors: Counter,
+    disk_files: Gauge,
     /// Model labels in use. A std mutex: held for one set operation, on the miss path only.
     models: std::sync::Mutex<std::collections::HashSet<String>>,
     /// One scrape at a time: a scrape rebuilds the breaker gauges, which another one must not
@@ -168,9 +171,16 @@ impl Default for Metrics {
             "Shared tier operations that failed or timed out (each was a miss of the tier, or a store that did not happen)",
             shared_errors.clone(),
         );
+        let disk_files = Gauge::default();
+        registry.register(
+            "disk_files_bytes",
+            "The disk tier's files as last measured, what disk_bytes bounds (at most disk_bytes + 10% + 16 MiB)",
+            disk_files.clone(),
+        );
         Metrics {
             registry,
             shared_errors,
+            disk_files,
             in_flight,
             queued,
             store_errors,
@@ -276,6 +286,7 @@ impl Metrics {
         }
         self.in_flight.set(gauges.upstream_in_flight as i64);
         self.queued.set(gauges.upstream_queued as i64);
+        self.disk_files.set(gauges.disk_files_bytes as i64);
         // A counter the cache keeps: the registry's follows it.
         let seen = self.store_errors.get();
         self.store_errors

@@ -1,138 +1,82 @@
-//! The disk tier: entries in sled, bounded by bytes. The only file that talks to sled.
+//! The disk tier: entries in sled, in two generations, bounded by the directory's real size.
 //!
-//! Trees: `entries` (key -> encoded [`Entry`]); `index` (key -> [`Meta`]: last access, end of
-//! the stale period, size); `by_atime` and `by_expiry` (time ++ key -> nothing), ordered by time
-//! so that eviction walks from their oldest end and never decodes an entry; `state` (the
-//! layout's version and the counts). An entry's index row is swapped atomically; its
-//! time-ordered rows are written before it and removed after, so a crash (or two writes of one
-//! key at once) can leave a row naming no current entry, never an entry without rows; eviction
-//! checks each row against the index and drops such a row as it meets it. (sled's
-//! transactions would make all of it atomic, at ten times the cost of a write: a miss paid
-//! ~0.25 ms more.)
+//! Why generations. `disk_bytes` bounds what the directory takes on disk (SPEC: at most the
+//! bound + 10% + 16 MiB), and sled 0.34 is log-structured: it never gives space back to the
+//! file system, and under steady writes it hardly reuses what it frees. Measured with a
+//! million ~1 KB entries: a fresh database holds about twice its live bytes, and one whose
+//! entries eviction held to 76 MB grew to 3.3 GB (removals are writes too). Deleting a whole
+//! database is the one way to give the space back. So the tier is two sled databases, each a
+//! [`Generation`]: writes go to the newer; when its files reach half the bound, the older is
+//! deleted, the newer becomes the older and a new one is started. Reads look in the newer,
+//! then in the older; an entry found in the older is copied into the newer, so an entry that
+//! is read outlives its generation (least recently used at the grain of a generation). The
+//! directory thus holds at most two half-bounds, plus the little that one measurement of the
+//! files (every MiB of writes) can miss.
 //!
-//! Counts and bytes are kept as they change (and written to `state` with a write at most
-//! once a second, on flush and when the tier is dropped), so start-up, `/metrics` and `/healthz` read no entries: at any size, they cost the
-//! same. After a crash the counts may be off by the last second's writes; `cache stats`, which
-//! reads everything anyway, writes them right.
+//! The price: the entries' bytes are a quarter to a half of the bound (sled's own overhead),
+//! and a rotation drops the entries not read since the older generation began, all at once.
 //!
-//! Every call here blocks; [`super::Cache`] runs them on tokio's blocking pool with a time
-//! limit, so that a slow, full or failing disk never stalls a request.
+//! A generation is `<dir>/db` (the first, named as earlier versions named their one
+//! database) or `<dir>/db-<n>`. A generation being deleted is first renamed `<dir>/drop-<n>`,
+//! so a crash midway leaves nothing a later open could take for a generation; an open removes
+//! such leftovers, and any generation beyond the newest two.
+//!
+//! Within a generation, entries are still bounded by bytes (`disk_bytes`) and evicted expired
+//! first, then least recently used (see `generation.rs`); with rotation at half the bound that
+//! bound is met only when `disk_bytes` is under [`ROTATE_FLOOR`] twice over.
+//!
+//! Every call here blocks, except those marked async; [`super::Cache`] runs them on tokio's
+//! blocking pool with a time limit, so that a slow, full or failing disk never stalls a request.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
-use tokio::sync::watch;
-use tracing::{debug, error, warn};
+use tracing::{debug, warn};
 
 use crate::entry::{Entry, UnixMillis};
-use crate::error::{report, DiskError};
+use crate::error::DiskError;
 use crate::key::CacheKey;
 
+mod generation;
 mod open;
 
-use open::{move_aside, open_db, OpenError};
+pub(crate) use generation::create_private_dir;
+pub use generation::Evicted;
+use generation::{Generation, PER_ENTRY_OVERHEAD, SLED_CACHE_BYTES, SLED_WALK_CACHE_BYTES};
 
-/// Bookkeeping bytes per entry besides its encoded value (the key four times, the index row).
-const PER_ENTRY_OVERHEAD: u64 = 4 * 32 + META_LEN as u64 + 2 * 8;
-/// Eviction brings the tier down to this share of its bound, so it does not run on every write.
-const EVICT_TO_PERCENT: u64 = 90;
-/// How often sled writes its log buffer out: the most a crash of the process can lose.
-const FLUSH_EVERY_MS: u64 = 100;
-/// sled's own page cache. Its default (1 GiB) would dwarf the memory tier, which already holds
-/// the hot entries; this is enough for sled's index and recently written pages.
-const SLED_CACHE_BYTES: u64 = 32 * 1024 * 1024;
-/// sled's page cache for a one-off walk (`cache stats`, `export`): it reads each page once.
-const SLED_WALK_CACHE_BYTES: u64 = 4 * 1024 * 1024;
-/// A read moves an entry's access time only when the recorded one is at least this old: LRU
-/// at a second's grain, and an entry read from disk again and again (the memory tier off, or
-/// too small) costs no writes each time.
-const ACCESS_GRAIN_MS: u64 = 1000;
-/// The layout of the trees this file writes; an older database is indexed once on open.
-const LAYOUT: u64 = 2;
-/// How often (at most) a write also writes the counts to `state`, in milliseconds.
-const PERSIST_EVERY_MS: u64 = 1000;
+/// A generation is rotated out once its files reach half the bound, but never before they
+/// reach this: sled's files for a handful of entries already take a few MiB, and a small bound
+/// (SPEC allows it 16 MiB more) must not rotate on every write.
+pub const ROTATE_FLOOR: u64 = 4 << 20;
 
-const META_LEN: usize = 24;
-const STATE_LAYOUT: &[u8] = b"layout";
-const STATE_COUNTS: &[u8] = b"counts";
-
-/// The sled-backed tier. Cheap to clone.
+/// The tier. Cheap to clone.
 #[derive(Clone)]
 pub struct DiskTier {
     inner: Arc<Inner>,
 }
 
 struct Inner {
-    /// The cache directory: sled's database is its `db`.
+    /// The cache directory.
     dir: PathBuf,
-    db: sled::Db,
-    trees: Trees,
-    /// Entries held, and the sum of their encoded sizes plus overhead.
-    count: AtomicU64,
-    bytes: AtomicU64,
+    /// `disk_bytes`: the bound on the directory.
     max_bytes: u64,
-    /// When the counts were last written to `state` (Unix milliseconds).
-    persisted_at: AtomicU64,
-    /// True while an eviction pass runs, so writes start at most one at a time; a channel
-    /// rather than a flag so that [`DiskTier::wait_for_eviction`] can wait for the pass to end.
-    evicting: watch::Sender<bool>,
+    /// sled's page cache, per generation.
+    page_cache: u64,
+    /// Opened by a `cache` command, which holds the directory alone (sled's lock): a walk of
+    /// everything then puts each generation's kept counts right.
+    exclusive: bool,
+    generations: RwLock<Generations>,
+    /// Held by the one write that rotates; others that find the newer full go on.
+    rotating: Mutex<()>,
 }
 
-struct Trees {
-    entries: sled::Tree,
-    index: sled::Tree,
-    by_atime: sled::Tree,
-    by_expiry: sled::Tree,
-    state: sled::Tree,
-}
-
-/// An entry's row in `index`: last access, end of its stale period, and its size as counted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Meta {
-    atime: UnixMillis,
-    stale_until: UnixMillis,
-    size: u64,
-}
-
-impl Meta {
-    fn encode(&self) -> [u8; META_LEN] {
-        let mut out = [0u8; META_LEN];
-        out[..8].copy_from_slice(&self.atime.to_be_bytes());
-        out[8..16].copy_from_slice(&self.stale_until.to_be_bytes());
-        out[16..].copy_from_slice(&self.size.to_be_bytes());
-        out
-    }
-
-    fn decode(bytes: &[u8]) -> Option<Meta> {
-        let at = |i: usize| Some(u64::from_be_bytes(bytes.get(i..i + 8)?.try_into().ok()?));
-        Some(Meta {
-            atime: at(0)?,
-            stale_until: at(8)?,
-            size: at(16)?,
-        })
-    }
-}
-
-/// A time-ordered index row: the time (big-endian, so rows sort by it), then the key.
-fn row(time: UnixMillis, key: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(8 + key.len());
-    out.extend_from_slice(&time.to_be_bytes());
-    out.extend_from_slice(key);
-    out
-}
-
-/// The key of a time-ordered row.
-fn key_of_row(row: &[u8]) -> Option<CacheKey> {
-    Some(CacheKey(row.get(8..)?.try_into().ok()?))
-}
-
-/// What an eviction pass removed.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Evicted {
-    pub expired: u64,
-    pub corrupt: u64,
-    pub least_recently_used: u64,
+/// The generations, as one write or read sees them.
+#[derive(Clone)]
+struct Generations {
+    newer: Generation,
+    /// The newer's number: its directory is [`name`] of it.
+    number: u64,
+    older: Option<Generation>,
 }
 
 impl DiskTier {
@@ -141,84 +85,71 @@ impl DiskTier {
     /// (corrupt, truncated, of an unknown version) is moved aside to `<dir>/corrupt-<unix
     /// seconds>` (only the newest such copy is kept) and a new one is created.
     pub async fn open(dir: impl Into<PathBuf>, max_bytes: u64) -> Result<DiskTier, DiskError> {
-        Self::open_with(dir.into(), max_bytes, SLED_CACHE_BYTES).await
+        Self::open_with(dir.into(), max_bytes, SLED_CACHE_BYTES, false).await
     }
 
-    /// As [`Self::open`], with a small page cache for a process that walks the tier once and
-    /// exits (the `cache` commands): a page cache sized for serving would only grow its memory.
+    /// As [`Self::open`], for a process that walks the tier once and exits (the `cache`
+    /// commands): a small page cache (one sized for serving would only grow its memory), and a
+    /// walk of every entry ([`Self::visit`]) writes the counts it found back.
     pub async fn open_for_walk(
         dir: impl Into<PathBuf>,
         max_bytes: u64,
     ) -> Result<DiskTier, DiskError> {
-        Self::open_with(dir.into(), max_bytes, SLED_WALK_CACHE_BYTES).await
+        Self::open_with(dir.into(), max_bytes, SLED_WALK_CACHE_BYTES, true).await
     }
 
     async fn open_with(
         dir: PathBuf,
         max_bytes: u64,
         page_cache: u64,
+        exclusive: bool,
     ) -> Result<DiskTier, DiskError> {
-        let tier =
-            tokio::task::spawn_blocking(move || Self::open_blocking(&dir, max_bytes, page_cache))
-                .await
-                .map_err(DiskError::worker)??;
-        Ok(tier)
+        let open = move || Self::open_blocking(dir, max_bytes, page_cache, exclusive);
+        tokio::task::spawn_blocking(open)
+            .await
+            .map_err(DiskError::worker)?
     }
 
-    fn open_blocking(dir: &Path, max_bytes: u64, page_cache: u64) -> Result<DiskTier, DiskError> {
+    fn open_blocking(
+        dir: PathBuf,
+        max_bytes: u64,
+        page_cache: u64,
+        exclusive: bool,
+    ) -> Result<DiskTier, DiskError> {
         if dir.exists() && !dir.is_dir() {
             return Err(DiskError::NotADirectory {
                 dir: dir.display().to_string(),
             });
         }
-        create_private_dir(dir).map_err(DiskError::storage)?;
-        let path = dir.join("db");
-        let locked = || DiskError::Locked {
-            dir: dir.display().to_string(),
+        create_private_dir(&dir).map_err(DiskError::storage)?;
+        let mut numbers = generations_in(&dir).map_err(DiskError::storage)?;
+        while numbers.len() > 2 {
+            drop_generation(&dir, numbers.remove(0));
+        }
+        let open = |n: u64| Generation::open_blocking(&dir, &name(n), max_bytes, page_cache);
+        let number = numbers.last().copied().unwrap_or(0);
+        let newer = open(number)?;
+        let older = match numbers.len() {
+            2 => Some(open(numbers[0])?),
+            _ => None,
         };
-        let (db, trees, counts) = match open_db(&path, page_cache) {
-            Ok(opened) => opened,
-            Err(OpenError::Locked) => return Err(locked()),
-            Err(OpenError::Unavailable(e)) => return Err(DiskError::storage(e)),
-            Err(OpenError::Broken(why)) => {
-                let aside = move_aside(dir, &path).map_err(DiskError::storage)?;
-                error!(
-                    ?path,
-                    ?aside,
-                    why,
-                    "the disk cache could not be opened; moved it aside and starting empty"
-                );
-                match open_db(&path, page_cache) {
-                    Ok(opened) => opened,
-                    Err(OpenError::Locked) => return Err(locked()),
-                    Err(OpenError::Unavailable(e)) => return Err(DiskError::storage(e)),
-                    Err(OpenError::Broken(why)) => {
-                        return Err(DiskError::storage(std::io::Error::other(why)))
-                    }
-                }
-            }
-        };
-        debug!(
-            ?path,
-            entries = counts.0,
-            bytes = counts.1,
-            "disk cache open"
-        );
         Ok(DiskTier {
             inner: Arc::new(Inner {
-                dir: dir.to_owned(),
-                db,
-                trees,
-                count: AtomicU64::new(counts.0),
-                bytes: AtomicU64::new(counts.1),
+                dir,
                 max_bytes,
-                persisted_at: AtomicU64::new(crate::entry::now_millis()),
-                evicting: watch::Sender::new(false),
+                page_cache,
+                exclusive,
+                generations: RwLock::new(Generations {
+                    newer,
+                    number,
+                    older,
+                }),
+                rotating: Mutex::new(()),
             }),
         })
     }
 
-    /// The bound it was opened with.
+    /// The bound it was opened with (on the directory's size).
     pub fn max_bytes(&self) -> u64 {
         self.inner.max_bytes
     }
@@ -228,57 +159,39 @@ impl DiskTier {
         &self.inner.dir
     }
 
+    fn generations(&self) -> Generations {
+        let held = self.inner.generations.read();
+        held.unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
     /// The entry under `key`, if it decodes. A corrupt entry is removed, logged, and a miss.
-    /// Records the access for LRU eviction, at a second's grain (`ACCESS_GRAIN_MS`).
+    /// Records the access for LRU eviction, at a second's grain; an entry found in the older
+    /// generation is copied into the newer, so that it outlives the older one.
     pub fn get(&self, key: &CacheKey, now: UnixMillis) -> Result<Option<Entry>, DiskError> {
-        let t = &self.inner.trees;
-        let Some(bytes) = t.entries.get(key.as_bytes()).map_err(DiskError::storage)? else {
+        let generations = self.generations();
+        if let Some(entry) = generations.newer.get(key, now)? {
+            return Ok(Some(entry));
+        }
+        let Some(older) = &generations.older else {
             return Ok(None);
         };
-        match Entry::decode(&bytes) {
-            Ok(entry) => {
-                self.touch(key, now)?;
-                Ok(Some(entry))
-            }
-            Err(e) => {
-                warn!(%key, error = %e, "corrupt disk cache entry removed");
-                self.remove(key)?;
-                Ok(None)
-            }
-        }
-    }
-
-    /// Moves `key`'s access time to `now` when the recorded one is a grain older.
-    fn touch(&self, key: &CacheKey, now: UnixMillis) -> Result<(), DiskError> {
-        let t = &self.inner.trees;
-        let k = key.as_bytes();
-        let meta = t.index.get(k).map_err(DiskError::storage)?;
-        let Some(meta) = meta.as_deref().and_then(Meta::decode) else {
-            return Ok(());
+        let Some(entry) = older.get(key, now)? else {
+            return Ok(None);
         };
-        if meta.atime.saturating_add(ACCESS_GRAIN_MS) > now {
-            return Ok(());
-        }
-        let moved = Meta { atime: now, ..meta };
-        // Only the row seen is moved: another thread may have moved or replaced it since.
-        let swapped = t
-            .index
-            .compare_and_swap(k, Some(&meta.encode()[..]), Some(&moved.encode()[..]))
-            .map_err(DiskError::storage)?;
-        if swapped.is_ok() {
-            t.by_atime
-                .insert(row(now, k), &[])
-                .map_err(DiskError::storage)?;
-            t.by_atime
-                .remove(row(meta.atime, k))
-                .map_err(DiskError::storage)?;
-        }
-        Ok(())
+        // The older copy stays (removing it would be one more write to the older's files): the
+        // newer one shadows it.
+        generations.newer.insert(key, &entry, now)?;
+        self.rotate_when_full(&generations);
+        Ok(Some(entry))
     }
 
-    /// Stores `entry`, then starts an eviction pass in the background if over the bound.
+    /// Stores `entry` in the newer generation; starts an eviction pass in the background if
+    /// over the bound, and starts a new generation when the newer's files reach half of it.
     pub fn insert(&self, key: &CacheKey, entry: &Entry, now: UnixMillis) -> Result<(), DiskError> {
-        self.write(key, &entry.encode(), entry.stale_until, now)
+        let generations = self.generations();
+        generations.newer.insert(key, entry, now)?;
+        self.rotate_when_full(&generations);
+        Ok(())
     }
 
     /// Stores bytes as they are. Public for tests that stage corruption; use [`Self::insert`].
@@ -290,85 +203,45 @@ impl DiskTier {
         bytes: &[u8],
         now: UnixMillis,
     ) -> Result<(), DiskError> {
-        let stale_until = Entry::decode(bytes).map_or(0, |e| e.stale_until);
-        self.write(key, bytes, stale_until, now)
+        let generations = self.generations();
+        generations.newer.insert_raw(key, bytes, now)?;
+        self.rotate_when_full(&generations);
+        Ok(())
     }
 
-    fn write(
-        &self,
-        key: &CacheKey,
-        bytes: &[u8],
-        stale_until: UnixMillis,
-        now: UnixMillis,
-    ) -> Result<(), DiskError> {
-        let t = &self.inner.trees;
-        let k = key.as_bytes();
-        let meta = Meta {
-            atime: now,
-            stale_until,
-            size: bytes.len() as u64 + PER_ENTRY_OVERHEAD,
-        };
-        let storage = DiskError::storage;
-        // The new rows first, the entry last: a crash in between leaves rows that name no
-        // current entry, which eviction drops as it meets them ([`DiskTier::evict`]).
-        t.by_atime.insert(row(now, k), &[]).map_err(storage)?;
-        t.by_expiry
-            .insert(row(stale_until, k), &[])
-            .map_err(storage)?;
-        let old = t.index.insert(k, &meta.encode()).map_err(storage)?;
-        let old = old.as_deref().and_then(Meta::decode);
-        if let Some(old) = old.filter(|old| *old != meta) {
-            t.by_atime.remove(row(old.atime, k)).map_err(storage)?;
-            t.by_expiry
-                .remove(row(old.stale_until, k))
-                .map_err(storage)?;
-        }
-        t.entries.insert(k, bytes).map_err(storage)?;
-        let inner = &self.inner;
-        match old {
-            Some(old) => inner.bytes.fetch_sub(old.size, Ordering::Relaxed),
-            None => inner.count.fetch_add(1, Ordering::Relaxed),
-        };
-        let total = inner.bytes.fetch_add(meta.size, Ordering::Relaxed) + meta.size;
-        if total.saturating_sub(old.map_or(0, |o| o.size)) > inner.max_bytes {
-            self.evict_in_background(now);
-        }
-        inner.persist_counts_now_and_then()
-    }
-
-    /// Removes `key`'s entry and its index rows; whether there was one.
+    /// Removes `key`'s entry from both generations; whether there was one.
     pub fn remove(&self, key: &CacheKey) -> Result<bool, DiskError> {
-        let t = &self.inner.trees;
-        let k = key.as_bytes();
-        let storage = DiskError::storage;
-        let old = t.index.remove(k).map_err(storage)?;
-        let old = old.as_deref().and_then(Meta::decode);
-        t.entries.remove(k).map_err(storage)?;
-        if let Some(old) = old {
-            t.by_atime.remove(row(old.atime, k)).map_err(storage)?;
-            t.by_expiry
-                .remove(row(old.stale_until, k))
-                .map_err(storage)?;
-        }
-        if let Some(old) = old {
-            self.inner.count.fetch_sub(1, Ordering::Relaxed);
-            self.inner.bytes.fetch_sub(old.size, Ordering::Relaxed);
-            self.inner.persist_counts_now_and_then()?;
-        }
-        Ok(old.is_some())
+        let generations = self.generations();
+        let newer = generations.newer.remove(key)?;
+        let older = match &generations.older {
+            Some(older) => older.remove(key)?,
+            None => false,
+        };
+        Ok(newer || older)
     }
 
-    /// Entries and bytes held, as kept: no entry is read.
+    /// Entries and bytes held, as kept: no entry is read. An entry copied out of the older
+    /// generation counts in both until the older one goes.
     pub fn usage(&self) -> (u64, u64) {
-        self.inner.counts()
+        let generations = self.generations();
+        let (mut entries, mut bytes) = generations.newer.usage();
+        if let Some(older) = &generations.older {
+            let (e, b) = older.usage();
+            entries += e;
+            bytes += b;
+        }
+        (entries, bytes)
     }
 
-    /// Sets the kept counts to what a read of every entry found (`cache stats` does, with
-    /// the directory to itself), and writes them down.
-    pub fn set_counts(&self, entries: u64, bytes: u64) -> Result<(), DiskError> {
-        self.inner.count.store(entries, Ordering::Relaxed);
-        self.inner.bytes.store(bytes, Ordering::Relaxed);
-        self.inner.persist_counts()
+    /// The size of the generations' files when last measured (at open and every MiB of
+    /// writes): what `du --apparent-size` reports for them, without measuring anything now.
+    pub fn files_bytes(&self) -> u64 {
+        let generations = self.generations();
+        let older = generations
+            .older
+            .as_ref()
+            .map_or(0, Generation::files_bytes);
+        generations.newer.files_bytes() + older
     }
 
     /// The bytes an entry of `encoded_len` bytes counts for.
@@ -377,27 +250,20 @@ impl DiskTier {
     }
 
     /// Writes everything to the files: after this, a crash loses nothing stored so far. Waits
-    /// first for an eviction pass that earlier writes started ([`Self::wait_for_eviction`]), so
-    /// the files hold the tier within its bound.
+    /// first for eviction passes that earlier writes started ([`Self::wait_for_eviction`]).
     pub async fn flush(&self) -> Result<(), DiskError> {
-        self.wait_for_eviction().await;
-        let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || inner.persist_counts())
-            .await
-            .map_err(DiskError::worker)??;
-        self.inner
-            .db
-            .flush_async()
-            .await
-            .map_err(DiskError::storage)?;
-        Ok(())
+        let generations = self.generations();
+        if let Some(older) = &generations.older {
+            older.flush().await?;
+        }
+        generations.newer.flush().await
     }
 
-    /// Returns once no eviction pass runs. A write that takes the tier over its bound starts a
-    /// pass in the background and returns at once; the pass goes on until the tier is within
-    /// its bound, taking in what other writes add meanwhile. So once writes stop, this returns
-    /// when the tier holds at most `max_bytes`: after a bulk load, before reading
-    /// [`Self::usage`], or before handing the directory to another process.
+    /// Returns once no eviction pass runs. A write that takes a generation over its bound
+    /// starts a pass in the background and returns at once; the pass goes on until the
+    /// generation is within its bound, taking in what other writes add meanwhile. So once
+    /// writes stop, this returns when each generation holds at most `max_bytes`: after a bulk
+    /// load, before reading [`Self::usage`], or before handing the directory to another process.
     ///
     /// ```no_run
     /// # async fn demo(disk: fallthrough::cache::DiskTier) {
@@ -408,220 +274,179 @@ impl DiskTier {
     /// # }
     /// ```
     pub async fn wait_for_eviction(&self) {
-        let mut evicting = self.inner.evicting.subscribe();
-        // The sender lives in `self`, so the channel cannot close while this waits.
-        let _ = evicting.wait_for(|running| !running).await;
+        let generations = self.generations();
+        if let Some(older) = &generations.older {
+            older.wait_for_eviction().await;
+        }
+        generations.newer.wait_for_eviction().await;
     }
 
-    fn evict_in_background(&self, now: UnixMillis) {
-        if self.inner.evicting.send_replace(true) {
-            return;
-        }
-        let tier = self.clone();
-        let run = move || loop {
-            let inner = &tier.inner;
-            let before = inner.bytes.load(Ordering::Relaxed);
-            // A pass that panics inside sled must not leave the flag up for ever (eviction would
-            // never run again, and `wait_for_eviction` never return).
-            let pass = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                tier.evict_blocking(now, inner.max_bytes)
-            }));
-            let removed = match pass {
-                Ok(Ok(evicted)) => {
-                    debug!(?evicted, "disk cache eviction");
-                    evicted.expired + evicted.corrupt + evicted.least_recently_used
-                }
-                Ok(Err(e)) => {
-                    error!(error = %report(&e), "disk cache eviction failed");
-                    inner.evicting.send_replace(false);
-                    break;
-                }
-                Err(_) => {
-                    error!("disk cache eviction panicked inside the storage engine");
-                    inner.evicting.send_replace(false);
-                    break;
-                }
-            };
-            // Decide whether to go on while the flag is still up, so that a waiter
-            // ([`Self::wait_for_eviction`]) never sees it down while a pass is still due. Writes
-            // made during the pass only added bytes: they found this pass running and started
-            // none. (The channel's lock orders this read after those writes' byte counts.)
-            let after = {
-                let _ordered = inner.evicting.borrow();
-                inner.bytes.load(Ordering::Relaxed)
-            };
-            // A pass that removed nothing while nothing was added cannot do better: stop.
-            let stuck = removed == 0 && after <= before;
-            if after > inner.max_bytes && !stuck {
-                continue;
-            }
-            inner.evicting.send_replace(false);
-            // A write between that read and lowering the flag found it up and started nothing:
-            // if it took the tier over, go on, unless a write since has started its own pass.
-            let last = inner.bytes.load(Ordering::Relaxed);
-            if last <= after || last <= inner.max_bytes || inner.evicting.send_replace(true) {
-                break;
-            }
-        };
-        match tokio::runtime::Handle::try_current() {
-            Ok(handle) => drop(handle.spawn_blocking(run)),
-            Err(_) => run(),
-        }
-    }
-
-    /// Removes expired entries (those past their stale period, and bytes that never decoded),
-    /// then, if still over `max_bytes`, the least recently used until the tier holds at most 90%
-    /// of it. Both walk a time-ordered index from its oldest end: no entry is read.
+    /// Removes, in each generation, expired entries (those past their stale period, and bytes
+    /// that never decoded), then, if still over `max_bytes`, the least recently used until it
+    /// holds at most 90% of it. Both walk a time-ordered index from its oldest end: no entry is
+    /// read.
     pub async fn evict(&self, now: UnixMillis, max_bytes: u64) -> Result<Evicted, DiskError> {
-        let tier = self.clone();
-        tokio::task::spawn_blocking(move || tier.evict_blocking(now, max_bytes))
+        let generations = self.generations();
+        let evict = move || {
+            let mut evicted = generations.newer.evict_blocking(now, max_bytes)?;
+            if let Some(older) = &generations.older {
+                let more = older.evict_blocking(now, max_bytes)?;
+                evicted.expired += more.expired;
+                evicted.corrupt += more.corrupt;
+                evicted.least_recently_used += more.least_recently_used;
+            }
+            Ok(evicted)
+        };
+        tokio::task::spawn_blocking(evict)
             .await
             .map_err(DiskError::worker)?
     }
 
-    fn evict_blocking(&self, now: UnixMillis, max_bytes: u64) -> Result<Evicted, DiskError> {
-        let mut evicted = Evicted::default();
-        let t = &self.inner.trees;
-        for item in t.by_expiry.range(..row(now.saturating_add(1), &[])) {
-            let (r, _) = item.map_err(DiskError::storage)?;
-            if self.current(&t.by_expiry, &r, |m| m.stale_until)? {
-                evicted.expired += 1;
-            }
-        }
-        if self.inner.bytes.load(Ordering::Relaxed) <= max_bytes {
-            return Ok(evicted);
-        }
-        let target = max_bytes / 100 * EVICT_TO_PERCENT;
-        for item in t.by_atime.iter() {
-            if self.inner.bytes.load(Ordering::Relaxed) <= target {
-                break;
-            }
-            let (r, _) = item.map_err(DiskError::storage)?;
-            if self.current(&t.by_atime, &r, |m| m.atime)? {
-                evicted.least_recently_used += 1;
-            }
-        }
-        Ok(evicted)
-    }
-
-    /// Removes the entry a time-ordered row names, if the row is its current one (`time_of` its
-    /// index row says the row's time); whether it did. A row that is not (left by a crash, or
-    /// by two writes of one key at once) is dropped alone.
-    fn current(
-        &self,
-        tree: &sled::Tree,
-        r: &[u8],
-        time_of: impl Fn(&Meta) -> UnixMillis,
-    ) -> Result<bool, DiskError> {
-        let time = r
-            .get(..8)
-            .and_then(|b| b.try_into().ok())
-            .map(u64::from_be_bytes);
-        if let Some(key) = key_of_row(r) {
-            let meta = self.inner.trees.index.get(key.as_bytes());
-            let meta = meta.map_err(DiskError::storage)?;
-            let meta = meta.as_deref().and_then(Meta::decode);
-            if meta.is_some_and(|m| Some(time_of(&m)) == time) {
-                return self.remove(&key);
-            }
-        }
-        tree.remove(r).map_err(DiskError::storage)?;
-        Ok(false)
-    }
-
     /// Calls `f` with every stored entry, decoded where it can be, on the blocking pool, one at
-    /// a time (so stats and exports of a large cache never hold it in memory). Stops at `f`'s
-    /// first error.
+    /// a time (so stats and exports of a large cache never hold it in memory); an older copy
+    /// that the newer generation shadows is skipped. Stops at `f`'s first error. Opened with
+    /// [`Self::open_for_walk`], a walk to the end writes the counts it found back.
     pub async fn visit<F>(&self, mut f: F) -> Result<(), DiskError>
     where
         F: FnMut(CacheKey, usize, Result<Entry, crate::entry::DecodeError>) -> std::io::Result<()>
             + Send
             + 'static,
     {
-        let tier = self.clone();
-        tokio::task::spawn_blocking(move || {
-            for item in tier.inner.trees.entries.iter() {
-                let (k, v) = item.map_err(DiskError::storage)?;
-                if let Ok(key) = <[u8; 32]>::try_from(k.as_ref()) {
-                    f(CacheKey(key), v.len(), Entry::decode(&v)).map_err(DiskError::Io)?;
+        let generations = self.generations();
+        let exclusive = self.inner.exclusive;
+        let walk = move || {
+            let mut each =
+                |key, size, bytes: &[u8]| f(key, size, Entry::decode(bytes)).map_err(DiskError::Io);
+            let newer = &generations.newer;
+            let walked = newer.walk(&mut each)?;
+            if exclusive {
+                newer.set_counts(walked.0, walked.1)?;
+            }
+            if let Some(older) = &generations.older {
+                let walked = older.walk(&mut |key, size, bytes| match newer.contains(&key)? {
+                    true => Ok(()),
+                    false => each(key, size, bytes),
+                })?;
+                if exclusive {
+                    older.set_counts(walked.0, walked.1)?;
                 }
             }
             Ok(())
-        })
-        .await
-        .map_err(DiskError::worker)?
+        };
+        tokio::task::spawn_blocking(walk)
+            .await
+            .map_err(DiskError::worker)?
     }
 
     /// Removes every entry.
     pub async fn clear(&self) -> Result<(), DiskError> {
-        let tier = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let t = &tier.inner.trees;
-            for tree in [&t.entries, &t.index, &t.by_atime, &t.by_expiry] {
-                tree.clear().map_err(DiskError::storage)?;
+        let generations = self.generations();
+        let clear = move || {
+            if let Some(older) = &generations.older {
+                older.clear()?;
             }
-            tier.set_counts(0, 0)
+            generations.newer.clear()
+        };
+        tokio::task::spawn_blocking(clear)
+            .await
+            .map_err(DiskError::worker)?
+    }
+
+    /// Starts a new generation when the newer's files (as last measured) have reached half the
+    /// bound, deleting the older one. A failure is logged, and writes go on into the full one.
+    fn rotate_when_full(&self, seen: &Generations) {
+        let inner = &self.inner;
+        if seen.newer.files_bytes() < (inner.max_bytes / 2).max(ROTATE_FLOOR) {
+            return;
+        }
+        let Ok(_rotating) = inner.rotating.try_lock() else {
+            return; // another write is rotating
+        };
+        let number = seen.number + 1;
+        let fresh = Generation::open_blocking(&inner.dir, &name(number), inner.max_bytes, {
+            inner.page_cache
+        });
+        let fresh = match fresh {
+            Ok(fresh) => fresh,
+            Err(e) => {
+                warn!(error = %crate::error::report(&e), "cannot start a new disk cache generation");
+                return;
+            }
+        };
+        let dropped = {
+            let mut held = inner.generations.write();
+            let held = held.as_mut().unwrap_or_else(|p| p.get_mut());
+            if held.number != seen.number {
+                return; // rotated meanwhile (by a write that took the lock after this one's look)
+            }
+            let newer = std::mem::replace(&mut held.newer, fresh);
+            held.number = number;
+            held.older.replace(newer)
+        };
+        let files = seen.newer.files_bytes();
+        debug!(generation = number, files, "disk cache: new generation");
+        if let Some(dropped) = dropped {
+            let gone = dropped.path().to_owned();
+            // Other handles may still be reading it: sled's files go when the last one does.
+            drop(dropped);
+            drop_generation_at(&inner.dir, &gone);
+        }
+    }
+}
+
+/// The directory name of generation `n`.
+fn name(n: u64) -> String {
+    match n {
+        0 => "db".to_owned(),
+        n => format!("db-{n}"),
+    }
+}
+
+/// The generations' numbers in `dir`, oldest first; leftovers of a deletion are removed.
+fn generations_in(dir: &Path) -> std::io::Result<Vec<u64>> {
+    let mut numbers = Vec::new();
+    for item in std::fs::read_dir(dir)? {
+        let item = item?;
+        let file_name = item.file_name();
+        let file_name = file_name.to_string_lossy();
+        if file_name.starts_with("drop-") {
+            let _ = std::fs::remove_dir_all(item.path());
+        } else if file_name == "db" {
+            numbers.push(0);
+        } else if let Some(n) = file_name.strip_prefix("db-").and_then(|n| n.parse().ok()) {
+            numbers.push(n);
+        }
+    }
+    numbers.sort_unstable();
+    Ok(numbers)
+}
+
+fn drop_generation(dir: &Path, n: u64) {
+    drop_generation_at(dir, &dir.join(name(n)));
+}
+
+/// Deletes a generation's directory: renamed first (`drop-…`), so that a crash midway leaves
+/// no half-deleted database where an open would look for one.
+fn drop_generation_at(dir: &Path, path: &Path) {
+    let leaf = path.file_name().map(|n| n.to_string_lossy().into_owned());
+    let doomed = dir.join(format!("drop-{}", leaf.unwrap_or_default()));
+    let removed = std::fs::rename(path, &doomed).and_then(|()| std::fs::remove_dir_all(&doomed));
+    if let Err(e) = removed {
+        warn!(?path, error = %e, "cannot delete an old disk cache generation");
+    }
+}
+
+/// The bytes of the files under `dir`, recursively, as `du --apparent-size` counts them. A file
+/// removed meanwhile (an old snapshot of sled's) counts for nothing.
+pub(crate) fn bytes_under(dir: &Path) -> u64 {
+    let Ok(items) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    items
+        .flatten()
+        .map(|item| match item.file_type() {
+            Ok(t) if t.is_dir() => bytes_under(&item.path()),
+            _ => item.metadata().map_or(0, |m| m.len()),
         })
-        .await
-        .map_err(DiskError::worker)?
-    }
-}
-
-/// The last handle gone: the counts are written down, so that the next open reads them.
-impl Drop for Inner {
-    fn drop(&mut self) {
-        if let Err(e) = self.persist_counts() {
-            warn!(error = %report(&e), "cannot write the disk cache's counts");
-        }
-    }
-}
-
-impl Inner {
-    fn counts(&self) -> (u64, u64) {
-        (
-            self.count.load(Ordering::Relaxed),
-            self.bytes.load(Ordering::Relaxed),
-        )
-    }
-
-    /// Writes the counts down when the last time was over [`PERSIST_EVERY_MS`] ago: a write
-    /// in a second or more costs one more small write (no background task, which would hold
-    /// the database open after its last handle is dropped).
-    fn persist_counts_now_and_then(&self) -> Result<(), DiskError> {
-        let now = crate::entry::now_millis();
-        let last = self.persisted_at.load(Ordering::Relaxed);
-        let due = now >= last + PERSIST_EVERY_MS
-            && self
-                .persisted_at
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok();
-        match due {
-            true => self.persist_counts(),
-            false => Ok(()),
-        }
-    }
-
-    fn persist_counts(&self) -> Result<(), DiskError> {
-        let (count, bytes) = self.counts();
-        let mut value = [0u8; 16];
-        value[..8].copy_from_slice(&count.to_be_bytes());
-        value[8..].copy_from_slice(&bytes.to_be_bytes());
-        self.trees
-            .state
-            .insert(STATE_COUNTS, &value)
-            .map_err(DiskError::storage)?;
-        Ok(())
-    }
-}
-
-/// Creates `dir` (and parents) readable by its owner only: entries are users' conversations.
-pub(crate) fn create_private_dir(dir: &Path) -> std::io::Result<()> {
-    let mut builder = std::fs::DirBuilder::new();
-    builder.recursive(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        builder.mode(0o700);
-    }
-    builder.create(dir)
+        .sum()
 }

@@ -28,20 +28,6 @@ pub const OPEN_WAIT: std::time::Duration = std::time::Duration::from_millis(100)
 /// The size on disk above which [`Cache::open_serving`] may serve before the tier is open.
 pub const BACKGROUND_OPEN_BYTES: u64 = 128 * 1024 * 1024;
 
-/// The bytes of the files under `dir` (0 when it does not exist).
-fn bytes_under(dir: &std::path::Path) -> u64 {
-    let Ok(items) = std::fs::read_dir(dir) else {
-        return 0;
-    };
-    items
-        .flatten()
-        .map(|item| match item.file_type() {
-            Ok(t) if t.is_dir() => bytes_under(&item.path()),
-            _ => item.metadata().map_or(0, |m| m.len()),
-        })
-        .sum()
-}
-
 /// Which tier answered a lookup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tier {
@@ -64,6 +50,8 @@ pub struct Usage {
     pub memory_bytes: u64,
     pub disk_entries: u64,
     pub disk_bytes: u64,
+    /// The disk tier's files as last measured (what `disk_bytes` bounds).
+    pub disk_files_bytes: u64,
     /// Disk tier operations that failed, timed out or could not start, since the start.
     pub disk_errors: u64,
     /// Shared tier operations that failed or timed out, since the start.
@@ -129,7 +117,7 @@ impl Cache {
     ) -> Result<Self, DiskError> {
         let dir = dir.into();
         let guard = Arc::new(guard::Guard::opening(dir.clone(), disk_bytes));
-        let large = bytes_under(&dir.join("db")) > BACKGROUND_OPEN_BYTES;
+        let large = disk::bytes_under(&dir) > BACKGROUND_OPEN_BYTES;
         let opening = tokio::spawn(DiskTier::open(dir.clone(), disk_bytes));
         if !large {
             guard.set(opening.await.map_err(DiskError::worker)??);
@@ -395,6 +383,7 @@ impl Cache {
             memory_bytes,
             disk_entries,
             disk_bytes,
+            disk_files_bytes: self.disk().as_ref().map_or(0, DiskTier::files_bytes),
             disk_errors: self.disk.as_ref().map_or(0, |g| g.failures()),
             shared_errors: self.shared.as_ref().map_or(0, |s| s.failures()),
         }

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{
+use super::generation::{
     row, Meta, Trees, FLUSH_EVERY_MS, LAYOUT, PER_ENTRY_OVERHEAD, STATE_COUNTS, STATE_LAYOUT,
 };
 use crate::entry::Entry;
