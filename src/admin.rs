@@ -95,20 +95,20 @@ struct Line<'a> {
     body: &'a RawValue,
 }
 
-/// Reads every entry, one at a time: memory stays bounded by a constant whatever the cache
-/// holds. `bytes` is what the entries count for, as read (the tier's kept count may lag after
+/// Reads every entry's index row (its times and model, not its body), one at a time: memory
+/// stays bounded by a constant whatever the cache holds ([`DiskTier::visit_summaries`]).
+/// `corrupt` counts bytes that did not decode when stored (and, in rows written before the
+/// index carried summaries, when read now). `bytes` is what the entries count for, as read (the tier's kept count may lag after
 /// a crash, or count an entry twice while its generation's copy lasts; a walk of a tier opened
 /// with [`DiskTier::open_for_walk`] puts it right).
 pub async fn stats(disk: &DiskTier, now: UnixMillis) -> Result<Stats, DiskError> {
     let stats = Arc::new(Mutex::new(Stats::default()));
     let gathered = stats.clone();
-    disk.visit(move |_, size, entry| {
-        let size = DiskTier::counted_size(size);
+    disk.visit_summaries(move |_, size, entry| {
         gathered
             .lock()
             .expect("stats lock")
             .count(size, &entry, now);
-        Ok(())
     })
     .await?;
     let stats = stats.lock().expect("stats lock").clone();

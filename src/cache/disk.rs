@@ -33,7 +33,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use tracing::{debug, warn};
 
-use crate::entry::{Entry, UnixMillis};
+use crate::entry::{DecodeError, Entry, UnixMillis};
 use crate::error::DiskError;
 use crate::key::CacheKey;
 
@@ -308,32 +308,61 @@ impl DiskTier {
     /// [`Self::open_for_walk`], a walk to the end writes the counts it found back.
     pub async fn visit<F>(&self, mut f: F) -> Result<(), DiskError>
     where
-        F: FnMut(CacheKey, usize, Result<Entry, crate::entry::DecodeError>) -> std::io::Result<()>
+        F: FnMut(CacheKey, usize, Result<Entry, DecodeError>) -> std::io::Result<()>
+            + Send
+            + 'static,
+    {
+        self.walk_generations(move |generation, shadow| {
+            generation.walk(shadow, &mut |key, size, bytes| {
+                f(key, size, Entry::decode(bytes)).map_err(DiskError::Io)
+            })
+        })
+        .await
+    }
+
+    /// As [`Self::visit`], with each entry's body left out (empty) and the bytes it counts for
+    /// ([`Self::counted_size`]) instead of its encoded size: what `cache stats` needs. It reads
+    /// the index's small rows, not the entries, so its memory stays small at any size. An
+    /// entry whose bytes went bad after they were stored is not seen as corrupt here (a read
+    /// finds it, and removes it).
+    pub async fn visit_summaries<F>(&self, mut f: F) -> Result<(), DiskError>
+    where
+        F: FnMut(CacheKey, u64, Result<Entry, DecodeError>) + Send + 'static,
+    {
+        self.walk_generations(move |generation, shadow| {
+            generation.walk_summaries(shadow, &mut |key, size, entry| {
+                f(key, size, entry);
+                Ok(())
+            })
+        })
+        .await
+    }
+
+    /// Runs `walk` over the newer generation, then over the older one with the newer as its
+    /// shadow, on the blocking pool; opened for a walk, writes each generation's counts back.
+    async fn walk_generations<W>(&self, mut walk: W) -> Result<(), DiskError>
+    where
+        W: FnMut(&Generation, Option<&Generation>) -> Result<(u64, u64), DiskError>
             + Send
             + 'static,
     {
         let generations = self.generations();
         let exclusive = self.inner.exclusive;
-        let walk = move || {
-            let mut each =
-                |key, size, bytes: &[u8]| f(key, size, Entry::decode(bytes)).map_err(DiskError::Io);
+        let walk_all = move || {
             let newer = &generations.newer;
-            let walked = newer.walk(&mut each)?;
+            let walked = walk(newer, None)?;
             if exclusive {
                 newer.set_counts(walked.0, walked.1)?;
             }
             if let Some(older) = &generations.older {
-                let walked = older.walk(&mut |key, size, bytes| match newer.contains(&key)? {
-                    true => Ok(()),
-                    false => each(key, size, bytes),
-                })?;
+                let walked = walk(older, Some(newer))?;
                 if exclusive {
                     older.set_counts(walked.0, walked.1)?;
                 }
             }
             Ok(())
         };
-        tokio::task::spawn_blocking(walk)
+        tokio::task::spawn_blocking(walk_all)
             .await
             .map_err(DiskError::worker)?
     }
@@ -426,13 +455,27 @@ fn drop_generation(dir: &Path, n: u64) {
 }
 
 /// Deletes a generation's directory: renamed first (`drop-…`), so that a crash midway leaves
-/// no half-deleted database where an open would look for one.
+/// no half-deleted database where an open would look for one, then removed on a thread of its
+/// own (gigabytes of files can take a while to unlink, and the write that rotated must not
+/// wait for it).
 fn drop_generation_at(dir: &Path, path: &Path) {
     let leaf = path.file_name().map(|n| n.to_string_lossy().into_owned());
     let doomed = dir.join(format!("drop-{}", leaf.unwrap_or_default()));
-    let removed = std::fs::rename(path, &doomed).and_then(|()| std::fs::remove_dir_all(&doomed));
-    if let Err(e) = removed {
+    if let Err(e) = std::fs::rename(path, &doomed) {
         warn!(?path, error = %e, "cannot delete an old disk cache generation");
+        return;
+    }
+    let remove = move || {
+        if let Err(e) = std::fs::remove_dir_all(&doomed) {
+            warn!(path = ?doomed, error = %e, "cannot delete an old disk cache generation");
+        }
+    };
+    if std::thread::Builder::new()
+        .name("fallthrough-drop".into())
+        .spawn(remove.clone())
+        .is_err()
+    {
+        remove();
     }
 }
 

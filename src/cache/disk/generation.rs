@@ -2,7 +2,8 @@
 //! `open.rs`, the only file that talks to sled.
 //!
 //! Trees: `entries` (key -> encoded [`Entry`]); `index` (key -> [`Meta`]: last access, end of
-//! the stale period, size); `by_atime` and `by_expiry` (time ++ key -> nothing), ordered by time
+//! the stale period, size; then the entry without its body, so that `cache stats` reads the
+//! small index rows and no body: rows written before that carry the [`Meta`] alone); `by_atime` and `by_expiry` (time ++ key -> nothing), ordered by time
 //! so that eviction walks from their oldest end and never decodes an entry; `state` (the
 //! layout's version and the counts). An entry's index row is swapped atomically; its
 //! time-ordered rows are written before it and removed after, so a crash (or two writes of one
@@ -29,7 +30,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tracing::{debug, error, warn};
 
-use crate::entry::{Entry, UnixMillis};
+use crate::entry::{DecodeError, Entry, UnixMillis};
 use crate::error::{report, DiskError};
 use crate::key::CacheKey;
 
@@ -121,6 +122,26 @@ impl Meta {
     }
 }
 
+/// An entry's row in `index`: its [`Meta`], then (for bytes that decode) the entry with an empty
+/// body, encoded as entries are (checksummed).
+fn index_row(meta: &Meta, entry: Option<&Entry>) -> Vec<u8> {
+    let mut out = meta.encode().to_vec();
+    if let Some(entry) = entry {
+        let summary = Entry {
+            body: bytes::Bytes::new(),
+            model: entry.model.clone(),
+            ..*entry
+        };
+        out.extend_from_slice(&summary.encode());
+    }
+    out
+}
+
+/// Whether `shadow` (a newer generation) holds `key` too.
+fn shadowed(shadow: Option<&Generation>, key: &CacheKey) -> Result<bool, DiskError> {
+    shadow.map_or(Ok(false), |newer| newer.contains(key))
+}
+
 /// A time-ordered index row: the time (big-endian, so rows sort by it), then the key.
 pub(super) fn row(time: UnixMillis, key: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(8 + key.len());
@@ -136,6 +157,11 @@ fn key_of_row(row: &[u8]) -> Option<CacheKey> {
 
 /// What [`Generation::walk`] calls with each entry: its key, its encoded size, its bytes.
 pub(super) type Visitor<'a> = dyn FnMut(CacheKey, usize, &[u8]) -> Result<(), DiskError> + 'a;
+
+/// What [`Generation::walk_summaries`] calls with each entry: its key, the bytes it counts for,
+/// the entry without its body.
+pub(super) type Summaries<'a> =
+    dyn FnMut(CacheKey, u64, Result<Entry, DecodeError>) -> Result<(), DiskError> + 'a;
 
 /// What an eviction pass removed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -247,18 +273,22 @@ impl Generation {
     fn touch(&self, key: &CacheKey, now: UnixMillis) -> Result<(), DiskError> {
         let t = &self.inner.trees;
         let k = key.as_bytes();
-        let meta = t.index.get(k).map_err(DiskError::storage)?;
-        let Some(meta) = meta.as_deref().and_then(Meta::decode) else {
+        let Some(seen) = t.index.get(k).map_err(DiskError::storage)? else {
+            return Ok(());
+        };
+        let Some(meta) = Meta::decode(&seen) else {
             return Ok(());
         };
         if meta.atime.saturating_add(ACCESS_GRAIN_MS) > now {
             return Ok(());
         }
-        let moved = Meta { atime: now, ..meta };
+        // The row with its access time (its first field) moved, the rest as it was.
+        let mut moved = seen.to_vec();
+        moved[..8].copy_from_slice(&now.to_be_bytes());
         // Only the row seen is moved: another thread may have moved or replaced it since.
         let swapped = t
             .index
-            .compare_and_swap(k, Some(&meta.encode()[..]), Some(&moved.encode()[..]))
+            .compare_and_swap(k, Some(seen), Some(moved))
             .map_err(DiskError::storage)?;
         if swapped.is_ok() {
             t.by_atime
@@ -278,7 +308,7 @@ impl Generation {
         entry: &Entry,
         now: UnixMillis,
     ) -> Result<(), DiskError> {
-        self.write(key, &entry.encode(), entry.stale_until, now)
+        self.write(key, &entry.encode(), Some(entry), now)
     }
 
     /// Stores bytes as they are. Bytes that do not decode are indexed as already expired, so
@@ -289,17 +319,22 @@ impl Generation {
         bytes: &[u8],
         now: UnixMillis,
     ) -> Result<(), DiskError> {
-        let stale_until = Entry::decode(bytes).map_or(0, |e| e.stale_until);
-        self.write(key, bytes, stale_until, now)
+        match Entry::decode(bytes) {
+            Ok(entry) => self.write(key, bytes, Some(&entry), now),
+            Err(_) => self.write(key, bytes, None, now),
+        }
     }
 
+    /// Writes the entry's bytes; `entry` is what they decode to (`None`: they do not), whose
+    /// times and model the index row carries.
     fn write(
         &self,
         key: &CacheKey,
         bytes: &[u8],
-        stale_until: UnixMillis,
+        entry: Option<&Entry>,
         now: UnixMillis,
     ) -> Result<(), DiskError> {
+        let stale_until = entry.map_or(0, |e| e.stale_until);
         let t = &self.inner.trees;
         let k = key.as_bytes();
         let meta = Meta {
@@ -314,7 +349,10 @@ impl Generation {
         t.by_expiry
             .insert(row(stale_until, k), &[])
             .map_err(storage)?;
-        let old = t.index.insert(k, &meta.encode()).map_err(storage)?;
+        let old = t
+            .index
+            .insert(k, index_row(&meta, entry))
+            .map_err(storage)?;
         let old = old.as_deref().and_then(Meta::decode);
         if let Some(old) = old.filter(|old| *old != meta) {
             t.by_atime.remove(row(old.atime, k)).map_err(storage)?;
@@ -517,11 +555,13 @@ impl Generation {
         Ok(false)
     }
 
-    /// Calls `f` with every stored entry (its key, its encoded size, and the entry decoded
-    /// where it can be), one at a time; stops at `f`'s first error. Returns what it walked:
-    /// entries, and the bytes they count for.
+    /// Calls `f` with every stored entry (its key, its encoded size, its bytes), one at a
+    /// time, except those `shadow` holds too (a newer generation's copy wins); stops at `f`'s
+    /// first error. Returns what it walked, shadowed ones included: the entries, and the bytes
+    /// they count for.
     pub(super) fn walk(
         &self,
+        shadow: Option<&Generation>,
         f: &mut Visitor<'_>,
     ) -> Result<(u64, u64), DiskError> {
         let (mut count, mut bytes) = (0, 0);
@@ -530,7 +570,46 @@ impl Generation {
             if let Ok(key) = <[u8; 32]>::try_from(k.as_ref()) {
                 count += 1;
                 bytes += v.len() as u64 + PER_ENTRY_OVERHEAD;
-                f(CacheKey(key), v.len(), &v)?;
+                let key = CacheKey(key);
+                if !shadowed(shadow, &key)? {
+                    f(key, v.len(), &v)?;
+                }
+            }
+        }
+        Ok((count, bytes))
+    }
+
+    /// Calls `f` with every entry as its index row describes it: its key, the bytes it counts
+    /// for, and the entry without its body (for a row an earlier version wrote, or bytes that
+    /// did not decode when stored, the entry as read). Stops at `f`'s first error; returns what
+    /// it walked, as [`Self::walk`]. It reads the small index rows only, so sled's page cache,
+    /// which holds thousands of pages it has not yet accounted for, holds small ones.
+    pub(super) fn walk_summaries(
+        &self,
+        shadow: Option<&Generation>,
+        f: &mut Summaries<'_>,
+    ) -> Result<(u64, u64), DiskError> {
+        let t = &self.inner.trees;
+        let (mut count, mut bytes) = (0, 0);
+        for item in t.index.iter() {
+            let (k, index_row) = item.map_err(DiskError::storage)?;
+            let (Ok(key), Some(meta)) =
+                (<[u8; 32]>::try_from(k.as_ref()), Meta::decode(&index_row))
+            else {
+                continue;
+            };
+            let entry = match index_row.get(META_LEN..).filter(|tail| !tail.is_empty()) {
+                Some(summary) => Entry::decode(summary),
+                None => match t.entries.get(&k).map_err(DiskError::storage)? {
+                    Some(stored) => Entry::decode(&stored),
+                    None => continue, // a row a crash left: no entry
+                },
+            };
+            count += 1;
+            bytes += meta.size;
+            let key = CacheKey(key);
+            if !shadowed(shadow, &key)? {
+                f(key, meta.size, entry)?;
             }
         }
         Ok((count, bytes))
