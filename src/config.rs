@@ -183,7 +183,8 @@ pub struct CacheConfig {
     /// Bound of the memory tier. Default 256 MiB.
     #[serde(deserialize_with = "size")]
     pub memory_bytes: ByteSize,
-    /// Bound of the disk tier. Default 10 GiB.
+    /// Bound of the disk tier's directory (what `du` reports: at most this + 10% + 16 MiB; the
+    /// entries themselves take a quarter to a half of it). Default 10 GiB.
     #[serde(deserialize_with = "size")]
     pub disk_bytes: ByteSize,
     /// How long an entry is fresh. Default 24 h.

@@ -29,6 +29,7 @@
 //! blocking pool with a time limit, so that a slow, full or failing disk never stalls a request.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use tracing::{debug, warn};
@@ -49,6 +50,10 @@ use generation::{Generation, PER_ENTRY_OVERHEAD, SLED_CACHE_BYTES, SLED_WALK_CAC
 /// (SPEC allows it 16 MiB more) must not rotate on every write.
 pub const ROTATE_FLOOR: u64 = 4 << 20;
 
+/// After a failed rotation, writes go on into the full generation this long before one tries
+/// again.
+const ROTATION_RETRY_MS: u64 = 60_000;
+
 /// The tier. Cheap to clone.
 #[derive(Clone)]
 pub struct DiskTier {
@@ -68,6 +73,9 @@ struct Inner {
     generations: RwLock<Generations>,
     /// Held by the one write that rotates; others that find the newer full go on.
     rotating: Mutex<()>,
+    /// After a rotation failed (no space for a new database, say), no write tries again before
+    /// this (Unix milliseconds): one warning, not one per write.
+    retry_rotation_at: AtomicU64,
 }
 
 /// The generations, as one write or read sees them.
@@ -145,6 +153,7 @@ impl DiskTier {
                     older,
                 }),
                 rotating: Mutex::new(()),
+                retry_rotation_at: AtomicU64::new(0),
             }),
         })
     }
@@ -179,9 +188,14 @@ impl DiskTier {
             return Ok(None);
         };
         // The older copy stays (removing it would be one more write to the older's files): the
-        // newer one shadows it.
-        generations.newer.insert(key, &entry, now)?;
-        self.rotate_when_full(&generations);
+        // newer one shadows it. A copy that fails (a full disk) does not make the hit a miss;
+        // the next write meets the failure.
+        match generations.newer.insert(key, &entry, now) {
+            Ok(()) => self.rotate_when_full(&generations),
+            Err(e) => {
+                debug!(%key, error = %crate::error::report(&e), "cannot copy an entry forward")
+            }
+        }
         Ok(Some(entry))
     }
 
@@ -385,7 +399,9 @@ impl DiskTier {
     /// bound, deleting the older one. A failure is logged, and writes go on into the full one.
     fn rotate_when_full(&self, seen: &Generations) {
         let inner = &self.inner;
-        if seen.newer.files_bytes() < (inner.max_bytes / 2).max(ROTATE_FLOOR) {
+        if seen.newer.files_bytes() < (inner.max_bytes / 2).max(ROTATE_FLOOR)
+            || crate::entry::now_millis() < inner.retry_rotation_at.load(Ordering::Relaxed)
+        {
             return;
         }
         let Ok(_rotating) = inner.rotating.try_lock() else {
@@ -398,7 +414,12 @@ impl DiskTier {
         let fresh = match fresh {
             Ok(fresh) => fresh,
             Err(e) => {
-                warn!(error = %crate::error::report(&e), "cannot start a new disk cache generation");
+                let retry_at = crate::entry::now_millis() + ROTATION_RETRY_MS;
+                inner.retry_rotation_at.store(retry_at, Ordering::Relaxed);
+                warn!(
+                    error = %crate::error::report(&e),
+                    "cannot start a new disk cache generation; trying again in a minute"
+                );
                 return;
             }
         };
