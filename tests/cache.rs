@@ -335,3 +335,50 @@ async fn stats_read_the_index_and_agree_with_the_entries() {
     .unwrap();
     assert_eq!(*counted.lock().unwrap(), (stats.entries, stats.bytes));
 }
+
+/// An open keeps the newest two generations and removes what a crash mid-deletion left
+/// (`drop-…`); a purge of everything gives the space back at once (a new, empty generation in
+/// place of both).
+#[tokio::test]
+async fn generations_left_over_are_removed_and_clearing_gives_the_space_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let bound = 8 * MIB;
+    let disk = DiskTier::open(dir.path(), bound).await.unwrap();
+    let now = now_millis();
+    let filler = Entry::new(Bytes::from(vec![b'c'; 1500]), "m", now, HOUR, HOUR);
+    let mut n = 0;
+    while !dir.path().join("db-2").exists() {
+        assert!(n < 200_000, "no third generation");
+        disk.insert(&key(n), &filler, now).unwrap();
+        n += 1;
+    }
+    let last = key(n - 1);
+    drop(disk);
+    // An older generation than the two kept (as a crash between a rotation's steps could
+    // leave), and a deletion's leftovers.
+    for junk in ["db", "drop-db-9"] {
+        std::fs::create_dir(dir.path().join(junk)).unwrap();
+        std::fs::write(dir.path().join(junk).join("db"), b"left over").unwrap();
+    }
+    let disk = support::once_unlocked(|| DiskTier::open(dir.path(), bound)).await;
+    for gone in ["db", "drop-db-9"] {
+        assert!(!dir.path().join(gone).exists(), "{gone} left");
+    }
+    assert!(dir.path().join("db-1").exists() && dir.path().join("db-2").exists());
+    assert!(disk.get(&last, now).unwrap().is_some());
+
+    let before = du(dir.path());
+    disk.clear().await.unwrap();
+    assert_eq!(disk.usage(), (0, 0));
+    for gone in ["db-1", "db-2"] {
+        assert!(!dir.path().join(gone).exists(), "{gone} kept after a clear");
+    }
+    let after = du(dir.path());
+    assert!(
+        after < before / 2,
+        "{before} bytes before the clear, {after} after"
+    );
+    assert!(disk.get(&last, now).unwrap().is_none());
+    disk.insert(&key(0), &entry(0, now), now).unwrap();
+    assert!(disk.get(&key(0), now).unwrap().is_some());
+}

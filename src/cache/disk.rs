@@ -381,18 +381,41 @@ impl DiskTier {
             .map_err(DiskError::worker)?
     }
 
-    /// Removes every entry.
+    /// Removes every entry, giving the space back: a new, empty generation takes the place
+    /// of both, which are deleted before this returns (clearing sled's trees instead would
+    /// write a removal per entry, and the files would only grow).
     pub async fn clear(&self) -> Result<(), DiskError> {
-        let generations = self.generations();
-        let clear = move || {
-            if let Some(older) = &generations.older {
-                older.clear()?;
-            }
-            generations.newer.clear()
-        };
-        tokio::task::spawn_blocking(clear)
+        let tier = self.clone();
+        tokio::task::spawn_blocking(move || tier.clear_blocking())
             .await
             .map_err(DiskError::worker)?
+    }
+
+    fn clear_blocking(&self) -> Result<(), DiskError> {
+        let inner = &self.inner;
+        let _rotating = inner
+            .rotating
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let number = self.generations().number + 1;
+        let fresh = Generation::open_blocking(&inner.dir, &name(number), inner.max_bytes, {
+            inner.page_cache
+        })?;
+        let cleared = {
+            let mut held = (inner.generations.write()).unwrap_or_else(PoisonError::into_inner);
+            let fresh = Generations {
+                newer: fresh,
+                number,
+                older: None,
+            };
+            std::mem::replace(&mut *held, fresh)
+        };
+        for generation in [Some(cleared.newer), cleared.older].into_iter().flatten() {
+            let path = generation.path().to_owned();
+            drop(generation);
+            drop_generation_at(&inner.dir, &path, Removal::Now);
+        }
+        Ok(())
     }
 
     /// Starts a new generation when the newer's files (as last measured) have reached half the
@@ -424,8 +447,7 @@ impl DiskTier {
             }
         };
         let dropped = {
-            let mut held = inner.generations.write();
-            let held = held.as_mut().unwrap_or_else(|p| p.get_mut());
+            let mut held = (inner.generations.write()).unwrap_or_else(PoisonError::into_inner);
             if held.number != seen.number {
                 return; // rotated meanwhile (by a write that took the lock after this one's look)
             }
@@ -439,7 +461,7 @@ impl DiskTier {
             let gone = dropped.path().to_owned();
             // Other handles may still be reading it: sled's files go when the last one does.
             drop(dropped);
-            drop_generation_at(&inner.dir, &gone);
+            drop_generation_at(&inner.dir, &gone, Removal::InBackground);
         }
     }
 }
@@ -472,14 +494,22 @@ fn generations_in(dir: &Path) -> std::io::Result<Vec<u64>> {
 }
 
 fn drop_generation(dir: &Path, n: u64) {
-    drop_generation_at(dir, &dir.join(name(n)));
+    drop_generation_at(dir, &dir.join(name(n)), Removal::Now);
+}
+
+/// When a dropped generation's files are removed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Removal {
+    /// Before returning (opening, clearing: the caller expects the space back).
+    Now,
+    /// On a thread of its own: gigabytes of files can take a while to unlink, and the write
+    /// that rotated must not wait for it.
+    InBackground,
 }
 
 /// Deletes a generation's directory: renamed first (`drop-…`), so that a crash midway leaves
-/// no half-deleted database where an open would look for one, then removed on a thread of its
-/// own (gigabytes of files can take a while to unlink, and the write that rotated must not
-/// wait for it).
-fn drop_generation_at(dir: &Path, path: &Path) {
+/// no half-deleted database where an open would look for one; an open removes what is left.
+fn drop_generation_at(dir: &Path, path: &Path, removal: Removal) {
     let leaf = path.file_name().map(|n| n.to_string_lossy().into_owned());
     let doomed = dir.join(format!("drop-{}", leaf.unwrap_or_default()));
     if let Err(e) = std::fs::rename(path, &doomed) {
@@ -491,11 +521,11 @@ fn drop_generation_at(dir: &Path, path: &Path) {
             warn!(path = ?doomed, error = %e, "cannot delete an old disk cache generation");
         }
     };
-    if std::thread::Builder::new()
-        .name("fallthrough-drop".into())
-        .spawn(remove.clone())
-        .is_err()
-    {
+    let spawned = removal == Removal::InBackground
+        && (std::thread::Builder::new().name("fallthrough-drop".into()))
+            .spawn(remove.clone())
+            .is_ok();
+    if !spawned {
         remove();
     }
 }

@@ -614,15 +614,6 @@ impl Generation {
         }
         Ok((count, bytes))
     }
-
-    /// Removes every entry.
-    pub(super) fn clear(&self) -> Result<(), DiskError> {
-        let t = &self.inner.trees;
-        for tree in [&t.entries, &t.index, &t.by_atime, &t.by_expiry] {
-            tree.clear().map_err(DiskError::storage)?;
-        }
-        self.set_counts(0, 0)
-    }
 }
 
 /// The last handle gone: the counts are written down, so that the next open reads them.
