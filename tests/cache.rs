@@ -382,3 +382,53 @@ async fn generations_left_over_are_removed_and_clearing_gives_the_space_back() {
     disk.insert(&key(0), &entry(0, now), now).unwrap();
     assert!(disk.get(&key(0), now).unwrap().is_some());
 }
+
+/// Writes from several threads at once rotate the generations one at a time: a write that
+/// looked at the generations before another rotated does not start a rotation of its own over
+/// the new one (it would find it locked and stop rotating for a minute), so the directory stays
+/// within its bound and no more than two generations exist.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_rotate_one_generation_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let bound = 8 * MIB;
+    let disk = DiskTier::open(dir.path(), bound).await.unwrap();
+    let now = now_millis();
+    let filler = Entry::new(Bytes::from(vec![b't'; 1500]), "m", now, HOUR, HOUR);
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let (disk, filler) = (disk.clone(), filler.clone());
+            tokio::task::spawn_blocking(move || {
+                for n in 0..4000 {
+                    disk.insert(&key(w * 100_000 + n), &filler, now).unwrap();
+                }
+            })
+        })
+        .collect();
+    let mut largest = 0;
+    for writer in writers {
+        while !writer.is_finished() {
+            largest = largest.max(du(dir.path()));
+            tokio::task::yield_now().await;
+        }
+        writer.await.unwrap();
+    }
+    disk.wait_for_eviction().await;
+    disk.flush().await.unwrap();
+    largest = largest.max(du(dir.path()));
+    let generations: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name == "db" || name.starts_with("db-"))
+        .collect();
+    assert!(generations.len() <= 2, "{generations:?}");
+    let newest = (generations.iter())
+        .filter_map(|g| g.strip_prefix("db-")?.parse::<u32>().ok())
+        .max();
+    assert!(
+        newest >= Some(3),
+        "rotated fewer than three times: {generations:?}"
+    );
+    let allowed = bound + bound / 10 + 16 * MIB;
+    assert!(largest <= allowed, "{largest} bytes for a bound of {bound}");
+}

@@ -17,7 +17,8 @@
 //! and a rotation drops the entries not read since the older generation began, all at once.
 //!
 //! A generation is `<dir>/db` (the first, named as earlier versions named their one
-//! database) or `<dir>/db-<n>`. A generation being deleted is first renamed `<dir>/drop-<n>`,
+//! database) or `<dir>/db-<n>`. A generation being deleted is first renamed `<dir>/drop-<its
+//! name>`,
 //! so a crash midway leaves nothing a later open could take for a generation; an open removes
 //! such leftovers, and any generation beyond the newest two.
 //!
@@ -43,7 +44,10 @@ mod open;
 
 pub(crate) use generation::create_private_dir;
 pub use generation::Evicted;
-use generation::{Generation, PER_ENTRY_OVERHEAD, SLED_CACHE_BYTES, SLED_WALK_CACHE_BYTES};
+use generation::{
+    delete_generation, Generation, Removal, PER_ENTRY_OVERHEAD, SLED_CACHE_BYTES,
+    SLED_WALK_CACHE_BYTES,
+};
 
 /// A generation is rotated out once its files reach half the bound, but never before they
 /// reach this: sled's files for a handful of entries already take a few MiB, and a small bound
@@ -184,19 +188,40 @@ impl DiskTier {
         let Some(older) = &generations.older else {
             return Ok(None);
         };
-        let Some(entry) = older.get(key, now)? else {
+        let Some(entry) = older.peek(key)? else {
             return Ok(None);
         };
-        // The older copy stays (removing it would be one more write to the older's files): the
-        // newer one shadows it. A copy that fails (a full disk) does not make the hit a miss;
-        // the next write meets the failure.
-        match generations.newer.insert(key, &entry, now) {
+        match self.copy_forward(&generations, key, &entry, now) {
             Ok(()) => self.rotate_when_full(&generations),
+            // The hit stays a hit (a full disk, say); the next write meets the failure.
             Err(e) => {
                 debug!(%key, error = %crate::error::report(&e), "cannot copy an entry forward")
             }
         }
         Ok(Some(entry))
+    }
+
+    /// Copies an entry found in the older generation into the newer one. The older copy stays
+    /// (removing it would be one more write to the older's files): the newer one shadows it.
+    /// Not over an entry stored in the newer meanwhile, and undone when the older copy was
+    /// removed meanwhile (a purge), so that a copy never brings back what a removal took.
+    fn copy_forward(
+        &self,
+        generations: &Generations,
+        key: &CacheKey,
+        entry: &Entry,
+        now: UnixMillis,
+    ) -> Result<(), DiskError> {
+        let newer = &generations.newer;
+        if newer.contains(key)? {
+            return Ok(());
+        }
+        newer.insert(key, entry, now)?;
+        let older = generations.older.as_ref();
+        if older.map_or(Ok(false), |older| older.contains(key))? {
+            return Ok(());
+        }
+        newer.remove(key).map(drop)
     }
 
     /// Stores `entry` in the newer generation; starts an eviction pass in the background if
@@ -410,10 +435,10 @@ impl DiskTier {
             };
             std::mem::replace(&mut *held, fresh)
         };
-        for generation in [Some(cleared.newer), cleared.older].into_iter().flatten() {
-            let path = generation.path().to_owned();
-            drop(generation);
-            drop_generation_at(&inner.dir, &path, Removal::Now);
+        // The older first: a crash between the two leaves the newer's entries, never the
+        // older's that the newer had replaced.
+        for generation in [cleared.older, Some(cleared.newer)].into_iter().flatten() {
+            generation.retire(Removal::Now);
         }
         Ok(())
     }
@@ -430,6 +455,11 @@ impl DiskTier {
         let Ok(_rotating) = inner.rotating.try_lock() else {
             return; // another write is rotating
         };
+        // Seen before the lock was taken: another write may have rotated (or a clear run) in
+        // between, and the number after `seen`'s may be the live newer one by now.
+        if self.generations().number != seen.number {
+            return;
+        }
         let number = seen.number + 1;
         let fresh = Generation::open_blocking(&inner.dir, &name(number), inner.max_bytes, {
             inner.page_cache
@@ -448,9 +478,6 @@ impl DiskTier {
         };
         let dropped = {
             let mut held = (inner.generations.write()).unwrap_or_else(PoisonError::into_inner);
-            if held.number != seen.number {
-                return; // rotated meanwhile (by a write that took the lock after this one's look)
-            }
             let newer = std::mem::replace(&mut held.newer, fresh);
             held.number = number;
             held.older.replace(newer)
@@ -458,10 +485,8 @@ impl DiskTier {
         let files = seen.newer.files_bytes();
         debug!(generation = number, files, "disk cache: new generation");
         if let Some(dropped) = dropped {
-            let gone = dropped.path().to_owned();
-            // Other handles may still be reading it: sled's files go when the last one does.
-            drop(dropped);
-            drop_generation_at(&inner.dir, &gone, Removal::InBackground);
+            // Reads in flight may still hold it: its files go when the last handle does.
+            dropped.retire(Removal::InBackground);
         }
     }
 }
@@ -494,40 +519,7 @@ fn generations_in(dir: &Path) -> std::io::Result<Vec<u64>> {
 }
 
 fn drop_generation(dir: &Path, n: u64) {
-    drop_generation_at(dir, &dir.join(name(n)), Removal::Now);
-}
-
-/// When a dropped generation's files are removed.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Removal {
-    /// Before returning (opening, clearing: the caller expects the space back).
-    Now,
-    /// On a thread of its own: gigabytes of files can take a while to unlink, and the write
-    /// that rotated must not wait for it.
-    InBackground,
-}
-
-/// Deletes a generation's directory: renamed first (`drop-…`), so that a crash midway leaves
-/// no half-deleted database where an open would look for one; an open removes what is left.
-fn drop_generation_at(dir: &Path, path: &Path, removal: Removal) {
-    let leaf = path.file_name().map(|n| n.to_string_lossy().into_owned());
-    let doomed = dir.join(format!("drop-{}", leaf.unwrap_or_default()));
-    if let Err(e) = std::fs::rename(path, &doomed) {
-        warn!(?path, error = %e, "cannot delete an old disk cache generation");
-        return;
-    }
-    let remove = move || {
-        if let Err(e) = std::fs::remove_dir_all(&doomed) {
-            warn!(path = ?doomed, error = %e, "cannot delete an old disk cache generation");
-        }
-    };
-    let spawned = removal == Removal::InBackground
-        && (std::thread::Builder::new().name("fallthrough-drop".into()))
-            .spawn(remove.clone())
-            .is_ok();
-    if !spawned {
-        remove();
-    }
+    delete_generation(&dir.join(name(n)), Removal::Now);
 }
 
 /// The bytes of the files under `dir`, recursively, as `du --apparent-size` counts them. A file

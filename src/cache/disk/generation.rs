@@ -82,6 +82,8 @@ struct Inner {
     /// Bytes written since the files were last measured, and what they measured then.
     written: AtomicU64,
     files: AtomicU64,
+    /// Set once the generation is out of use: its directory goes with the last handle.
+    retired: std::sync::Mutex<Option<Removal>>,
     /// True while an eviction pass runs, so writes start at most one at a time; a channel
     /// rather than a flag so that [`Generation::wait_for_eviction`] can wait for the pass to end.
     evicting: watch::Sender<bool>,
@@ -218,6 +220,7 @@ impl Generation {
             inner: Arc::new(Inner {
                 files: AtomicU64::new(super::bytes_under(&path)),
                 written: AtomicU64::new(0),
+                retired: std::sync::Mutex::new(None),
                 path,
                 db,
                 trees,
@@ -230,9 +233,11 @@ impl Generation {
         })
     }
 
-    /// The database's directory.
-    pub(super) fn path(&self) -> &Path {
-        &self.inner.path
+    /// Marks the generation out of use: when its last handle is dropped (at once, unless a
+    /// read is in flight), its directory is deleted, `removal` saying when the files go.
+    pub(super) fn retire(&self, removal: Removal) {
+        let retired = self.inner.retired.lock();
+        *retired.unwrap_or_else(std::sync::PoisonError::into_inner) = Some(removal);
     }
 
     /// The size of the database's files when last measured (at open, and every
@@ -252,13 +257,25 @@ impl Generation {
     /// The entry under `key`, if it decodes. A corrupt entry is removed, logged, and a miss.
     /// Records the access for LRU eviction, at a second's grain (`ACCESS_GRAIN_MS`).
     pub(super) fn get(&self, key: &CacheKey, now: UnixMillis) -> Result<Option<Entry>, DiskError> {
+        self.read(key, Some(now))
+    }
+
+    /// As [`Self::get`], without recording the access: for an older generation, whose entry
+    /// found is copied forward (an access time written there would only grow its files).
+    pub(super) fn peek(&self, key: &CacheKey) -> Result<Option<Entry>, DiskError> {
+        self.read(key, None)
+    }
+
+    fn read(&self, key: &CacheKey, touch: Option<UnixMillis>) -> Result<Option<Entry>, DiskError> {
         let t = &self.inner.trees;
         let Some(bytes) = t.entries.get(key.as_bytes()).map_err(DiskError::storage)? else {
             return Ok(None);
         };
         match Entry::decode(&bytes) {
             Ok(entry) => {
-                self.touch(key, now)?;
+                if let Some(now) = touch {
+                    self.touch(key, now)?;
+                }
                 Ok(Some(entry))
             }
             Err(e) => {
@@ -363,7 +380,7 @@ impl Generation {
         t.entries.insert(k, bytes).map_err(storage)?;
         let inner = &self.inner;
         match old {
-            Some(old) => inner.bytes.fetch_sub(old.size, Ordering::Relaxed),
+            Some(old) => saturating_sub(&inner.bytes, old.size),
             None => inner.count.fetch_add(1, Ordering::Relaxed),
         };
         let total = inner.bytes.fetch_add(meta.size, Ordering::Relaxed) + meta.size;
@@ -395,8 +412,8 @@ impl Generation {
                 .map_err(storage)?;
         }
         if let Some(old) = old {
-            self.inner.count.fetch_sub(1, Ordering::Relaxed);
-            self.inner.bytes.fetch_sub(old.size, Ordering::Relaxed);
+            saturating_sub(&self.inner.count, 1);
+            saturating_sub(&self.inner.bytes, old.size);
             self.inner.persist_counts_now_and_then()?;
         }
         Ok(old.is_some())
@@ -617,12 +634,65 @@ impl Generation {
 }
 
 /// The last handle gone: the counts are written down, so that the next open reads them.
+/// The last handle gone: the counts are written down, so that the next open reads them; or,
+/// for a generation retired ([`Generation::retire`]), its directory is deleted: only now, so
+/// that no read still in flight finds its files gone (sled reads large values from files of
+/// their own, by path).
 impl Drop for Inner {
     fn drop(&mut self) {
-        if let Err(e) = self.persist_counts() {
-            warn!(error = %report(&e), "cannot write the disk cache's counts");
+        let retired = self.retired.get_mut();
+        match *retired.unwrap_or_else(|poisoned| poisoned.into_inner()) {
+            Some(removal) => delete_generation(&self.path, removal),
+            None => {
+                if let Err(e) = self.persist_counts() {
+                    warn!(error = %report(&e), "cannot write the disk cache's counts");
+                }
+            }
         }
     }
+}
+
+/// When a retired generation's files are removed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Removal {
+    /// Before the last handle's drop returns (opening, clearing: the space is expected back).
+    Now,
+    /// On a thread of its own: gigabytes of files can take a while to unlink, and the write
+    /// that rotated must not wait for it.
+    InBackground,
+}
+
+/// Deletes a generation's directory: renamed first (`<cache dir>/drop-<its name>`), so that a
+/// crash midway leaves no half-deleted database where an open would look for one (an open
+/// removes what is left).
+pub(super) fn delete_generation(path: &Path, removal: Removal) {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return;
+    };
+    let doomed = dir.join(format!("drop-{}", name.to_string_lossy()));
+    if let Err(e) = std::fs::rename(path, &doomed) {
+        warn!(?path, error = %e, "cannot delete an old disk cache generation");
+        return;
+    }
+    let remove = move || {
+        if let Err(e) = std::fs::remove_dir_all(&doomed) {
+            warn!(path = ?doomed, error = %e, "cannot delete an old disk cache generation");
+        }
+    };
+    let spawned = removal == Removal::InBackground
+        && (std::thread::Builder::new().name("fallthrough-drop".into()))
+            .spawn(remove.clone())
+            .is_ok();
+    if !spawned {
+        remove();
+    }
+}
+
+/// Subtracts from a kept count without wrapping: a row a crash left may be removed (and
+/// subtracted) although the count never had it.
+fn saturating_sub(count: &AtomicU64, n: u64) -> u64 {
+    let update = |c: u64| Some(c.saturating_sub(n));
+    (count.fetch_update(Ordering::Relaxed, Ordering::Relaxed, update)).unwrap_or(0)
 }
 
 impl Inner {
