@@ -14,7 +14,9 @@
 //! 529 in phase 3, with `a`: a total outage, in which only a stored answer can serve a request.
 //! The ttl is short, so entries go stale during the run. At the end it prints (or with `--json`
 //! emits) requests, the share answered, the share answered of what could be answered (every
-//! request outside the total outage, and in it those whose question was asked before it began),
+//! request outside the total outage, and in it those whose question was asked before it began;
+//! and, stricter, of those whose question was answered before it began, since no one can serve
+//! during a total outage a question that was never answered),
 //! upstream attempts per request (from the fake's counters), p50/p99 latency, the share answered
 //! by the fallback model, and outcomes by kind, overall and per phase, against the targets:
 //! easier: >= 99.9% answered, <= 0.6 attempts per request, p99 <= 300 ms, <= 20% from a
@@ -131,6 +133,10 @@ struct Record {
     /// Whether its question was asked before the total outage, or it was sent outside it: an
     /// answer could be given.
     answerable: bool,
+    /// Stricter: sent outside the outage, or its question was *answered* for a request sent
+    /// before the outage (only then was there an answer to store; a question whose every try
+    /// failed before the outage can be answered by no one during it).
+    stored_answerable: bool,
     latency: Duration,
     /// The outcome's name, or `error <status>`.
     outcome: String,
@@ -327,6 +333,7 @@ async fn main() -> anyhow::Result<()> {
                 question: n,
                 phase,
                 answerable,
+                stored_answerable: false, // known once every request has ended
                 latency,
                 outcome,
                 model,
@@ -339,6 +346,16 @@ async fn main() -> anyhow::Result<()> {
     }
     let elapsed = started.elapsed();
     stats_at_phase_start.push(mock.stats());
+    let answered_before_outage: std::collections::HashSet<u64> = (records.iter())
+        .filter(|r| r.phase < 2 && r.model.is_some())
+        .map(|r| r.question)
+        .collect();
+    for r in &mut records {
+        r.stored_answerable = r.answerable
+            && (args.scenario == Scenario::Easy
+                || r.phase != 2
+                || answered_before_outage.contains(&r.question));
+    }
     if let Some(path) = &args.records {
         write_records(path, &records)?;
     }
@@ -397,6 +414,7 @@ fn write_records(path: &std::path::Path, records: &[Record]) -> anyhow::Result<(
             "key": r.key,
             "phase": PHASES[r.phase],
             "answerable": r.answerable,
+            "stored_answerable": r.stored_answerable,
             "outcome": r.outcome,
             "model": r.model,
             "latency_ms": r.latency.as_secs_f64() * 1000.0,
@@ -423,6 +441,8 @@ fn summarize_refs(records: &[&Record], before: &MockStats, after: &MockStats) ->
     let answered: Vec<&&Record> = records.iter().filter(|r| r.model.is_some()).collect();
     let answerable = records.iter().filter(|r| r.answerable).count();
     let answered_answerable = answered.iter().filter(|r| r.answerable).count();
+    let stored_answerable = records.iter().filter(|r| r.stored_answerable).count();
+    let answered_stored = answered.iter().filter(|r| r.stored_answerable).count();
     let from_fallback = answered
         .iter()
         .filter(|r| r.model.as_deref() == Some(FALLBACK))
@@ -453,6 +473,9 @@ fn summarize_refs(records: &[&Record], before: &MockStats, after: &MockStats) ->
         "answered_pct": 100.0 * answered.len() as f64 / n,
         "answerable": answerable,
         "answered_of_answerable_pct": 100.0 * answered_answerable as f64 / answerable.max(1) as f64,
+        "stored_answerable": stored_answerable,
+        "answered_of_stored_answerable_pct":
+            100.0 * answered_stored as f64 / stored_answerable.max(1) as f64,
         "upstream_attempts": attempts,
         "attempts_per_request": attempts as f64 / n,
         "p50_ms": pct(&mut latencies, 0.50),
@@ -478,10 +501,11 @@ fn pct(values: &mut [Duration], q: f64) -> f64 {
 fn print_text(report: &Value) {
     let line = |name: &str, s: &Value| {
         println!(
-            "{name:<10} {:>6} req  answered {:>6.2}% (of answerable {:>6.2}%)  attempts/req {:>5.2}  p50 {:>7.1} ms  p99 {:>8.1} ms  >300ms {:>4}  fallback {:>5.1}%",
+            "{name:<10} {:>6} req  answered {:>6.2}% (of answerable {:>6.2}%, of answered before {:>6.2}%)  attempts/req {:>5.2}  p50 {:>7.1} ms  p99 {:>8.1} ms  >300ms {:>4}  fallback {:>5.1}%",
             s["requests"],
             s["answered_pct"].as_f64().unwrap_or(0.0),
             s["answered_of_answerable_pct"].as_f64().unwrap_or(0.0),
+            s["answered_of_stored_answerable_pct"].as_f64().unwrap_or(0.0),
             s["attempts_per_request"].as_f64().unwrap_or(0.0),
             s["p50_ms"].as_f64().unwrap_or(0.0),
             s["p99_ms"].as_f64().unwrap_or(0.0),
