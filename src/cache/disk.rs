@@ -199,6 +199,9 @@ impl DiskTier {
         let Some(entry) = older.peek(key)? else {
             return Ok(None);
         };
+        if entry.stale_until <= now {
+            return Ok(Some(entry)); // expired: the caller removes it, no use copying it
+        }
         match self.copy_forward(&generations, key, &entry, now) {
             Ok(()) => self.rotate_when_full(&generations),
             // The hit stays a hit (a full disk, say); the next write meets the failure.
