@@ -3,19 +3,20 @@
 //!
 //! Trees: `entries` (key -> encoded [`Entry`]); `index` (key -> [`Meta`]: last access, end of
 //! the stale period, size; then the entry without its body, so that `cache stats` reads the
-//! small index rows and no body: rows written before that carry the [`Meta`] alone); `by_atime` and `by_expiry` (time ++ key -> nothing), ordered by time
-//! so that eviction walks from their oldest end and never decodes an entry; `state` (the
-//! layout's version and the counts). An entry's index row is swapped atomically; its
-//! time-ordered rows are written before it and removed after, so a crash (or two writes of one
-//! key at once) can leave a row naming no current entry, never an entry without rows; eviction
-//! checks each row against the index and drops such a row as it meets it. (sled's
-//! transactions would make all of it atomic, at ten times the cost of a write: a miss paid
-//! ~0.25 ms more.)
+//! small index rows and no body: rows written before that carry the [`Meta`] alone);
+//! `by_atime` and `by_expiry` (time ++ key -> nothing), ordered by time so that eviction walks
+//! from their oldest end and never decodes an entry; `state` (the layout's version and the
+//! counts). An entry's index row is swapped atomically; its time-ordered rows are written
+//! before it and removed after, so a crash (or two writes of one key at once) can leave a row
+//! naming no current entry; eviction checks each row against the index and drops such a row as
+//! it meets it. (sled's transactions would make all of it atomic, at ten times the cost of a
+//! write: a miss paid ~0.25 ms more.)
 //!
-//! Counts and bytes are kept as they change (and written to `state` with a write at most
-//! once a second, on flush and when the tier is dropped), so start-up, `/metrics` and `/healthz` read no entries: at any size, they cost the
-//! same. After a crash the counts may be off by the last second's writes; `cache stats`, which
-//! reads everything anyway, writes them right.
+//! Counts and bytes are kept as they change (and written to `state` with a write at most once
+//! a second, on flush and when the tier is dropped), so start-up, `/metrics` and `/healthz`
+//! read no entries: at any size, they cost the same. After a crash the counts may be off by
+//! the last second's writes; `cache stats`, which reads every index row anyway, writes them
+//! right.
 //!
 //! The size of the database's files is measured every [`LOOK_EVERY_BYTES`] of writes (a
 //! `stat` of each file), for [`super::DiskTier`], which bounds the directory with it.
@@ -633,7 +634,6 @@ impl Generation {
     }
 }
 
-/// The last handle gone: the counts are written down, so that the next open reads them.
 /// The last handle gone: the counts are written down, so that the next open reads them; or,
 /// for a generation retired ([`Generation::retire`]), its directory is deleted: only now, so
 /// that no read still in flight finds its files gone (sled reads large values from files of
