@@ -98,9 +98,10 @@ struct Line<'a> {
 /// Reads every entry's index row (its times and model, not its body), one at a time: memory
 /// stays bounded by a constant whatever the cache holds ([`DiskTier::visit_summaries`]).
 /// `corrupt` counts bytes that did not decode when stored (and, in rows written before the
-/// index carried summaries, when read now). `bytes` is what the entries count for, as read (the tier's kept count may lag after
-/// a crash, or count an entry twice while its generation's copy lasts; a walk of a tier opened
-/// with [`DiskTier::open_for_walk`] puts it right).
+/// index carried summaries, when read now). `bytes` is what the entries count for, as read
+/// (the tier's kept count may lag after a crash, or count an entry twice while its
+/// generation's copy lasts; a walk of a tier opened with [`DiskTier::open_for_walk`] puts it
+/// right).
 pub async fn stats(disk: &DiskTier, now: UnixMillis) -> Result<Stats, DiskError> {
     let stats = Arc::new(Mutex::new(Stats::default()));
     let gathered = stats.clone();

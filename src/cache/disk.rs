@@ -18,9 +18,8 @@
 //!
 //! A generation is `<dir>/db` (the first, named as earlier versions named their one
 //! database) or `<dir>/db-<n>`. A generation being deleted is first renamed `<dir>/drop-<its
-//! name>`,
-//! so a crash midway leaves nothing a later open could take for a generation; an open removes
-//! such leftovers, and any generation beyond the newest two.
+//! name>`, so a crash midway leaves nothing a later open could take for a generation; an open
+//! removes such leftovers, and any generation beyond the newest two.
 //!
 //! Within a generation, entries are still bounded by bytes (`disk_bytes`) and evicted expired
 //! first, then least recently used (see `generation.rs`); with rotation at half the bound that
@@ -52,7 +51,7 @@ use generation::{
 /// A generation is rotated out once its files reach half the bound, but never before they
 /// reach this: sled's files for a handful of entries already take a few MiB, and a small bound
 /// (SPEC allows it 16 MiB more) must not rotate on every write.
-pub const ROTATE_FLOOR: u64 = 4 << 20;
+const ROTATE_FLOOR: u64 = 4 << 20;
 
 /// After a failed rotation, writes go on into the full generation this long before one tries
 /// again.

@@ -377,13 +377,14 @@ impl Cache {
 
     pub async fn usage(&self) -> Usage {
         let (memory_entries, memory_bytes) = self.memory.usage().await;
-        let (disk_entries, disk_bytes) = self.disk().as_ref().map_or((0, 0), DiskTier::usage);
+        let disk = self.disk();
+        let (disk_entries, disk_bytes) = disk.as_ref().map_or((0, 0), DiskTier::usage);
         Usage {
             memory_entries,
             memory_bytes,
             disk_entries,
             disk_bytes,
-            disk_files_bytes: self.disk().as_ref().map_or(0, DiskTier::files_bytes),
+            disk_files_bytes: disk.as_ref().map_or(0, DiskTier::files_bytes),
             disk_errors: self.disk.as_ref().map_or(0, |g| g.failures()),
             shared_errors: self.shared.as_ref().map_or(0, |s| s.failures()),
         }
