@@ -1,61 +1,65 @@
-//! The disk tier: entries in sled, in two generations, bounded by the directory's real size.
+//! The disk tier: entries in sled, spread by key over shards, each a directory of two
+//! generations (`shard.rs`), together bounded by the directory's real size.
 //!
-//! Why generations. `disk_bytes` bounds what the directory takes on disk (SPEC: at most the
-//! bound + 10% + 16 MiB), and sled 0.34 is log-structured: it never gives space back to the
-//! file system, and under steady writes it hardly reuses what it frees. Measured with a
-//! million ~1 KB entries: a fresh database holds about twice its live bytes, and one whose
-//! entries eviction held to 76 MB grew to 3.3 GB (removals are writes too). Deleting a whole
-//! database is the one way to give the space back. So the tier is two sled databases, each a
-//! [`Generation`]: writes go to the newer; when its files reach half the bound, the older is
-//! deleted, the newer becomes the older and a new one is started. Reads look in the newer,
-//! then in the older; an entry found in the older is copied into the newer, so an entry that
-//! is read outlives its generation (least recently used at the grain of a generation). The
-//! directory thus holds at most two half-bounds, plus the little that one measurement of the
-//! files (every MiB of writes) can miss.
+//! Why shards. sled keeps a record of every page of a database in memory from the moment it
+//! opens it, rebuilt at each open from a snapshot it reads whole. Measured on a bare sled 0.34
+//! database of a million ~1.3 KB values in one tree: 53 MB of memory to open it, before a row
+//! is read, and twice that with a second tree of a million small rows. A tier that is one
+//! database (per generation) therefore costs memory in proportion to its entries for anything
+//! that opens it, `cache stats` and `cache export` included, which SPEC wants bounded by a
+//! constant. Split by key over `S` databases, the tier opens them all to serve (about the
+//! memory of one) while a walk opens one shard at a time, so its memory is bounded by a
+//! shard's share of the bound; and a key's shard follows from its bytes, so a look-up still
+//! reads one database.
 //!
-//! The price: the entries' bytes are a quarter to a half of the bound (sled's own overhead),
-//! and a rotation drops the entries not read since the older generation began, all at once.
+//! How many. One shard per [`SHARD_BYTES`] of `disk_bytes`, from 1 to [`MAX_SHARDS`]: the
+//! default 10 GiB makes 16, a bound under 1.25 GiB keeps one. The number is fixed when the
+//! directory is first used and kept after, whatever `disk_bytes` says later (the bound is
+//! divided among the shards there are): shard `i` of `S` is `<dir>/shard-<i>-of-<S>`; a single
+//! shard is the cache directory itself, as every earlier version laid it out, so such a
+//! directory is read as it is.
 //!
-//! A generation is `<dir>/db` (the first, named as earlier versions named their one
-//! database) or `<dir>/db-<n>`. A generation being deleted is first renamed `<dir>/drop-<its
-//! name>`, so a crash midway leaves nothing a later open could take for a generation; an open
-//! removes such leftovers, and any generation beyond the newest two.
-//!
-//! Within a generation, entries are still bounded by bytes (`disk_bytes`) and evicted expired
-//! first, then least recently used (see `generation.rs`); with rotation at half the bound that
-//! bound is met only when `disk_bytes` is under [`ROTATE_FLOOR`] twice over.
+//! Serving, every shard is opened at once (side by side). A `cache` command
+//! ([`DiskTier::open_for_walk`]) opens the first shard, so that another process's lock is
+//! found at once, and the others as it needs them; its walks open each shard not yet open for
+//! the walk alone and let it go before opening the next.
 //!
 //! Every call here blocks, except those marked async; [`super::Cache`] runs them on tokio's
 //! blocking pool with a time limit, so that a slow, full or failing disk never stalls a request.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
-use tracing::{debug, warn};
+use tracing::warn;
 
 use crate::entry::{DecodeError, Entry, UnixMillis};
-use crate::error::DiskError;
+use crate::error::{report, DiskError};
 use crate::key::CacheKey;
 
 mod generation;
 mod open;
+mod shard;
 
 pub(crate) use generation::create_private_dir;
 pub use generation::Evicted;
-use generation::{
-    delete_generation, Generation, Removal, PER_ENTRY_OVERHEAD, SLED_CACHE_BYTES,
-    SLED_WALK_CACHE_BYTES,
-};
+use generation::{Generation, PER_ENTRY_OVERHEAD, SLED_CACHE_BYTES, SLED_WALK_CACHE_BYTES};
+use shard::Shard;
 
-/// A generation is rotated out once its files reach half the bound, but never before they
-/// reach this: sled's files for a handful of entries already take a few MiB, and a small bound
-/// (SPEC allows it 16 MiB more) must not rotate on every write.
-const ROTATE_FLOOR: u64 = 4 << 20;
-
-/// After a failed rotation, writes go on into the full generation this long before one tries
-/// again.
-const ROTATION_RETRY_MS: u64 = 60_000;
+/// A shard per this much of `disk_bytes`. At the ~2.8 KB of files that a ~1 KB entry takes in
+/// a shard (two generations, sled's overhead), a shard holds at most ~230k such entries: a
+/// walk's memory stays under ~40 MiB (measured: 66 MiB for 230k entries opened as one
+/// database with its older generation).
+const SHARD_BYTES: u64 = 640 << 20;
+/// The most shards: each is two sled databases, with a thread of sled's each. Past
+/// `MAX_SHARDS` × [`SHARD_BYTES`] (40 GiB) a shard's share grows with the bound again.
+const MAX_SHARDS: usize = 64;
+/// The least page cache a serving shard gets (its share of [`SLED_CACHE_BYTES`]).
+const MIN_SHARD_PAGE_CACHE: u64 = 1 << 20;
+/// How long an open waits for a shard that this process walked and let go: sled's threads
+/// hold its lock a moment after the last handle is dropped.
+const RELOCK_WAIT: Duration = Duration::from_secs(5);
 
 /// The tier. Cheap to clone.
 #[derive(Clone)]
@@ -68,40 +72,36 @@ struct Inner {
     dir: PathBuf,
     /// `disk_bytes`: the bound on the directory.
     max_bytes: u64,
-    /// sled's page cache, per generation.
+    /// sled's page cache, per generation of a shard.
     page_cache: u64,
-    /// Opened by a `cache` command, which holds the directory alone (sled's lock): a walk of
-    /// everything then puts each generation's kept counts right.
+    /// Opened by a `cache` command, which holds the directory alone (sled's lock): shards are
+    /// opened as they are needed, and a walk of everything puts each one's kept counts right.
     exclusive: bool,
-    generations: RwLock<Generations>,
-    /// Held by the one write that rotates; others that find the newer full go on.
-    rotating: Mutex<()>,
-    /// After a rotation failed (no space for a new database, say), no write tries again before
-    /// this (Unix milliseconds): one warning, not one per write.
-    retry_rotation_at: AtomicU64,
+    shards: Vec<Slot>,
 }
 
-/// The generations, as one write or read sees them.
-#[derive(Clone)]
-struct Generations {
-    newer: Generation,
-    /// The newer's number: its directory is [`name`] of it.
-    number: u64,
-    older: Option<Generation>,
+/// One shard's place: open, or not yet (a `cache` command's).
+struct Slot {
+    dir: PathBuf,
+    open: Mutex<Option<Shard>>,
+    /// Set once a walk opened the shard for itself and let it go ([`RELOCK_WAIT`]).
+    let_go: AtomicBool,
 }
 
 impl DiskTier {
-    /// Opens (or creates, mode 0700) the tier in `dir`. A directory another process holds
-    /// gives [`DiskError::Locked`]; a database that cannot be opened for any other reason
-    /// (corrupt, truncated, of an unknown version) is moved aside to `<dir>/corrupt-<unix
-    /// seconds>` (only the newest such copy is kept) and a new one is created.
+    /// Opens (or creates, mode 0700) the tier in `dir`, every shard of it. A directory another
+    /// process holds gives [`DiskError::Locked`]; a database that cannot be opened for any
+    /// other reason (corrupt, truncated, of an unknown version) is moved aside to `<shard
+    /// dir>/corrupt-<unix seconds>` (only the newest such copy is kept) and a new one is
+    /// created.
     pub async fn open(dir: impl Into<PathBuf>, max_bytes: u64) -> Result<DiskTier, DiskError> {
         Self::open_with(dir.into(), max_bytes, SLED_CACHE_BYTES, false).await
     }
 
     /// As [`Self::open`], for a process that walks the tier once and exits (the `cache`
-    /// commands): a small page cache (one sized for serving would only grow its memory), and a
-    /// walk of every entry ([`Self::visit`]) writes the counts it found back.
+    /// commands): a small page cache (one sized for serving would only grow its memory),
+    /// shards opened as they are needed and a walk's let go after it (see the module's doc),
+    /// and a walk of every entry ([`Self::visit`]) writes the counts it found back.
     pub async fn open_for_walk(
         dir: impl Into<PathBuf>,
         max_bytes: u64,
@@ -133,40 +133,43 @@ impl DiskTier {
             });
         }
         create_private_dir(&dir).map_err(DiskError::storage)?;
-        let mut numbers = generations_in(&dir).map_err(DiskError::storage)?;
-        while numbers.len() > 2 {
-            drop_generation(&dir, numbers.remove(0));
-        }
-        let open = |n: u64| Generation::open_blocking(&dir, &name(n), max_bytes, page_cache);
-        let number = numbers.last().copied().unwrap_or(0);
-        // Side by side: reading a large database back takes seconds (2.2 s at a million
-        // entries), and the two do not wait for each other.
-        let (newer, older) = std::thread::scope(|scope| {
-            let older = (numbers.len() == 2).then(|| scope.spawn(|| open(numbers[0])));
-            let newer = open(number);
-            let older = older.map(|opening| {
-                opening
-                    .join()
-                    .unwrap_or_else(|p| std::panic::resume_unwind(p))
-            });
-            (newer, older)
-        });
-        let (newer, older) = (newer?, older.transpose()?);
-        Ok(DiskTier {
+        let count = shard_count(&dir, max_bytes).map_err(DiskError::storage)?;
+        let shards = (0..count)
+            .map(|i| Slot {
+                dir: shard_dir(&dir, i, count),
+                open: Mutex::new(None),
+                let_go: AtomicBool::new(false),
+            })
+            .collect();
+        // A walk opens one shard at a time and can have the whole cache; serving, they share it.
+        let page_cache = match exclusive {
+            true => page_cache,
+            false => (page_cache / count as u64).max(MIN_SHARD_PAGE_CACHE),
+        };
+        let tier = DiskTier {
             inner: Arc::new(Inner {
                 dir,
                 max_bytes,
                 page_cache,
                 exclusive,
-                generations: RwLock::new(Generations {
-                    newer,
-                    number,
-                    older,
-                }),
-                rotating: Mutex::new(()),
-                retry_rotation_at: AtomicU64::new(0),
+                shards,
             }),
-        })
+        };
+        let opening = if exclusive { 1 } else { count };
+        // Side by side: reading a large database back takes seconds.
+        let tier_ref = &tier;
+        std::thread::scope(|scope| {
+            let opened: Vec<_> = (0..opening)
+                .map(|i| scope.spawn(move || tier_ref.shard(i)))
+                .collect();
+            for shard in opened {
+                shard
+                    .join()
+                    .unwrap_or_else(|p| std::panic::resume_unwind(p))?;
+            }
+            Ok::<_, DiskError>(())
+        })?;
+        Ok(tier)
     }
 
     /// The bound it was opened with (on the directory's size).
@@ -179,68 +182,88 @@ impl DiskTier {
         &self.inner.dir
     }
 
-    fn generations(&self) -> Generations {
-        let held = self.inner.generations.read();
-        held.unwrap_or_else(PoisonError::into_inner).clone()
+    /// How many shards the tier is split into (see the module's doc).
+    pub fn shards(&self) -> usize {
+        self.inner.shards.len()
+    }
+
+    /// How many shards are open now: all of them when serving; for a `cache` command, those
+    /// it has needed so far. For tests of the walks' memory.
+    #[doc(hidden)]
+    pub fn shards_open(&self) -> usize {
+        self.opened().len()
+    }
+
+    /// Shard `i`, opened if it is not yet (and kept open).
+    fn shard(&self, i: usize) -> Result<Shard, DiskError> {
+        let slot = &self.inner.shards[i];
+        let mut open = slot.open.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(shard) = &*open {
+            return Ok(shard.clone());
+        }
+        let shard = self.open_shard(slot)?;
+        *open = Some(shard.clone());
+        Ok(shard)
+    }
+
+    /// Opens a slot's shard. One that this process walked and let go may still be locked by
+    /// sled's threads winding down: that lock is waited for, another process's is not.
+    fn open_shard(&self, slot: &Slot) -> Result<Shard, DiskError> {
+        let inner = &self.inner;
+        let bound = inner.max_bytes / inner.shards.len() as u64;
+        let open = || {
+            let dir = slot.dir.clone();
+            Shard::open_blocking(dir, bound, inner.page_cache, inner.exclusive)
+        };
+        let waiting_until = Instant::now() + RELOCK_WAIT;
+        loop {
+            match open() {
+                Err(DiskError::Locked { .. })
+                    if slot.let_go.load(Ordering::Relaxed) && Instant::now() < waiting_until =>
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                opened => return opened,
+            }
+        }
+    }
+
+    /// The shards open now.
+    fn opened(&self) -> Vec<Shard> {
+        let open = |slot: &Slot| {
+            slot.open
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone()
+        };
+        self.inner.shards.iter().filter_map(open).collect()
+    }
+
+    /// Every shard, opening those that are not open yet.
+    fn all(&self) -> Result<Vec<Shard>, DiskError> {
+        (0..self.inner.shards.len())
+            .map(|i| self.shard(i))
+            .collect()
+    }
+
+    /// The shard that holds `key`: chosen by its first bytes (a blake3 hash, so evenly).
+    fn shard_of(&self, key: &CacheKey) -> Result<Shard, DiskError> {
+        let bytes: [u8; 8] = key.as_bytes()[..8].try_into().expect("a key has 32 bytes");
+        let count = self.inner.shards.len() as u64;
+        self.shard((u64::from_le_bytes(bytes) % count) as usize)
     }
 
     /// The entry under `key`, if it decodes. A corrupt entry is removed, logged, and a miss.
     /// Records the access for LRU eviction, at a second's grain; an entry found in the older
     /// generation is copied into the newer, so that it outlives the older one.
     pub fn get(&self, key: &CacheKey, now: UnixMillis) -> Result<Option<Entry>, DiskError> {
-        let generations = self.generations();
-        if let Some(entry) = generations.newer.get(key, now)? {
-            return Ok(Some(entry));
-        }
-        let Some(older) = &generations.older else {
-            return Ok(None);
-        };
-        let Some(entry) = older.peek(key)? else {
-            return Ok(None);
-        };
-        if entry.stale_until <= now {
-            return Ok(Some(entry)); // expired: the caller removes it, no use copying it
-        }
-        match self.copy_forward(&generations, key, &entry, now) {
-            Ok(()) => self.rotate_when_full(&generations),
-            // The hit stays a hit (a full disk, say); the next write meets the failure.
-            Err(e) => {
-                debug!(%key, error = %crate::error::report(&e), "cannot copy an entry forward")
-            }
-        }
-        Ok(Some(entry))
+        self.shard_of(key)?.get(key, now)
     }
 
-    /// Copies an entry found in the older generation into the newer one. The older copy stays
-    /// (removing it would be one more write to the older's files): the newer one shadows it.
-    /// Not over an entry stored in the newer meanwhile, and undone when the older copy was
-    /// removed meanwhile (a purge), so that a copy never brings back what a removal took.
-    fn copy_forward(
-        &self,
-        generations: &Generations,
-        key: &CacheKey,
-        entry: &Entry,
-        now: UnixMillis,
-    ) -> Result<(), DiskError> {
-        let newer = &generations.newer;
-        if newer.contains(key)? {
-            return Ok(());
-        }
-        newer.insert(key, entry, now)?;
-        let older = generations.older.as_ref();
-        if older.map_or(Ok(false), |older| older.contains(key))? {
-            return Ok(());
-        }
-        newer.remove(key).map(drop)
-    }
-
-    /// Stores `entry` in the newer generation; starts an eviction pass in the background if
-    /// over the bound, and starts a new generation when the newer's files reach half of it.
+    /// Stores `entry`; starts an eviction pass in the background if over the bound, and a new
+    /// generation when the newer's files reach half of the shard's bound.
     pub fn insert(&self, key: &CacheKey, entry: &Entry, now: UnixMillis) -> Result<(), DiskError> {
-        let generations = self.generations();
-        generations.newer.insert(key, entry, now)?;
-        self.rotate_when_full(&generations);
-        Ok(())
+        self.shard_of(key)?.insert(key, entry, now)
     }
 
     /// Stores bytes as they are. Public for tests that stage corruption; use [`Self::insert`].
@@ -252,45 +275,33 @@ impl DiskTier {
         bytes: &[u8],
         now: UnixMillis,
     ) -> Result<(), DiskError> {
-        let generations = self.generations();
-        generations.newer.insert_raw(key, bytes, now)?;
-        self.rotate_when_full(&generations);
-        Ok(())
+        self.shard_of(key)?.insert_raw(key, bytes, now)
     }
 
     /// Removes `key`'s entry from both generations; whether there was one.
     pub fn remove(&self, key: &CacheKey) -> Result<bool, DiskError> {
-        let generations = self.generations();
-        let newer = generations.newer.remove(key)?;
-        let older = match &generations.older {
-            Some(older) => older.remove(key)?,
-            None => false,
-        };
-        Ok(newer || older)
+        self.shard_of(key)?.remove(key)
     }
 
     /// Entries and bytes held, as kept: no entry is read. An entry copied out of the older
-    /// generation counts in both until the older one goes.
+    /// generation counts in both until the older one goes. A `cache` command opens every
+    /// shard for it (one that cannot be opened is left out, and logged).
     pub fn usage(&self) -> (u64, u64) {
-        let generations = self.generations();
-        let (mut entries, mut bytes) = generations.newer.usage();
-        if let Some(older) = &generations.older {
-            let (e, b) = older.usage();
-            entries += e;
-            bytes += b;
-        }
-        (entries, bytes)
+        let shards = self.all().unwrap_or_else(|e| {
+            warn!(error = %report(&e), "cannot open every shard of the disk cache to count it");
+            self.opened()
+        });
+        let add = |(entries, bytes): (u64, u64), shard: &Shard| {
+            let (e, b) = shard.usage();
+            (entries + e, bytes + b)
+        };
+        shards.iter().fold((0, 0), add)
     }
 
-    /// The size of the generations' files when last measured (at open and every MiB of
+    /// The size of the open shards' files when last measured (at open and every MiB of
     /// writes): what `du --apparent-size` reports for them, without measuring anything now.
     pub fn files_bytes(&self) -> u64 {
-        let generations = self.generations();
-        let older = generations
-            .older
-            .as_ref()
-            .map_or(0, Generation::files_bytes);
-        generations.newer.files_bytes() + older
+        self.opened().iter().map(Shard::files_bytes).sum()
     }
 
     /// The bytes an entry of `encoded_len` bytes counts for.
@@ -301,18 +312,18 @@ impl DiskTier {
     /// Writes everything to the files: after this, a crash loses nothing stored so far. Waits
     /// first for eviction passes that earlier writes started ([`Self::wait_for_eviction`]).
     pub async fn flush(&self) -> Result<(), DiskError> {
-        let generations = self.generations();
-        if let Some(older) = &generations.older {
-            older.flush().await?;
+        for shard in self.opened() {
+            shard.flush().await?;
         }
-        generations.newer.flush().await
+        Ok(())
     }
 
     /// Returns once no eviction pass runs. A write that takes a generation over its bound
     /// starts a pass in the background and returns at once; the pass goes on until the
     /// generation is within its bound, taking in what other writes add meanwhile. So once
-    /// writes stop, this returns when each generation holds at most `max_bytes`: after a bulk
-    /// load, before reading [`Self::usage`], or before handing the directory to another process.
+    /// writes stop, this returns when each generation holds at most its shard's bound: after
+    /// a bulk load, before reading [`Self::usage`], or before handing the directory to another
+    /// process.
     ///
     /// ```no_run
     /// # async fn demo(disk: fallthrough::cache::DiskTier) {
@@ -323,23 +334,22 @@ impl DiskTier {
     /// # }
     /// ```
     pub async fn wait_for_eviction(&self) {
-        let generations = self.generations();
-        if let Some(older) = &generations.older {
-            older.wait_for_eviction().await;
+        for shard in self.opened() {
+            shard.wait_for_eviction().await;
         }
-        generations.newer.wait_for_eviction().await;
     }
 
-    /// Removes, in each generation, expired entries (those past their stale period, and bytes
-    /// that never decoded), then, if still over `max_bytes`, the least recently used until it
-    /// holds at most 90% of it. Both walk a time-ordered index from its oldest end: no entry is
-    /// read.
+    /// Removes, in each generation of each shard, expired entries (those past their stale
+    /// period, and bytes that never decoded), then, if still over its share of `max_bytes`,
+    /// the least recently used until it holds at most 90% of that. Both walk a time-ordered
+    /// index from its oldest end: no entry is read.
     pub async fn evict(&self, now: UnixMillis, max_bytes: u64) -> Result<Evicted, DiskError> {
-        let generations = self.generations();
+        let tier = self.clone();
+        let share = max_bytes / self.shards() as u64;
         let evict = move || {
-            let mut evicted = generations.newer.evict_blocking(now, max_bytes)?;
-            if let Some(older) = &generations.older {
-                let more = older.evict_blocking(now, max_bytes)?;
+            let mut evicted = Evicted::default();
+            for shard in tier.all()? {
+                let more = shard.evict_blocking(now, share)?;
                 evicted.expired += more.expired;
                 evicted.corrupt += more.corrupt;
                 evicted.least_recently_used += more.least_recently_used;
@@ -354,14 +364,15 @@ impl DiskTier {
     /// Calls `f` with every stored entry, decoded where it can be, on the blocking pool, one at
     /// a time (so stats and exports of a large cache never hold it in memory); an older copy
     /// that the newer generation shadows is skipped. Stops at `f`'s first error. Opened with
-    /// [`Self::open_for_walk`], a walk to the end writes the counts it found back.
+    /// [`Self::open_for_walk`], it opens one shard at a time, and a walk to the end writes the
+    /// counts it found back.
     pub async fn visit<F>(&self, mut f: F) -> Result<(), DiskError>
     where
         F: FnMut(CacheKey, usize, Result<Entry, DecodeError>) -> std::io::Result<()>
             + Send
             + 'static,
     {
-        self.walk_generations(move |generation, shadow| {
+        self.walk_shards(move |generation, shadow| {
             generation.walk(shadow, &mut |key, size, bytes| {
                 f(key, size, Entry::decode(bytes)).map_err(DiskError::Io)
             })
@@ -378,7 +389,7 @@ impl DiskTier {
     where
         F: FnMut(CacheKey, u64, Result<Entry, DecodeError>) + Send + 'static,
     {
-        self.walk_generations(move |generation, shadow| {
+        self.walk_shards(move |generation, shadow| {
             generation.walk_summaries(shadow, &mut |key, size, entry| {
                 f(key, size, entry);
                 Ok(())
@@ -387,27 +398,28 @@ impl DiskTier {
         .await
     }
 
-    /// Runs `walk` over the newer generation, then over the older one with the newer as its
-    /// shadow, on the blocking pool; opened for a walk, writes each generation's counts back.
-    async fn walk_generations<W>(&self, mut walk: W) -> Result<(), DiskError>
+    /// Runs `walk` over each shard's generations in turn ([`Shard::walk_generations`]), on
+    /// the blocking pool. A shard that is not open is opened for the walk alone and let go
+    /// before the next one is opened.
+    async fn walk_shards<W>(&self, mut walk: W) -> Result<(), DiskError>
     where
         W: FnMut(&Generation, Option<&Generation>) -> Result<(u64, u64), DiskError>
             + Send
             + 'static,
     {
-        let generations = self.generations();
-        let exclusive = self.inner.exclusive;
+        let tier = self.clone();
         let walk_all = move || {
-            let newer = &generations.newer;
-            let walked = walk(newer, None)?;
-            if exclusive {
-                newer.set_counts(walked.0, walked.1)?;
-            }
-            if let Some(older) = &generations.older {
-                let walked = walk(older, Some(newer))?;
-                if exclusive {
-                    older.set_counts(walked.0, walked.1)?;
-                }
+            for slot in &tier.inner.shards {
+                let held = slot.open.lock().unwrap_or_else(PoisonError::into_inner);
+                let shard = match held.clone() {
+                    Some(shard) => shard,
+                    None => {
+                        slot.let_go.store(true, Ordering::Relaxed);
+                        tier.open_shard(slot)?
+                    }
+                };
+                drop(held);
+                shard.walk_generations(&mut walk)?;
             }
             Ok(())
         };
@@ -416,120 +428,47 @@ impl DiskTier {
             .map_err(DiskError::worker)?
     }
 
-    /// Removes every entry, giving the space back: a new, empty generation takes the place
-    /// of both, which are deleted before this returns (clearing sled's trees instead would
-    /// write a removal per entry, and the files would only grow).
+    /// Removes every entry, giving the space back: in each shard, a new, empty generation
+    /// takes the place of both, which are deleted before this returns (clearing sled's trees
+    /// instead would write a removal per entry, and the files would only grow).
     pub async fn clear(&self) -> Result<(), DiskError> {
         let tier = self.clone();
-        tokio::task::spawn_blocking(move || tier.clear_blocking())
+        let clear = move || tier.all()?.iter().try_for_each(Shard::clear_blocking);
+        tokio::task::spawn_blocking(clear)
             .await
             .map_err(DiskError::worker)?
     }
-
-    fn clear_blocking(&self) -> Result<(), DiskError> {
-        let inner = &self.inner;
-        let _rotating = inner
-            .rotating
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let number = self.generations().number + 1;
-        let fresh = Generation::open_blocking(&inner.dir, &name(number), inner.max_bytes, {
-            inner.page_cache
-        })?;
-        let cleared = {
-            let mut held = (inner.generations.write()).unwrap_or_else(PoisonError::into_inner);
-            let fresh = Generations {
-                newer: fresh,
-                number,
-                older: None,
-            };
-            std::mem::replace(&mut *held, fresh)
-        };
-        // The older first: a crash between the two leaves the newer's entries, never the
-        // older's that the newer had replaced.
-        for generation in [cleared.older, Some(cleared.newer)].into_iter().flatten() {
-            generation.retire(Removal::Now);
-        }
-        Ok(())
-    }
-
-    /// Starts a new generation when the newer's files (as last measured) have reached half the
-    /// bound, deleting the older one. A failure is logged, and writes go on into the full one.
-    fn rotate_when_full(&self, seen: &Generations) {
-        let inner = &self.inner;
-        if seen.newer.files_bytes() < (inner.max_bytes / 2).max(ROTATE_FLOOR)
-            || crate::entry::now_millis() < inner.retry_rotation_at.load(Ordering::Relaxed)
-        {
-            return;
-        }
-        let Ok(_rotating) = inner.rotating.try_lock() else {
-            return; // another write is rotating
-        };
-        // Seen before the lock was taken: another write may have rotated (or a clear run) in
-        // between, and the number after `seen`'s may be the live newer one by now.
-        if self.generations().number != seen.number {
-            return;
-        }
-        let number = seen.number + 1;
-        let fresh = Generation::open_blocking(&inner.dir, &name(number), inner.max_bytes, {
-            inner.page_cache
-        });
-        let fresh = match fresh {
-            Ok(fresh) => fresh,
-            Err(e) => {
-                let retry_at = crate::entry::now_millis() + ROTATION_RETRY_MS;
-                inner.retry_rotation_at.store(retry_at, Ordering::Relaxed);
-                warn!(
-                    error = %crate::error::report(&e),
-                    "cannot start a new disk cache generation; trying again in a minute"
-                );
-                return;
-            }
-        };
-        let dropped = {
-            let mut held = (inner.generations.write()).unwrap_or_else(PoisonError::into_inner);
-            let newer = std::mem::replace(&mut held.newer, fresh);
-            held.number = number;
-            held.older.replace(newer)
-        };
-        let files = seen.newer.files_bytes();
-        debug!(generation = number, files, "disk cache: new generation");
-        if let Some(dropped) = dropped {
-            // Reads in flight may still hold it: its files go when the last handle does.
-            dropped.retire(Removal::InBackground);
-        }
-    }
 }
 
-/// The directory name of generation `n`.
-fn name(n: u64) -> String {
-    match n {
-        0 => "db".to_owned(),
-        n => format!("db-{n}"),
-    }
-}
-
-/// The generations' numbers in `dir`, oldest first; leftovers of a deletion are removed.
-fn generations_in(dir: &Path) -> std::io::Result<Vec<u64>> {
-    let mut numbers = Vec::new();
+/// How many shards the directory is split into: as laid out already (a generation at its top
+/// level is the one shard of a directory from before shards, or of a small bound), or, for a
+/// new directory, one per [`SHARD_BYTES`] of `max_bytes`, 1 to [`MAX_SHARDS`].
+fn shard_count(dir: &Path, max_bytes: u64) -> std::io::Result<usize> {
+    let mut laid_out = None;
     for item in std::fs::read_dir(dir)? {
-        let item = item?;
-        let file_name = item.file_name();
-        let file_name = file_name.to_string_lossy();
-        if file_name.starts_with("drop-") {
-            let _ = std::fs::remove_dir_all(item.path());
-        } else if file_name == "db" {
-            numbers.push(0);
-        } else if let Some(n) = file_name.strip_prefix("db-").and_then(|n| n.parse().ok()) {
-            numbers.push(n);
+        let name = item?.file_name();
+        let name = name.to_string_lossy();
+        if name == "db" || name.starts_with("db-") {
+            return Ok(1);
         }
+        laid_out = laid_out.max(shards_named(&name));
     }
-    numbers.sort_unstable();
-    Ok(numbers)
+    let for_bound = usize::try_from(max_bytes / SHARD_BYTES).unwrap_or(MAX_SHARDS);
+    Ok(laid_out.unwrap_or(for_bound.clamp(1, MAX_SHARDS)))
 }
 
-fn drop_generation(dir: &Path, n: u64) {
-    delete_generation(&dir.join(name(n)), Removal::Now);
+/// The `S` of a directory named `shard-<i>-of-<S>`.
+fn shards_named(name: &str) -> Option<usize> {
+    let (_, of) = name.strip_prefix("shard-")?.split_once("-of-")?;
+    of.parse().ok().filter(|n| (2..=MAX_SHARDS).contains(n))
+}
+
+/// The directory of shard `i` of `count`.
+fn shard_dir(dir: &Path, i: usize, count: usize) -> PathBuf {
+    match count {
+        1 => dir.to_owned(),
+        _ => dir.join(format!("shard-{i}-of-{count}")),
+    }
 }
 
 /// The bytes of the files under `dir`, recursively, as `du --apparent-size` counts them. A file
@@ -545,4 +484,32 @@ pub(crate) fn bytes_under(dir: &Path) -> u64 {
             _ => item.metadata().map_or(0, |m| m.len()),
         })
         .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_new_directory_gets_a_shard_per_share_of_the_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let count = |bound| shard_count(dir.path(), bound).unwrap();
+        assert_eq!(count(0), 1);
+        assert_eq!(count(SHARD_BYTES * 2 - 1), 1);
+        assert_eq!(count(SHARD_BYTES * 2), 2);
+        assert_eq!(count(10 << 30), 16);
+        assert_eq!(count(u64::MAX), MAX_SHARDS);
+    }
+
+    #[test]
+    fn a_laid_out_directory_keeps_its_shards_whatever_the_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("shard-3-of-16")).unwrap();
+        assert_eq!(shard_count(dir.path(), 1 << 20).unwrap(), 16);
+        let earlier = tempfile::tempdir().unwrap();
+        std::fs::create_dir(earlier.path().join("db")).unwrap();
+        assert_eq!(shard_count(earlier.path(), 100 << 30).unwrap(), 1);
+        assert_eq!(shards_named("shard-0-of-1"), None);
+        assert_eq!(shards_named("shard-0-of-x"), None);
+    }
 }
