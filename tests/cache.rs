@@ -432,3 +432,61 @@ async fn concurrent_writes_rotate_one_generation_at_a_time() {
     let allowed = bound + bound / 10 + 16 * MIB;
     assert!(largest <= allowed, "{largest} bytes for a bound of {bound}");
 }
+
+/// A large bound splits the tier by key into shards (`<dir>/shard-<i>-of-<S>`), kept whatever
+/// the bound says later; a `cache` command's walk opens one shard at a time and lets it go, so
+/// its memory is bounded by a shard, not by the cache.
+#[tokio::test]
+async fn a_large_bound_shards_the_tier_and_a_walk_opens_one_shard_at_a_time() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    const ENTRIES: usize = 400;
+    let dir = tempfile::tempdir().unwrap();
+    let now = now_millis();
+    {
+        let disk = DiskTier::open(dir.path(), 10 << 30).await.unwrap();
+        assert_eq!((disk.shards(), disk.shards_open()), (16, 16));
+        for n in 0..ENTRIES {
+            disk.insert(&key(n), &entry(n, now), now).unwrap();
+        }
+        assert_eq!(disk.usage().0, ENTRIES as u64);
+        disk.flush().await.unwrap();
+    }
+    let mut laid_out: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|item| item.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("db") || name.starts_with("shard-"))
+        .collect();
+    laid_out.sort();
+    let mut expected: Vec<String> = (0..16).map(|i| format!("shard-{i}-of-16")).collect();
+    expected.sort();
+    assert_eq!(laid_out, expected);
+
+    // Reopened for a walk with a small bound: the same 16 shards, the first one open.
+    let walk = support::once_unlocked(|| DiskTier::open_for_walk(dir.path(), MIB)).await;
+    assert_eq!((walk.shards(), walk.shards_open()), (16, 1));
+    let (seen, most_open) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (counting, watching, tier) = (seen.clone(), most_open.clone(), walk.clone());
+    walk.visit_summaries(move |_, _, entry| {
+        assert!(entry.is_ok());
+        counting.fetch_add(1, Ordering::Relaxed);
+        watching.fetch_max(tier.shards_open(), Ordering::Relaxed);
+    })
+    .await
+    .unwrap();
+    assert_eq!(seen.load(Ordering::Relaxed), ENTRIES);
+    // The first shard, and the one being walked.
+    assert_eq!(most_open.load(Ordering::Relaxed), 2);
+    assert_eq!(
+        walk.shards_open(),
+        1,
+        "every shard the walk opened was let go"
+    );
+    // A shard let go opens again (sled's lock taken back), and every entry is where its key says.
+    for n in 0..ENTRIES {
+        let found = walk.get(&key(n), now).unwrap();
+        assert_eq!(found.as_ref(), Some(&entry(n, now)), "entry {n}");
+    }
+    assert_eq!(walk.usage().0, ENTRIES as u64);
+}

@@ -409,17 +409,19 @@ impl DiskTier {
     {
         let tier = self.clone();
         let walk_all = move || {
-            for slot in &tier.inner.shards {
-                let held = slot.open.lock().unwrap_or_else(PoisonError::into_inner);
-                let shard = match held.clone() {
-                    Some(shard) => shard,
-                    None => {
-                        slot.let_go.store(true, Ordering::Relaxed);
-                        tier.open_shard(slot)?
-                    }
-                };
-                drop(held);
-                shard.walk_generations(&mut walk)?;
+            for (i, slot) in tier.inner.shards.iter().enumerate() {
+                let was_open = slot.open.lock().map_or(true, |open| open.is_some());
+                let walked = tier.shard(i)?.walk_generations(&mut walk);
+                if !was_open {
+                    slot.let_go.store(true, Ordering::Relaxed);
+                    drop(
+                        slot.open
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .take(),
+                    );
+                }
+                walked?;
             }
             Ok(())
         };

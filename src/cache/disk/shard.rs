@@ -76,6 +76,11 @@ struct Inner {
     retry_rotation_at: AtomicU64,
 }
 
+/// What [`Shard::walk_generations`] runs over a generation, with the newer one as its shadow
+/// when it is the older: the entries it walked, and the bytes they count for.
+pub(super) type GenerationWalk<'a> =
+    dyn FnMut(&Generation, Option<&Generation>) -> Result<(u64, u64), DiskError> + 'a;
+
 /// The generations, as one write or read sees them.
 #[derive(Clone)]
 struct Generations {
@@ -296,10 +301,7 @@ impl Shard {
     /// Runs `walk` over the newer generation, then over the older one with the newer as its
     /// shadow (an entry copied forward is walked once); opened `exclusive`, writes each
     /// generation's counts (what `walk` returns) back.
-    pub(super) fn walk_generations(
-        &self,
-        walk: &mut dyn FnMut(&Generation, Option<&Generation>) -> Result<(u64, u64), DiskError>,
-    ) -> Result<(), DiskError> {
+    pub(super) fn walk_generations(&self, walk: &mut GenerationWalk<'_>) -> Result<(), DiskError> {
         let generations = self.generations();
         let newer = &generations.newer;
         let walked = walk(newer, None)?;
