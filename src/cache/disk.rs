@@ -156,18 +156,21 @@ impl DiskTier {
             }),
         };
         let opening = if exclusive { 1 } else { count };
-        // Side by side: reading a large database back takes seconds.
-        let tier_ref = &tier;
-        std::thread::scope(|scope| {
-            let opened: Vec<_> = (0..opening)
-                .map(|i| scope.spawn(move || tier_ref.shard(i)))
-                .collect();
-            for shard in opened {
-                shard
-                    .join()
-                    .unwrap_or_else(|p| std::panic::resume_unwind(p))?;
+        // Two at a time: reading a large database back takes seconds, and more threads at it
+        // would only take the cores from the server that answers meanwhile.
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let open_next = || loop {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            if i >= opening {
+                return Ok::<_, DiskError>(());
             }
-            Ok::<_, DiskError>(())
+            tier.shard(i)?;
+        };
+        std::thread::scope(|scope| {
+            let other = (opening > 1).then(|| scope.spawn(open_next));
+            let mine = open_next();
+            let other = other.map(|t| t.join().unwrap_or_else(|p| std::panic::resume_unwind(p)));
+            mine.and(other.unwrap_or(Ok(())))
         })?;
         Ok(tier)
     }
