@@ -19,10 +19,10 @@
 //! shard is the cache directory itself, as every earlier version laid it out, so such a
 //! directory is read as it is.
 //!
-//! Serving, every shard is opened at once (side by side). A `cache` command
+//! Serving, every shard is opened at once (two at a time). A `cache` command
 //! ([`DiskTier::open_for_walk`]) opens the first shard, so that another process's lock is
-//! found at once, and the others as it needs them; its walks open each shard not yet open for
-//! the walk alone and let it go before opening the next.
+//! found at once, and the others as it needs them; its walks let each shard go once walked,
+//! before opening the next, so that one shard at a time is open.
 //!
 //! Every call here blocks, except those marked async; [`super::Cache`] runs them on tokio's
 //! blocking pool with a time limit, so that a slow, full or failing disk never stalls a request.
@@ -402,8 +402,8 @@ impl DiskTier {
     }
 
     /// Runs `walk` over each shard's generations in turn ([`Shard::walk_generations`]), on
-    /// the blocking pool. A shard that is not open is opened for the walk alone and let go
-    /// before the next one is opened.
+    /// the blocking pool. A `cache` command's walk opens each shard for itself and lets it go
+    /// before opening the next (the command's later calls open again what they need).
     async fn walk_shards<W>(&self, mut walk: W) -> Result<(), DiskError>
     where
         W: FnMut(&Generation, Option<&Generation>) -> Result<(u64, u64), DiskError>
@@ -413,9 +413,8 @@ impl DiskTier {
         let tier = self.clone();
         let walk_all = move || {
             for (i, slot) in tier.inner.shards.iter().enumerate() {
-                let was_open = slot.open.lock().map_or(true, |open| open.is_some());
                 let walked = tier.shard(i)?.walk_generations(&mut walk);
-                if !was_open {
+                if tier.inner.exclusive {
                     slot.let_go.store(true, Ordering::Relaxed);
                     drop(
                         slot.open
