@@ -47,10 +47,11 @@ pub use generation::Evicted;
 use generation::{Generation, PER_ENTRY_OVERHEAD, SLED_CACHE_BYTES, SLED_WALK_CACHE_BYTES};
 use shard::Shard;
 
-/// A shard per this much of `disk_bytes`. At the ~2.8 KB of files that a ~1 KB entry takes in
-/// a shard (two generations, sled's overhead), a shard holds at most ~230k such entries: a
-/// walk's memory stays under ~40 MiB (measured: 66 MiB for 230k entries opened as one
-/// database with its older generation).
+/// A shard per this much of `disk_bytes`. A shard's directory holds about twice its entries'
+/// bytes, so a full one holds ~230k entries of ~1 KB, and a walk of it measured 66 MiB (a
+/// 644 MiB directory, both generations full): what a `cache` command's walk costs at most,
+/// whatever the bound (up to [`MAX_SHARDS`] shards). A million such entries under the
+/// default bound spread over 16 shards: 37–40 MiB.
 const SHARD_BYTES: u64 = 640 << 20;
 /// The most shards: each is two sled databases, with a thread of sled's each. Past
 /// `MAX_SHARDS` × [`SHARD_BYTES`] (40 GiB) a shard's share grows with the bound again.
