@@ -51,7 +51,7 @@ use shard::Shard;
 /// bytes, so a full one holds ~230k entries of ~1 KB, and a walk of it measured 66 MiB (a
 /// 644 MiB directory, both generations full): what a `cache` command's walk costs at most,
 /// whatever the bound (up to [`MAX_SHARDS`] shards). A million such entries under the
-/// default bound spread over 16 shards: 37–40 MiB.
+/// default bound spread over 16 shards: 36–39 MiB.
 const SHARD_BYTES: u64 = 640 << 20;
 /// The most shards: each is two sled databases, with a thread of sled's each. Past
 /// `MAX_SHARDS` × [`SHARD_BYTES`] (40 GiB) a shard's share grows with the bound again.
