@@ -46,6 +46,11 @@ struct CallerLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TierLabel {
     tier: &'static str,
 }
@@ -97,6 +102,7 @@ pub struct Metrics {
     entries: Family<TierLabel, Gauge>,
     bytes: Family<TierLabel, Gauge>,
     callers: Family<CallerLabel, Counter>,
+    cut: Family<ReasonLabel, Counter>,
     in_flight: Gauge,
     queued: Gauge,
     store_errors: Counter,
@@ -147,6 +153,13 @@ impl Default for Metrics {
             "Requests admitted by an access token, by the token's name",
             callers.clone(),
         );
+        let cut = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "connections_cut",
+            "Connections the proxy closed on a caller, by which server timeout ran out \
+             (idle_timeout, header_timeout, write_timeout)",
+            cut.clone(),
+        );
         let in_flight = Gauge::default();
         registry.register(
             "upstream_in_flight",
@@ -191,6 +204,7 @@ impl Default for Metrics {
             entries,
             bytes,
             callers,
+            cut,
             models: Default::default(),
             rendering: Default::default(),
         }
@@ -236,6 +250,13 @@ impl Metrics {
             caller: name.to_owned(),
         };
         self.callers.get_or_create(&label).clone()
+    }
+
+    /// The counter of connections closed on their caller because the server timeout named
+    /// `reason` ran out (`idle_timeout`, `header_timeout`, `write_timeout`). Taken once per
+    /// reason, so that counting a cut is one atomic add.
+    pub fn connections_cut(&self, reason: &'static str) -> Counter {
+        self.cut.get_or_create(&ReasonLabel { reason }).clone()
     }
 
     /// Counts an upstream attempt. Model names come from callers, so past

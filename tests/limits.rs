@@ -159,6 +159,17 @@ async fn read_to_close(tcp: &mut TcpStream) -> Vec<u8> {
     all
 }
 
+/// `fallthrough_connections_cut_total{reason}` from the proxy's `/metrics`.
+async fn cuts(p: &Proxy, reason: &str) -> u64 {
+    let metrics = p.metrics().await;
+    let line = format!("fallthrough_connections_cut_total{{reason=\"{reason}\"}} ");
+    let value = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&line))
+        .unwrap_or_else(|| panic!("no {line} in /metrics:\n{metrics}"));
+    value.parse().unwrap()
+}
+
 fn streamed(text: &str) -> Value {
     let mut body = request(text);
     body["stream"] = json!(true);
@@ -218,6 +229,8 @@ async fn slow_senders_are_cut_and_everyone_else_is_served() {
         30,
         "every slow sender was disconnected"
     );
+    assert_eq!(cuts(&p, "header_timeout").await, 30);
+    assert_eq!(cuts(&p, "write_timeout").await, 0);
 
     // A body that never ends: 408 in the API's shape, the connection closed, nothing upstream.
     let before = p.mock.stats().requests;
@@ -278,6 +291,7 @@ async fn idle_connections_close_and_the_cap_holds_new_ones_back() {
         "{}",
         String::from_utf8_lossy(&answer)
     );
+    assert_eq!(cuts(&p, "idle_timeout").await, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -315,7 +329,13 @@ async fn a_slow_reader_holds_no_upstream_slot() {
         let stored = || async move { p.cached(body).await.status() == 200 };
         support::eventually_async(&format!("slow reader {i}'s answer stored"), stored).await;
     }
-    // ...and the readers, which took nothing, were disconnected before the end.
+    // ...and the readers, which took nothing, are disconnected before the end. Waited for as
+    // the event itself: reading first would let the stalled writes go on, and a reader that
+    // took the whole answer is kept alive, not cut.
+    support::eventually_async("both slow readers cut by the write timeout", || async {
+        cuts(&p, "write_timeout").await == 2
+    })
+    .await;
     for mut tcp in readers {
         let got = read_to_close(&mut tcp).await;
         assert!(

@@ -32,6 +32,7 @@ use tower_service::Service;
 use tracing::{debug, warn};
 
 use crate::config::ServerConfig;
+use crate::metrics::{Counter, Metrics};
 
 /// Most request headers, and most bytes of them, the proxy accepts; past either it answers
 /// 431 in the API's shape. (Claude Code sends about 20 headers, 4 KiB in all.)
@@ -64,17 +65,38 @@ pub(super) async fn header_limits(
     next.run(request).await
 }
 
+/// The counters of connections cut by each timeout (`fallthrough_connections_cut_total`),
+/// so that an operator, and a test, can see a cut that the caller may not.
+#[derive(Clone)]
+struct Cuts {
+    idle: Counter,
+    header: Counter,
+    write: Counter,
+}
+
+impl Cuts {
+    fn new(metrics: &Metrics) -> Self {
+        Cuts {
+            idle: metrics.connections_cut("idle_timeout"),
+            header: metrics.connections_cut("header_timeout"),
+            write: metrics.connections_cut("write_timeout"),
+        }
+    }
+}
+
 /// Accepts connections until `shutdown` resolves, each served with `limits`; then lets open
 /// connections finish their requests and returns when the last one has closed.
 pub(super) async fn serve(
     listener: TcpListener,
     router: Router,
     limits: ServerConfig,
+    metrics: &Metrics,
     shutdown: impl Future<Output = ()>,
 ) {
     let open = Arc::new(Semaphore::new(limits.max_connections));
     let (closing, closing_rx) = watch::channel(false);
     let limits = Arc::new(limits);
+    let cuts = Cuts::new(metrics);
     tokio::pin!(shutdown);
     loop {
         // Past `max_connections`, new connections wait in the listen backlog; the open ones
@@ -103,6 +125,7 @@ pub(super) async fn serve(
             router: router.clone(),
             limits: limits.clone(),
             closing: closing_rx.clone(),
+            cuts: cuts.clone(),
             peer: Peer(peer),
             _permit: permit,
         };
@@ -124,6 +147,7 @@ struct Connection {
     router: Router,
     limits: Arc<ServerConfig>,
     closing: watch::Receiver<bool>,
+    cuts: Cuts,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -135,6 +159,7 @@ impl Connection {
             watch: watch.clone(),
             write_timeout: self.limits.write_timeout,
             stalled: None,
+            cut: self.cuts.write.clone(),
         });
         let router = self.router.clone();
         let in_service = watch.clone();
@@ -165,7 +190,11 @@ impl Connection {
                     return;
                 }
                 why = watch.expired(&self.limits) => {
-                    debug!(why, "closing a connection");
+                    debug!(why = why.as_str(), "closing a connection");
+                    match why {
+                        Timeout::Idle => self.cuts.idle.inc(),
+                        Timeout::Header => self.cuts.header.inc(),
+                    };
                     return; // dropping hyper's connection closes the socket
                 }
                 changed = self.closing.changed(), if !closing => {
@@ -175,6 +204,22 @@ impl Connection {
                     }
                 }
             }
+        }
+    }
+}
+
+/// Which of the watchdog's timeouts ran out.
+#[derive(Clone, Copy, Debug)]
+enum Timeout {
+    Idle,
+    Header,
+}
+
+impl Timeout {
+    fn as_str(self) -> &'static str {
+        match self {
+            Timeout::Idle => "idle_timeout",
+            Timeout::Header => "header_timeout",
         }
     }
 }
@@ -235,12 +280,12 @@ impl Watch {
     }
 
     /// Resolves when the idle or head phase has lasted longer than its timeout; says which.
-    async fn expired(&self, limits: &ServerConfig) -> &'static str {
+    async fn expired(&self, limits: &ServerConfig) -> Timeout {
         loop {
             let changed = self.changed.notified();
             let deadline = match *self.phase.lock().expect("phase lock") {
-                Phase::Idle { since } => Some((since + limits.idle_timeout, "idle timeout")),
-                Phase::Head { since } => Some((since + limits.header_timeout, "header timeout")),
+                Phase::Idle { since } => Some((since + limits.idle_timeout, Timeout::Idle)),
+                Phase::Head { since } => Some((since + limits.header_timeout, Timeout::Header)),
                 Phase::Busy(_) => None,
             };
             match deadline {
@@ -315,6 +360,8 @@ struct Watched {
     write_timeout: Duration,
     /// Armed when a write could not proceed; disarmed by any progress.
     stalled: Option<Pin<Box<Sleep>>>,
+    /// Counts the cut (`write_timeout`).
+    cut: Counter,
 }
 
 impl Watched {
@@ -332,10 +379,14 @@ impl Watched {
             .stalled
             .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
         match stalled.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "the caller took no bytes for server.write_timeout",
-            ))),
+            Poll::Ready(()) => {
+                self.stalled = None;
+                self.cut.inc();
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the caller took no bytes for server.write_timeout",
+                )))
+            }
             Poll::Pending => Poll::Pending,
         }
     }

@@ -165,7 +165,13 @@ pub async fn serve(
         shutdown.await;
         let _ = draining.send(());
     };
-    let server = conn::serve(listener, app, client.config().server.clone(), signal);
+    let server = conn::serve(
+        listener,
+        app,
+        client.config().server.clone(),
+        client.metrics(),
+        signal,
+    );
     // In-flight requests get DRAIN_LIMIT to finish; a stream that never ends must not keep the
     // process (and the disk tier's flush) waiting for ever.
     let drain_limit = async {
