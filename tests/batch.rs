@@ -215,16 +215,18 @@ async fn a_prewarm_killed_after_creating_its_batch_resumes_it_without_a_new_one(
         .spawn()
         .unwrap();
     let records = cache.join("batches");
+    // A record is written to a `.tmp` file, then renamed: only the renamed one counts.
+    let record = || {
+        std::fs::read_dir(&records)
+            .ok()?
+            .filter_map(Result::ok)
+            .find(|e| e.path().extension().is_none_or(|x| x != "tmp"))
+    };
     support::eventually("the batch is created and recorded", || {
-        batch_creations(&mock) == 1
-            && std::fs::read_dir(&records).is_ok_and(|mut d| d.next().is_some())
+        batch_creations(&mock) == 1 && record().is_some()
     })
     .await;
-    let record = std::fs::read_dir(&records)
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap();
+    let record = record().unwrap();
     let text = std::fs::read_to_string(record.path()).unwrap();
     assert!(
         !text.contains(KEY),

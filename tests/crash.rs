@@ -161,7 +161,9 @@ async fn kill_9_during_a_burst_then_restart() {
         );
         tasks.push(tokio::spawn(async move {
             let _permit = permits.acquire_owned().await.expect("semaphore open");
-            if killed.load(Ordering::SeqCst) {
+            // Past KILL_AFTER answers no new request starts: those in flight are the ones the
+            // kill catches, and the burst cannot finish before the kill however late it comes.
+            if killed.load(Ordering::SeqCst) || count.load(Ordering::SeqCst) >= KILL_AFTER {
                 return;
             }
             let sent = http
