@@ -9,7 +9,6 @@ use std::time::Duration;
 use fallthrough::mock::{MockConfig, MockServer, Scripted};
 use fallthrough::Config;
 use serde_json::{json, Value};
-use tokio::net::TcpListener;
 
 mod support;
 use support::proxy::*;
@@ -102,10 +101,7 @@ async fn the_upstreams_x_should_retry_false_is_obeyed() {
 
 #[tokio::test]
 async fn an_unreachable_upstream_is_a_502_before_and_after_the_breaker_opens() {
-    let closed = {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        listener.local_addr().unwrap()
-    };
+    let (_held, closed) = support::refusing_address();
     let mock = MockServer::start(MockConfig::default()).await.unwrap();
     let proxy = Proxy::start_on(mock, move |b| {
         b.upstream(format!("http://{closed}"))
@@ -234,10 +230,7 @@ async fn an_answer_that_cannot_be_replayed_is_passed_on_but_not_stored() {
 
 #[tokio::test]
 async fn the_upstreams_userinfo_never_reaches_a_caller() {
-    let closed = {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        listener.local_addr().unwrap()
-    };
+    let (_held, closed) = support::refusing_address();
     let mock = MockServer::start(MockConfig::default()).await.unwrap();
     let proxy = Proxy::start_on(mock, move |b| {
         b.upstream(format!("http://gateway-user:hunter2@{closed}"))

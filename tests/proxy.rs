@@ -314,9 +314,8 @@ async fn the_proxys_own_errors_are_api_shaped_and_it_keeps_serving() {
 
 #[tokio::test]
 async fn an_unreachable_upstream_is_a_502() {
-    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let dead = format!("http://{}", closed.local_addr().unwrap());
-    drop(closed);
+    let (_held, closed) = support::refusing_address();
+    let dead = format!("http://{closed}");
     let proxy = Proxy::start_with(|b| b.upstream(dead)).await;
     let r = proxy
         .post("/v1/messages", &request("anyone?"))

@@ -37,6 +37,17 @@ pub async fn backdate(client: &Client, key: &CacheKey, by: Duration) -> Entry {
     entry
 }
 
+/// An address where connections are refused, for an unreachable upstream: a socket bound to
+/// it but not listening. Keep the socket for as long as the address is used: it holds the
+/// port, so that no other test's listener can take it meanwhile (a port merely closed can be
+/// handed out again).
+pub fn refusing_address() -> (tokio::net::TcpSocket, std::net::SocketAddr) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = socket.local_addr().unwrap();
+    (socket, addr)
+}
+
 /// Polls `done` every 10 ms until it holds, for at most a minute (a bound only a wedged
 /// process reaches), then panics with `what`. For events a test cannot await directly.
 pub async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
