@@ -4,6 +4,11 @@
 mod support;
 
 use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
 
 use fallthrough::mock::{MockConfig, MockServer};
 use support::proxy::{header, request};
@@ -28,14 +33,17 @@ impl Drop for Serve {
 
 /// An instance over `mock` sharing `redis`, with `more` appended to its configuration.
 fn serve(mock: &MockServer, redis: &Redis, more: &str) -> Serve {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("fallthrough.toml");
     // A generous shared timeout: the default 100 ms is for production, where a slow server
     // costs a miss; here a loaded machine's first connect must not turn into one.
-    let config = format!(
-        "[shared]\nurl = \"{}\"\nprefix = \"test:\"\ntimeout = \"10s\"\n{more}",
-        redis.url()
-    );
+    serve_over(mock, &redis.url(), "10s", more)
+}
+
+/// An instance over `mock` sharing the server at `url` with the shared tier's `timeout`.
+fn serve_over(mock: &MockServer, url: &str, timeout: &str, more: &str) -> Serve {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("fallthrough.toml");
+    let config =
+        format!("[shared]\nurl = \"{url}\"\nprefix = \"test:\"\ntimeout = \"{timeout}\"\n{more}");
     std::fs::write(&file, config).unwrap();
     let (child, url) = support::spawn_serve(&mock.url(), &dir.path().join("cache"), |cmd| {
         cmd.arg("--config")
@@ -455,6 +463,65 @@ async fn the_cache_commands_work_on_the_shared_tier() {
     let (status, outcome, _) = cache_header(ask(&b.url, "kept in the fleet 1").await).await;
     assert_eq!((status, outcome.as_str()), (200, "shared"));
     assert_eq!(upstream_calls(&mock, 200), 2);
+}
+
+/// A relay to the Redis server on `port` that makes it `rtt` away: each chunk, each way, is
+/// held half of it, and a connection's first bytes wait one more `rtt` (its TCP handshake).
+/// Returns the relay's `redis://` URL; it relays until the test ends.
+async fn far_away(port: u16, rtt: Duration) -> String {
+    async fn pipe(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, hold: Duration) {
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(n @ 1..) = from.read(&mut buf).await {
+            tokio::time::sleep(hold).await;
+            if to.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    }
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("redis://{}/0", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((caller, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                tokio::time::sleep(rtt).await;
+                let Ok(server) = TcpStream::connect(("127.0.0.1", port)).await else {
+                    return;
+                };
+                let ((from_caller, to_caller), (from_server, to_server)) =
+                    (caller.into_split(), server.into_split());
+                tokio::join!(
+                    pipe(from_caller, to_server, rtt / 2),
+                    pipe(from_server, to_caller, rtt / 2)
+                );
+            });
+        }
+    });
+    url
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_takes_longer_to_connect_than_the_timeout_is_still_shared() {
+    // 200 ms away with a 300 ms timeout: every operation fits, but a connection (its handshake,
+    // then the setup commands: two round trips) does not. The tier must connect anyway.
+    let redis = Redis::start().await;
+    let far = far_away(redis.port, Duration::from_millis(200)).await;
+    let mock = MockServer::start(MockConfig::default()).await.unwrap();
+    let a = serve_over(&mock, &far, "300ms", "");
+    let mut n = 0;
+    support::eventually_async("an answer of the far instance lands in Redis", || {
+        n += 1;
+        let (url, redis) = (a.url.clone(), &redis);
+        async move {
+            let r = ask(&url, &format!("from afar {n}")).await;
+            assert_eq!(r.status(), 200);
+            !everything(redis).await.is_empty()
+        }
+    })
+    .await;
+    // What landed is the fleet's: another instance, near the server, is answered from it.
+    let b = serve(&mock, &redis, "");
+    let (status, outcome, _) = cache_header(ask(&b.url, &format!("from afar {n}")).await).await;
+    assert_eq!((status, outcome.as_str()), (200, "shared"));
 }
 
 /// Every name and value under the tests' prefix.

@@ -13,7 +13,8 @@
 //! its reads go on.) So an outage of the server costs one request at most `timeout`, not
 //! every request, and sharing resumes by itself. The connection itself is redis-rs's
 //! connection manager, made lazily (a server down at start-up does not stop the start) and
-//! reconnecting when its connection drops.
+//! reconnecting when its connection drops. Making a connection may take [`CONNECT_WAIT`], not
+//! just `timeout`: it is made in the background, by the resting tier's ping.
 //!
 //! # What is stored
 //! An entry is the same versioned, checksummed bytes as on disk ([`Entry::encode`]), under
@@ -52,6 +53,12 @@ pub const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Keys an admin walk reads per round trip.
 const ADMIN_BATCH: usize = 500;
 
+/// The longest a connection to the server may take to set up: TCP, TLS, the setup commands.
+/// More than an operation's `timeout`, which bounds what a request waits: a server a few tens
+/// of milliseconds away answers each operation well within 100 ms but needs two to four round
+/// trips to connect, and a connection given only `timeout` would never be made. Requests do not
+/// wait for it: they skip the resting tier while the background ping drives the connection.
+pub const CONNECT_WAIT: Duration = Duration::from_secs(5);
 /// How often a resting tier pings its server.
 pub const PING_EVERY: Duration = Duration::from_millis(500);
 /// How often a request waiting for another instance's answer looks for it.
@@ -116,7 +123,7 @@ impl SharedTier {
             }
         };
         let settings = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(config.timeout))
+            .set_connection_timeout(Some(CONNECT_WAIT.max(config.timeout)))
             .set_response_timeout(Some(config.timeout))
             .set_number_of_retries(1)
             .set_max_delay(PING_EVERY);
@@ -428,7 +435,9 @@ impl SharedTier {
         None
     }
 
-    /// Skips the tier until a ping is answered, pinging in the background.
+    /// Skips the tier until a ping is answered, pinging in the background. A ping waits up to
+    /// [`CONNECT_WAIT`], not `timeout`: no request waits for it, and the first ping after the
+    /// connection dropped is the one that makes the new connection.
     fn rest(self: &Arc<Self>) {
         if self.resting.swap(true, Ordering::Relaxed) {
             return; // a pinger runs already
@@ -440,7 +449,8 @@ impl SharedTier {
                 tokio::time::sleep(PING_EVERY).await;
                 let mut connection = tier.connection.clone();
                 let ping = connection.ping::<String>();
-                if let Ok(Ok(_)) = tokio::time::timeout(tier.timeout, ping).await {
+                let wait = CONNECT_WAIT.max(tier.timeout);
+                if let Ok(Ok(_)) = tokio::time::timeout(wait, ping).await {
                     tier.resting.store(false, Ordering::Relaxed);
                     info!(after = ?started.elapsed(), "the shared tier answers again");
                     return;
