@@ -316,3 +316,70 @@ async fn counts_survive_a_restart_without_reading_the_entries() {
     let again = support::once_unlocked(open).await;
     assert_eq!(again.usage().await.disk_entries, ENTRIES - 1);
 }
+
+/// In a sharded directory (a bound of 10 GiB: 16 shards) a database that cannot be opened is
+/// one shard's: it alone is moved aside, inside its own directory, and every other shard keeps
+/// its entries. Nothing corrupt is served, and the process opens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_shard_is_moved_aside_alone_and_the_others_keep_their_entries() {
+    const SHARDED: u64 = 10 << 30;
+    const SHARDS: u64 = 16;
+    let shard_of = |n: u64| u64::from_le_bytes(key(n).0[..8].try_into().unwrap()) % SHARDS;
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let cache = Cache::open(dir.path(), 1 << 20, SHARDED).await.unwrap();
+        let now = now_millis();
+        for n in 0..ENTRIES {
+            cache
+                .insert(key(n), Entry::new(body(n), "m", now, HOUR, HOUR), now)
+                .await;
+        }
+        cache.flush().await.unwrap();
+    }
+    let damaged = shard_of(0);
+    let shard_dir = |i: u64| dir.path().join(format!("shard-{i}-of-{SHARDS}"));
+    std::fs::write(
+        shard_dir(damaged).join("db").join("conf"),
+        b"garbage\x00\xff",
+    )
+    .unwrap();
+
+    let open = support::once_unlocked(|| Cache::open(dir.path(), 1 << 20, SHARDED));
+    let cache = tokio::time::timeout(EVENTUALLY, open)
+        .await
+        .expect("opening hung");
+    let now = now_millis();
+    for n in 0..ENTRIES {
+        let hit = cache.get(&key(n), now).await;
+        if shard_of(n) == damaged {
+            assert!(hit.is_none(), "entry {n}: its shard was moved aside");
+        } else {
+            let hit = hit.unwrap_or_else(|| panic!("entry {n} of an undamaged shard was lost"));
+            assert_eq!(hit.entry.body, body(n), "entry {n} served corrupt");
+        }
+    }
+    // The damaged shard works again, fresh.
+    cache
+        .insert(key(0), Entry::new(body(0), "m", now, HOUR, HOUR), now)
+        .await;
+    assert_eq!(cache.get(&key(0), now).await.unwrap().entry.body, body(0));
+    drop(cache);
+    let aside = |dir: &Path| {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .filter(|e| {
+                let name = e.as_ref().unwrap().file_name();
+                name.to_string_lossy().starts_with("corrupt-")
+            })
+            .count()
+    };
+    assert_eq!(aside(dir.path()), 0, "nothing moved aside at the top");
+    for i in 0..SHARDS {
+        let expected = usize::from(i == damaged);
+        assert_eq!(
+            aside(&shard_dir(i)),
+            expected,
+            "moved-aside copies in shard {i}"
+        );
+    }
+}
