@@ -383,3 +383,62 @@ async fn a_damaged_shard_is_moved_aside_alone_and_the_others_keep_their_entries(
         );
     }
 }
+
+/// A disk already full when `serve` starts: it starts, answers without the disk, and starts
+/// storing by itself once there is space (SPEC: a full disk never stops the process; storing
+/// resumes when space is back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_full_at_the_start_is_used_once_space_is_back() {
+    let disk = Tmpfs::mount("256k");
+    let filler = disk.path().join("filler");
+    // Fill it: writes until the tmpfs refuses.
+    {
+        use std::io::Write;
+        let mut file = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 4096];
+        while file.write_all(&block).is_ok() {}
+    }
+    let mock = MockServer::start(MockConfig::default()).await.unwrap();
+    let (mut child, url) = support::spawn_serve(&mock.url(), &disk.path().join("cache"), |cmd| {
+        cmd.env("RUST_LOG", "warn").stderr(Stdio::null());
+    });
+    let http = reqwest::Client::new();
+    let ask = |n: u64| {
+        let (http, url) = (&http, &url);
+        async move {
+            let r = http
+                .post(format!("{url}/v1/messages"))
+                .header("x-api-key", "sk-ant-caller-key")
+                .json(&request(&format!("asked on a full disk {n}")))
+                .send()
+                .await
+                .unwrap();
+            r.status().as_u16()
+        }
+    };
+    let disk_entries = || async {
+        let text = http.get(format!("{url}/metrics")).send().await.unwrap();
+        sample(
+            &text.text().await.unwrap(),
+            "fallthrough_cache_entries{tier=\"disk\"}",
+        )
+    };
+    assert_eq!(ask(0).await, 200, "answered with the disk full");
+    assert_eq!(disk_entries().await, 0.0);
+
+    // Space is back: within a retry or so, answers are stored on disk.
+    std::fs::remove_file(&filler).unwrap();
+    disk.resize("64m");
+    let mut n = 0;
+    support::eventually_async("the disk tier to open and store", || {
+        n += 1;
+        let asked = ask(n);
+        async move {
+            assert_eq!(asked.await, 200);
+            disk_entries().await > 0.0
+        }
+    })
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -116,6 +116,17 @@ impl Guard {
         let _ = tokio::time::timeout(limit, all).await;
     }
 
+    /// Opens the tier in the background, again every [`REOPEN_EVERY`] until it opens: for a
+    /// tier that could not be opened at the start.
+    pub(super) fn retry_open(self: &Arc<Self>) {
+        *self.reopened_at.lock().expect("reopen lock") = Some(Instant::now());
+        let retry = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(REOPEN_EVERY).await;
+            retry.reopen_later();
+        });
+    }
+
     /// Closes the tier and opens it again, in the background, unless that was tried less than
     /// [`REOPEN_EVERY`] ago. Calls meanwhile skip the disk.
     fn reopen_later(self: &Arc<Self>) {
@@ -139,13 +150,7 @@ impl Guard {
                 }
                 Err(e) => {
                     guard.failed("reopen", &report(&e));
-                    // Tried again after REOPEN_EVERY, on the next call that finds no tier.
-                    *guard.reopened_at.lock().expect("reopen lock") = Some(Instant::now());
-                    let retry = guard.clone();
-                    tokio::spawn(async move {
-                        tokio::time::sleep(REOPEN_EVERY).await;
-                        retry.reopen_later();
-                    });
+                    guard.retry_open();
                 }
             }
         });

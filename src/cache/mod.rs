@@ -108,8 +108,9 @@ impl Cache {
     /// entries) that is not open after [`OPEN_WAIT`] goes on opening in the background while
     /// the memory tier and the upstream answer; it joins when it is ready. A smaller one is
     /// waited for, however slow the machine. Another process's lock, or a path that is a file,
-    /// is found well within the wait and is an error as with [`Self::open`]; a failure found
-    /// later is logged, and the cache stays in memory.
+    /// is found well within the wait and is an error as with [`Self::open`]; a tier that cannot
+    /// be opened otherwise (a full disk, an unwritable directory) is logged and opened again
+    /// every few seconds in the background, answering without the disk meanwhile.
     pub async fn open_serving(
         dir: impl Into<PathBuf>,
         memory_bytes: u64,
@@ -120,7 +121,7 @@ impl Cache {
         let large = disk::bytes_under(&dir) > BACKGROUND_OPEN_BYTES;
         let opening = tokio::spawn(DiskTier::open(dir.clone(), disk_bytes));
         if !large {
-            guard.set(opening.await.map_err(DiskError::worker)??);
+            Self::bring_in(&guard, opening.await.map_err(DiskError::worker)?)?;
         } else {
             Self::join_when_open(&guard, &dir, opening).await?;
         }
@@ -138,22 +139,39 @@ impl Cache {
         mut opening: tokio::task::JoinHandle<Result<DiskTier, DiskError>>,
     ) -> Result<(), DiskError> {
         match tokio::time::timeout(OPEN_WAIT, &mut opening).await {
-            Ok(opened) => guard.set(opened.map_err(DiskError::worker)??),
+            Ok(opened) => Self::bring_in(guard, opened.map_err(DiskError::worker)?)?,
             Err(_) => {
                 info!(dir = %dir.display(), "the disk cache is large and still opening; answering from memory and the upstream meanwhile");
                 let joining = guard.clone();
                 tokio::spawn(async move {
-                    match opening.await {
-                        Ok(Ok(tier)) => {
-                            info!("the disk cache is open");
-                            joining.set(tier);
-                        }
-                        Ok(Err(e)) => {
-                            error!(error = %report(&e), "the disk cache could not be opened; serving from memory only")
-                        }
-                        Err(e) => error!(error = %e, "opening the disk cache failed"),
+                    let opened = opening.await.map_err(DiskError::worker).and_then(|r| r);
+                    if opened.is_ok() {
+                        info!("the disk cache is open");
                     }
+                    // Too late to stop the start: any error is one to retry.
+                    let _ = Self::bring_in(&joining, opened);
                 });
+            }
+        }
+        Ok(())
+    }
+
+    /// Brings an opened tier into `guard`. A tier that could not be opened for want of working
+    /// storage (a full disk, an unwritable directory, a failing device) leaves the guard
+    /// empty, answering without the disk, and is opened again every few seconds in the
+    /// background: storing starts by itself once the disk is back, as it resumes after a
+    /// failure while serving (SPEC: a full disk never stops the process). Another process's
+    /// lock, or a path that is a file, is the operator's to fix: an error for the caller.
+    fn bring_in(
+        guard: &Arc<guard::Guard>,
+        opened: Result<DiskTier, DiskError>,
+    ) -> Result<(), DiskError> {
+        match opened {
+            Ok(tier) => guard.set(tier),
+            Err(e @ (DiskError::Locked { .. } | DiskError::NotADirectory { .. })) => return Err(e),
+            Err(e) => {
+                error!(dir = %guard.dir().display(), error = %report(&e), "the disk cache cannot be opened; answering without it, and trying again every few seconds");
+                guard.retry_open();
             }
         }
         Ok(())

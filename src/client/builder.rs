@@ -36,10 +36,11 @@ fn fresh_secret() -> KeySecret {
     secret::from_env().map_or_else(KeySecret::random, |text| KeySecret::from_text(&text))
 }
 
-/// The configured cache; a disk tier that cannot be opened (an unwritable directory, a disk
-/// that fails) leaves a memory-only cache and an error in the log, not a process that cannot
-/// start. Another process holding the directory, or a path that is a file, is the caller's to
-/// fix and stops the build.
+/// The configured cache; a disk tier that cannot be opened (an unwritable directory, a full
+/// disk) answers without the disk and is opened again in the background until it opens
+/// ([`Cache::open_serving`]); one that fails in any other way leaves a memory-only cache and an
+/// error in the log, not a process that cannot start. Another process holding the directory,
+/// or a path that is a file, is the caller's to fix and stops the build.
 async fn open_or_memory_only(config: &Config) -> Result<Cache, Error> {
     let memory = config.cache.memory_bytes.as_u64();
     if config.cache.disk_bytes.as_u64() == 0 {
