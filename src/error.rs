@@ -53,6 +53,13 @@ pub enum DiskError {
     Storage(#[source] StorageError),
     #[error("I/O")]
     Io(#[source] std::io::Error),
+    /// The tier is not open at this moment: still opening at the start, or being opened again
+    /// after its storage failed. An operation that must reach it (a purge) cannot be done now.
+    #[error(
+        "the disk cache {dir} is not open right now (still opening, or being opened again after \
+         a failure); try again in a few seconds"
+    )]
+    Unavailable { dir: String },
     /// The blocking thread that ran a disk operation panicked or was cancelled.
     #[error("the disk tier's worker thread failed: {0}")]
     Worker(String),

@@ -366,6 +366,14 @@ async fn generations_left_over_are_removed_and_clearing_gives_the_space_back() {
     }
     assert!(dir.path().join("db-1").exists() && dir.path().join("db-2").exists());
     assert!(disk.get(&last, now).unwrap().is_some());
+    // A copy of the two generations, to put back after the clear: what a crash between the
+    // clear's new generation and the deletion of the old ones would leave.
+    drop(disk);
+    let saved = tempfile::tempdir().unwrap();
+    for generation in ["db-1", "db-2"] {
+        copy_dir(&dir.path().join(generation), &saved.path().join(generation));
+    }
+    let disk = support::once_unlocked(|| DiskTier::open(dir.path(), bound)).await;
 
     let before = du(dir.path());
     disk.clear().await.unwrap();
@@ -381,6 +389,41 @@ async fn generations_left_over_are_removed_and_clearing_gives_the_space_back() {
     assert!(disk.get(&last, now).unwrap().is_none());
     disk.insert(&key(0), &entry(0, now), now).unwrap();
     assert!(disk.get(&key(0), now).unwrap().is_some());
+
+    // The cleared generations back, as a crash midway would leave them: an open deletes them
+    // (the clear recorded that they are cleared), and nothing purged comes back.
+    drop(disk);
+    for generation in ["db-1", "db-2"] {
+        copy_dir(&saved.path().join(generation), &dir.path().join(generation));
+    }
+    let disk = support::once_unlocked(|| DiskTier::open(dir.path(), bound)).await;
+    assert!(
+        disk.get(&last, now).unwrap().is_none(),
+        "a purged entry came back"
+    );
+    assert!(
+        disk.get(&key(0), now).unwrap().is_some(),
+        "written after the clear"
+    );
+    for gone in ["db-1", "db-2"] {
+        assert!(
+            !dir.path().join(gone).exists(),
+            "{gone} kept after the reopen"
+        );
+    }
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for item in std::fs::read_dir(from).unwrap() {
+        let item = item.unwrap();
+        let target = to.join(item.file_name());
+        if item.file_type().unwrap().is_dir() {
+            copy_dir(&item.path(), &target);
+        } else {
+            std::fs::copy(item.path(), target).unwrap();
+        }
+    }
 }
 
 /// Writes from several threads at once rotate the generations one at a time: a write that
@@ -490,4 +533,37 @@ async fn a_large_bound_shards_the_tier_and_a_walk_opens_one_shard_at_a_time() {
         assert_eq!(found.as_ref(), Some(&entry(n, now)), "entry {n}");
     }
     assert_eq!(walk.usage().0, ENTRIES as u64);
+}
+
+/// Reads write too (each moves its entry's access time), and sled's files grow with them: a
+/// cache that is only read must still start a new generation when the newer's files reach
+/// half the bound, and the entries read go on into it.
+#[tokio::test]
+async fn reads_alone_rotate_the_generations() {
+    let dir = tempfile::tempdir().unwrap();
+    let bound = 8 * MIB;
+    let disk = DiskTier::open(dir.path(), bound).await.unwrap();
+    let start = now_millis();
+    for n in 0..200 {
+        disk.insert(&key(n), &entry(n, start), start).unwrap();
+    }
+    let mut pass = 0;
+    while !dir.path().join("db-1").exists() {
+        pass += 1;
+        assert!(
+            pass < 5_000,
+            "no new generation after {pass} passes of reads"
+        );
+        // A second later each time: every read moves its access time.
+        let now = start + pass * 1_001;
+        for n in 0..200 {
+            assert!(disk.get(&key(n), now).unwrap().is_some(), "entry {n} lost");
+        }
+    }
+    eprintln!("a new generation after {pass} passes of 200 reads");
+    let now = start + (pass + 1) * 1_001;
+    for n in 0..200 {
+        assert!(disk.get(&key(n), now).unwrap().is_some(), "entry {n} lost");
+    }
+    assert!(du(dir.path()) <= bound + bound / 10 + 16 * MIB);
 }

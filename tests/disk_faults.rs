@@ -442,3 +442,16 @@ async fn a_disk_full_at_the_start_is_used_once_space_is_back() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// Both generations of a shard damaged: they open side by side and are moved aside in the
+/// same second; the open still succeeds, with one moved-aside copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_damaged_generations_are_moved_aside_and_the_tier_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    filled(dir.path()).await;
+    copy_dir(&dir.path().join("db"), &dir.path().join("db-1"));
+    for generation in ["db", "db-1"] {
+        std::fs::write(dir.path().join(generation).join("conf"), b"garbage\x00\xff").unwrap();
+    }
+    assert!(opens_and_serves_nothing_corrupt(dir.path(), "two damaged generations").await);
+}

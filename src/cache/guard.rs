@@ -140,7 +140,9 @@ impl Guard {
         let guard = self.clone();
         tokio::spawn(async move {
             let old = guard.tier.write().expect("disk tier lock").take();
-            drop(old);
+            // Dropping the last handle closes every sled database (a flush, joined threads):
+            // blocking work, on a disk that just failed; not on a runtime worker.
+            let _ = tokio::task::spawn_blocking(move || drop(old)).await;
             // Calls in flight hold the old tier; sled's lock is free once they end.
             guard.settled(TIME_LIMIT * 2).await;
             match DiskTier::open(&guard.dir, guard.max_bytes).await {

@@ -76,6 +76,10 @@ pub struct Cache {
     disk: Option<Arc<guard::Guard>>,
     /// The tier several instances share; `None` without `[shared]`.
     shared: Option<Arc<SharedTier>>,
+    /// Moved on at the start and at the end of every [`Self::clear`]: a disk hit read before
+    /// or during a clear is not copied into memory after it (it would bring a purged answer
+    /// back).
+    cleared: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Cache {
@@ -85,6 +89,7 @@ impl Cache {
             memory: MemoryTier::new(memory_bytes),
             disk: None,
             shared: None,
+            cleared: Default::default(),
         }
     }
 
@@ -100,6 +105,7 @@ impl Cache {
                 DiskTier::open(dir, disk_bytes).await?,
             ))),
             shared: None,
+            cleared: Default::default(),
         })
     }
 
@@ -129,6 +135,7 @@ impl Cache {
             memory: MemoryTier::new(memory_bytes),
             disk: Some(guard),
             shared: None,
+            cleared: Default::default(),
         })
     }
 
@@ -148,8 +155,12 @@ impl Cache {
                     if opened.is_ok() {
                         info!("the disk cache is open");
                     }
-                    // Too late to stop the start: any error is one to retry.
-                    let _ = Self::bring_in(&joining, opened);
+                    // Too late to stop the start: even another process's lock is one to wait
+                    // out, trying again.
+                    if let Err(e) = Self::bring_in(&joining, opened) {
+                        error!(error = %report(&e), "the disk cache cannot be opened; answering without it, and trying again every few seconds");
+                        joining.retry_open();
+                    }
                 });
             }
         }
@@ -242,8 +253,11 @@ impl Cache {
                 });
             }
         }
+        let clears = self.cleared.load(std::sync::atomic::Ordering::SeqCst);
         let entry = self.disk_get(key, now).await?;
-        self.memory.insert(*key, entry.clone()).await;
+        if self.cleared.load(std::sync::atomic::Ordering::SeqCst) == clears {
+            self.memory.insert(*key, entry.clone()).await;
+        }
         Some(Lookup {
             entry,
             tier: Tier::Disk,
@@ -351,13 +365,24 @@ impl Cache {
     }
 
     /// Removes everything from the local tiers (the shared one is other instances' too:
-    /// `cache purge --shared` clears it).
+    /// `cache purge --shared` clears it). The disk first, then memory, so that a disk hit
+    /// cannot refill memory with what was purged; a disk tier that is not open at this moment
+    /// is [`DiskError::Unavailable`], not a purge that would leave its entries to come back.
     pub async fn clear(&self) -> Result<(), DiskError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.cleared.fetch_add(1, SeqCst);
+        let cleared = match &self.disk {
+            None => Ok(()),
+            Some(guard) => match guard.tier() {
+                Some(disk) => disk.clear().await,
+                None => Err(DiskError::Unavailable {
+                    dir: guard.dir().display().to_string(),
+                }),
+            },
+        };
         self.memory.clear();
-        if let Some(disk) = self.disk() {
-            disk.clear().await?;
-        }
-        Ok(())
+        self.cleared.fetch_add(1, SeqCst);
+        cleared
     }
 
     /// Returns once no eviction pass of the disk tier runs: after the last write, when the

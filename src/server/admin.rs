@@ -136,7 +136,11 @@ pub(super) async fn purge(State(app): State<Arc<App>>, body: Bytes) -> HttpRespo
         (Purge::All, _) => {
             let before = cache.usage().await;
             if let Err(e) = cache.clear().await {
-                return api_error(500, &crate::error::report(&e));
+                let status = match e {
+                    crate::error::DiskError::Unavailable { .. } => 503,
+                    _ => 500,
+                };
+                return api_error(status, &crate::error::report(&e));
             }
             before.disk_entries.max(before.memory_entries)
         }

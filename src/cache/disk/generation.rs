@@ -303,18 +303,19 @@ impl Generation {
         // The row with its access time (its first field) moved, the rest as it was.
         let mut moved = seen.to_vec();
         moved[..8].copy_from_slice(&now.to_be_bytes());
+        let moved_len = moved.len();
         // Only the row seen is moved: another thread may have moved or replaced it since.
         let swapped = t
             .index
             .compare_and_swap(k, Some(seen), Some(moved))
             .map_err(DiskError::storage)?;
         if swapped.is_ok() {
+            let (new_row, old_row) = (row(now, k), row(meta.atime, k));
+            self.wrote((moved_len + new_row.len() + old_row.len()) as u64);
             t.by_atime
-                .insert(row(now, k), &[])
+                .insert(new_row, &[])
                 .map_err(DiskError::storage)?;
-            t.by_atime
-                .remove(row(meta.atime, k))
-                .map_err(DiskError::storage)?;
+            t.by_atime.remove(old_row).map_err(DiskError::storage)?;
         }
         Ok(())
     }
@@ -388,14 +389,23 @@ impl Generation {
         if total.saturating_sub(old.map_or(0, |o| o.size)) > inner.max_bytes {
             self.evict_in_background(now);
         }
-        let written = inner.written.fetch_add(meta.size, Ordering::Relaxed) + meta.size;
+        self.wrote(meta.size);
+        inner.persist_counts_now_and_then()
+    }
+
+    /// Counts `n` bytes written to the database; every [`LOOK_EVERY_BYTES`] of them (or a
+    /// sixteenth of the bound, if less) measures its files again. Every write counts, the
+    /// small ones of a read (its access time) and of a removal too: sled's log grows with
+    /// each, and a read-mostly cache must not outgrow its bound unmeasured.
+    fn wrote(&self, n: u64) {
+        let inner = &self.inner;
+        let written = inner.written.fetch_add(n, Ordering::Relaxed) + n;
         if written >= LOOK_EVERY_BYTES.min(inner.max_bytes / 16).max(1) {
             inner.written.store(0, Ordering::Relaxed);
             inner
                 .files
                 .store(super::bytes_under(&inner.path), Ordering::Relaxed);
         }
-        inner.persist_counts_now_and_then()
     }
 
     /// Removes `key`'s entry and its index rows; whether there was one.
@@ -413,6 +423,8 @@ impl Generation {
                 .map_err(storage)?;
         }
         if let Some(old) = old {
+            // Three rows and an entry removed: a key and a tombstone each in sled's log.
+            self.wrote(4 * (8 + k.len() as u64));
             saturating_sub(&self.inner.count, 1);
             saturating_sub(&self.inner.bytes, old.size);
             self.inner.persist_counts_now_and_then()?;

@@ -122,8 +122,14 @@ fn panic_text(panic: &Box<dyn std::any::Any + Send>) -> String {
 }
 
 /// Moves the database at `path` to `<dir>/corrupt-<unix seconds>`, first removing any older
-/// moved-aside copy, so that at most one is ever kept.
+/// moved-aside copy, so that at most one is ever kept. One move at a time in the process: a
+/// shard's two generations open side by side, and two damaged ones moved in the same second
+/// would otherwise aim at the same name, and the second move would fail the open.
 pub(super) fn move_aside(dir: &Path, path: &Path) -> std::io::Result<PathBuf> {
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     for old in std::fs::read_dir(dir)?.flatten() {
         let name = old.file_name();
         let name = name.to_string_lossy();

@@ -51,6 +51,10 @@ const ROTATE_FLOOR: u64 = 4 << 20;
 /// After a failed rotation, writes go on into the full generation this long before one tries
 /// again.
 const ROTATION_RETRY_MS: u64 = 60_000;
+/// The file in a shard's directory that records a clear: generations numbered below the number
+/// it holds were cleared, and an open deletes them (a crash between a clear's new generation
+/// and the deletion of the old ones must not bring the purged entries back).
+const CLEARED_BELOW: &str = "cleared-below";
 
 /// One shard. Cheap to clone.
 #[derive(Clone)]
@@ -105,11 +109,12 @@ impl Shard {
     ) -> Result<Shard, DiskError> {
         create_private_dir(&dir).map_err(DiskError::storage)?;
         let mut numbers = generations_in(&dir).map_err(DiskError::storage)?;
-        while numbers.len() > 2 {
+        let floor = cleared_below(&dir);
+        while numbers.len() > 2 || numbers.first().is_some_and(|&n| n < floor) {
             drop_generation(&dir, numbers.remove(0));
         }
         let open = |n: u64| Generation::open_blocking(&dir, &name(n), max_bytes, page_cache);
-        let number = numbers.last().copied().unwrap_or(0);
+        let number = numbers.last().copied().unwrap_or(floor);
         // Side by side: reading a large database back takes seconds (2.2 s at a million
         // entries), and the two do not wait for each other.
         let (newer, older) = std::thread::scope(|scope| {
@@ -151,6 +156,8 @@ impl Shard {
     pub(super) fn get(&self, key: &CacheKey, now: UnixMillis) -> Result<Option<Entry>, DiskError> {
         let generations = self.generations();
         if let Some(entry) = generations.newer.get(key, now)? {
+            // A read writes too (its access time): reads alone may fill the generation.
+            self.rotate_when_full(&generations);
             return Ok(Some(entry));
         }
         let Some(older) = &generations.older else {
@@ -327,6 +334,8 @@ impl Shard {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         let number = self.generations().number + 1;
+        // Recorded first: from here on, whatever happens, an open starts from `number`.
+        record_cleared_below(&inner.dir, number).map_err(DiskError::storage)?;
         let fresh = Generation::open_blocking(&inner.dir, &name(number), inner.max_bytes, {
             inner.page_cache
         })?;
@@ -420,6 +429,24 @@ fn generations_in(dir: &Path) -> std::io::Result<Vec<u64>> {
     }
     numbers.sort_unstable();
     Ok(numbers)
+}
+
+/// The number a clear recorded in `dir` (0 when none was, or the file does not read).
+fn cleared_below(dir: &Path) -> u64 {
+    let text = std::fs::read_to_string(dir.join(CLEARED_BELOW)).unwrap_or_default();
+    text.trim().parse().unwrap_or(0)
+}
+
+/// Records durably that generations below `number` are cleared (a temporary file, synced,
+/// renamed over the old record).
+fn record_cleared_below(dir: &Path, number: u64) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = dir.join(format!("{CLEARED_BELOW}.tmp"));
+    let mut file = std::fs::File::create(&tmp)?;
+    file.write_all(number.to_string().as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, dir.join(CLEARED_BELOW))?;
+    std::fs::File::open(dir)?.sync_all()
 }
 
 fn drop_generation(dir: &Path, n: u64) {
