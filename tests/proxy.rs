@@ -322,6 +322,19 @@ async fn an_unreachable_upstream_is_a_502() {
         .send()
         .await
         .unwrap();
+    // Retried by the proxy: the SDK must not retry on top.
+    assert_eq!(header(&r, "x-should-retry"), "false");
+    assert_eq!(error_of(r).await, (502, "api_error".into()));
+
+    // Passed through, it had one try, never retried: the SDK keeps its own retry rules.
+    let r = reqwest::Client::new()
+        .get(format!("{}/v1/models", proxy.url))
+        .header("x-api-key", "sk-ant-caller-key")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(header(&r, "x-should-retry"), "", "a try nobody retried");
+    assert_eq!(header(&r, "x-fallthrough-attempts"), "1");
     assert_eq!(error_of(r).await, (502, "api_error".into()));
 }
 

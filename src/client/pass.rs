@@ -111,7 +111,8 @@ impl Engine {
             let now = self.clock.instant();
             self.breakers.record(model, admission, verdict, now);
         }
-        let response = result?;
+        // The one try was made: its failure says so (and is the caller's to retry).
+        let response = result.map_err(|e| crate::error::UpstreamError { attempts: 1, ..e })?;
         let status = response.status();
         let headers = response.headers().clone();
         let body = response

@@ -5,7 +5,7 @@ use axum::response::{IntoResponse, Response as HttpResponse};
 use tracing::warn;
 
 use super::{copy_upstream_headers, header_value, Encoding, JSON, X_ATTEMPTS, X_MODEL};
-use crate::error::{error_body, error_type_for_status, Error};
+use crate::error::{error_body, error_type_for_status, Error, UpstreamError};
 
 const X_SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
 
@@ -15,13 +15,25 @@ const X_SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
 /// the official SDKs obey before their own rules, and a whole-second `retry-after` saying when
 /// trying again makes sense; any other upstream error passes through as the upstream sent it.
 pub(super) fn error_response(e: Error) -> HttpResponse {
+    error_response_with(e, UpstreamError::retried_by_engine)
+}
+
+/// As [`error_response`], for a request passed through: it gets one try, never retried, so a
+/// try that failed (no connection, a timeout) leaves the caller's SDK its own retry rules
+/// instead of `x-should-retry: false`; only the proxy's own refusals, made without a try (an
+/// open breaker, a full queue), say not to retry.
+pub(super) fn passed_error_response(e: Error) -> HttpResponse {
+    error_response_with(e, |e| e.attempts == 0 && e.retried_by_engine())
+}
+
+fn error_response_with(e: Error, retried: impl Fn(&UpstreamError) -> bool) -> HttpResponse {
     let mut out = match e {
         Error::Upstream(e) => {
             let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_GATEWAY);
             let mut out = (status, e.body.clone()).into_response();
             let h = out.headers_mut();
             copy_upstream_headers(&e.headers, h, Encoding::Decoded);
-            if e.retried_by_engine() {
+            if retried(&e) {
                 let wait = e.retry_after.unwrap_or_default();
                 let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
                 h.insert(header::RETRY_AFTER, HeaderValue::from(secs));

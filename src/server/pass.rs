@@ -8,7 +8,7 @@ use axum::extract::State;
 use axum::http::HeaderValue;
 use axum::response::Response as HttpResponse;
 
-use super::errors::error_response;
+use super::errors::passed_error_response;
 use super::{copy_upstream_headers, forwarded, read_request, App, Encoding, X_CACHE};
 use crate::client::PassThrough;
 
@@ -32,7 +32,7 @@ pub(super) async fn pass_through(
     };
     let passed = match app.client.pass_through(request).await {
         Ok(passed) => passed,
-        Err(e) => return error_response(e),
+        Err(e) => return passed_error_response(e),
     };
     let mut out = HttpResponse::new(Body::from_stream(passed.body));
     *out.status_mut() = passed.status;
