@@ -1306,3 +1306,30 @@ async fn mid_stream_errors_open_the_breaker() {
     assert!(held.is_err(), "a held model is not called");
     assert_eq!(attempts_for(&mock, MODEL), before);
 }
+
+#[tokio::test]
+async fn a_deadline_spent_on_the_primary_charges_no_fallback() {
+    // The primary answers in 5 s; the request's deadline is 1 s.
+    let slow = MockConfig {
+        latency_ms: 5_000,
+        ..MockConfig::default()
+    };
+    let (mock, client) = start(slow, |b| {
+        b.fallback("a", ["b"])
+            .deadline(Duration::from_secs(1))
+            .breaker(1, Duration::from_secs(600))
+    })
+    .await;
+    let e = upstream_error(client.send(&body("a", "slow")).await);
+    assert_eq!(e.kind, UpstreamErrorKind::Timeout);
+    assert_eq!(e.model, "a", "the fallback was not tried past the deadline");
+    assert_eq!(attempts_for(&mock, "b"), 0);
+    assert!(
+        !client
+            .breaker_states()
+            .iter()
+            .any(|(model, _)| model == "b"),
+        "the fallback's breaker was charged: {:?}",
+        client.breaker_states()
+    );
+}

@@ -80,6 +80,18 @@ impl Engine {
                     None => None,
                 },
             };
+            if position > 0 && Instant::now() >= deadline {
+                // The request's time ran out on an earlier model: this one gets no attempt (an
+                // attempt past the deadline fails at once, and its breaker would be charged a
+                // failure it never had). Its stale entry may still stand in.
+                if let Some(answer) = standby {
+                    return Reached::Stored {
+                        answer: Answer { attempts, ..answer },
+                        key,
+                    };
+                }
+                break;
+            }
             let stale_here = match position {
                 0 => has_stale,
                 _ => standby.is_some(),
