@@ -82,6 +82,11 @@ async fn tokens_admit_partition_and_never_go_upstream() {
     let bearer = format!("Bearer {TOKEN_A}");
     let again = post_with(&p, "/v1/messages", &[ct, ("authorization", &bearer)], &body).await;
     assert_eq!(header(&again, "x-fallthrough-cache"), "memory");
+    // The token as the bearer next to a placeholder key (the SDKs send both when both are
+    // configured): admitted, as team-a.
+    let both = [ct, ("x-api-key", "placeholder"), ("authorization", &bearer)];
+    let placeholder = post_with(&p, "/v1/messages", &both, &body).await;
+    assert_eq!(header(&placeholder, "x-fallthrough-cache"), "memory");
 
     let b = post_with(&p, "/v1/messages", &[ct, ("x-api-key", TOKEN_B)], &body).await;
     assert_eq!(
@@ -117,7 +122,7 @@ async fn tokens_admit_partition_and_never_go_upstream() {
         .await
         .unwrap();
     assert!(
-        metrics.contains(r#"fallthrough_caller_requests_total{caller="team-a"} 2"#),
+        metrics.contains(r#"fallthrough_caller_requests_total{caller="team-a"} 3"#),
         "{metrics}"
     );
     assert!(!metrics.contains("ft-token"), "{metrics}");
@@ -158,6 +163,21 @@ async fn without_require_token_a_caller_may_bring_its_own_key() {
     );
     assert_eq!(p.mock.stats().last_api_key.as_deref(), Some(PROXY_KEY));
     assert_eq!(p.mock.stats().requests, 3);
+
+    // One placeholder key, two bearers: two callers, two partitions.
+    let with_bearer = |bearer: &'static str| {
+        let headers = [ct, ("x-api-key", "placeholder"), ("authorization", bearer)];
+        let (p, body) = (&p, &body);
+        async move { post_with(p, "/v1/messages", &headers, body).await }
+    };
+    let first = with_bearer("Bearer sk-ant-oat-first").await;
+    let second = with_bearer("Bearer sk-ant-oat-second").await;
+    assert_eq!(header(&first, "x-fallthrough-cache"), "miss");
+    assert_eq!(
+        header(&second, "x-fallthrough-cache"),
+        "miss",
+        "a shared placeholder key does not share answers across bearers"
+    );
 }
 
 #[tokio::test]

@@ -93,16 +93,11 @@ impl Engine {
         namespace: Option<String>,
         partition: Option<String>,
     ) -> KeyContext {
-        // The caller's credential as the bytes it sent: one that is not valid text is still
-        // its own partition.
-        let sent = headers
-            .get(&X_API_KEY)
-            .or_else(|| headers.get(http::header::AUTHORIZATION));
         let secret = &self.key_secret;
-        let credential = match (partition, sent) {
+        let credential = match (partition, sent_credentials(headers)) {
             _ if self.config.shared_across_credentials => None,
             (Some(name), _) => Some(CredentialFingerprint::of_token_name(secret, &name)),
-            (None, Some(value)) => Some(CredentialFingerprint::of_bytes(secret, value.as_bytes())),
+            (None, Some(sent)) => Some(CredentialFingerprint::of_bytes(secret, &sent)),
             (None, None) => self.credential_fingerprint,
         };
         let anthropic_version = match headers.get(&ANTHROPIC_VERSION) {
@@ -180,4 +175,21 @@ pub(super) fn sorted_query(full: String) -> String {
     }
     params.sort_unstable();
     format!("{path}?{}", params.join("&"))
+}
+
+/// The caller's credentials as the bytes it sent, for its partition: its `x-api-key`, its
+/// `authorization`, or both (the SDKs send both when both are configured, and an upstream that
+/// authenticates by the bearer must not let two callers who share a placeholder key read each
+/// other's answers). One header alone is its own bytes; both are joined by a line feed, which no
+/// header value holds. Bytes that are not valid text are still their own partition.
+fn sent_credentials(headers: &HeaderMap) -> Option<Vec<u8>> {
+    let api_key = headers.get(&X_API_KEY).map(HeaderValue::as_bytes);
+    let authorization = headers
+        .get(http::header::AUTHORIZATION)
+        .map(HeaderValue::as_bytes);
+    match (api_key, authorization) {
+        (None, None) => None,
+        (Some(one), None) | (None, Some(one)) => Some(one.to_vec()),
+        (Some(key), Some(auth)) => Some([key, b"\n", auth].concat()),
+    }
 }

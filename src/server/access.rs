@@ -181,15 +181,19 @@ impl Access {
         }
     }
 
-    /// The token a caller presents as its API key, if it is one of the listed ones. Every
-    /// listed digest is compared, in constant time, whichever matches.
+    /// The token a caller presents as its API key or its bearer token, if it is one of the
+    /// listed ones. Both headers are looked at: the official SDKs send both when both an API
+    /// key and an auth token are configured (a placeholder `ANTHROPIC_API_KEY` next to the
+    /// gateway's `ANTHROPIC_AUTH_TOKEN` is common). Every listed digest is compared, in constant
+    /// time, whichever matches.
     fn token_of(&self, headers: &HeaderMap) -> Option<&Token> {
-        let presented = presented_key(headers)?;
-        let digest: [u8; 32] = Sha256::digest(presented).into();
         let mut found = None;
-        for token in &self.tokens {
-            if bool::from(token.digest.ct_eq(&digest)) {
-                found = Some(token);
+        for presented in presented_keys(headers) {
+            let digest: [u8; 32] = Sha256::digest(presented).into();
+            for token in &self.tokens {
+                if bool::from(token.digest.ct_eq(&digest)) {
+                    found = Some(token);
+                }
             }
         }
         found
@@ -285,16 +289,17 @@ fn allow_origin(headers: &mut HeaderMap, origin: HeaderValue) {
     );
 }
 
-/// The caller's API key: `x-api-key`, else a bearer `authorization`.
-fn presented_key(headers: &HeaderMap) -> Option<&[u8]> {
-    if let Some(key) = headers.get(&X_API_KEY) {
-        return Some(key.as_bytes());
-    }
-    let auth = headers.get(header::AUTHORIZATION)?.as_bytes();
-    let (scheme, rest) = auth.split_at(auth.iter().position(|&b| b == b' ')?);
-    scheme
-        .eq_ignore_ascii_case(b"bearer")
-        .then(|| rest.trim_ascii())
+/// The credentials a caller presents: its `x-api-key`, then its bearer `authorization`.
+fn presented_keys(headers: &HeaderMap) -> impl Iterator<Item = &[u8]> {
+    let api_key = headers.get(&X_API_KEY).map(HeaderValue::as_bytes);
+    let bearer = headers.get(header::AUTHORIZATION).and_then(|auth| {
+        let auth = auth.as_bytes();
+        let (scheme, rest) = auth.split_at(auth.iter().position(|&b| b == b' ')?);
+        scheme
+            .eq_ignore_ascii_case(b"bearer")
+            .then(|| rest.trim_ascii())
+    });
+    api_key.into_iter().chain(bearer)
 }
 
 fn is_json(headers: &HeaderMap) -> bool {
@@ -396,13 +401,14 @@ mod tests {
 
     #[test]
     fn bearer_and_api_key_both_present_a_token() {
+        let presented = |h: &HeaderMap| presented_keys(h).map(<[u8]>::to_vec).collect::<Vec<_>>();
         let mut h = HeaderMap::new();
         h.insert("authorization", HeaderValue::from_static("Bearer  ft-1 "));
-        assert_eq!(presented_key(&h), Some(&b"ft-1"[..]));
+        assert_eq!(presented(&h), [b"ft-1".to_vec()]);
         h.insert("x-api-key", HeaderValue::from_static("ft-2"));
-        assert_eq!(presented_key(&h), Some(&b"ft-2"[..]));
+        assert_eq!(presented(&h), [b"ft-2".to_vec(), b"ft-1".to_vec()]);
         let mut basic = HeaderMap::new();
         basic.insert("authorization", HeaderValue::from_static("Basic abc"));
-        assert_eq!(presented_key(&basic), None);
+        assert!(presented(&basic).is_empty());
     }
 }
