@@ -371,7 +371,7 @@ async fn generations_left_over_are_removed_and_clearing_gives_the_space_back() {
     drop(disk);
     let saved = tempfile::tempdir().unwrap();
     for generation in ["db-1", "db-2"] {
-        copy_dir(&dir.path().join(generation), &saved.path().join(generation));
+        support::copy_dir(&dir.path().join(generation), &saved.path().join(generation));
     }
     let disk = support::once_unlocked(|| DiskTier::open(dir.path(), bound)).await;
 
@@ -394,7 +394,7 @@ async fn generations_left_over_are_removed_and_clearing_gives_the_space_back() {
     // (the clear recorded that they are cleared), and nothing purged comes back.
     drop(disk);
     for generation in ["db-1", "db-2"] {
-        copy_dir(&saved.path().join(generation), &dir.path().join(generation));
+        support::copy_dir(&saved.path().join(generation), &dir.path().join(generation));
     }
     let disk = support::once_unlocked(|| DiskTier::open(dir.path(), bound)).await;
     assert!(
@@ -410,19 +410,6 @@ async fn generations_left_over_are_removed_and_clearing_gives_the_space_back() {
             !dir.path().join(gone).exists(),
             "{gone} kept after the reopen"
         );
-    }
-}
-
-fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for item in std::fs::read_dir(from).unwrap() {
-        let item = item.unwrap();
-        let target = to.join(item.file_name());
-        if item.file_type().unwrap().is_dir() {
-            copy_dir(&item.path(), &target);
-        } else {
-            std::fs::copy(item.path(), target).unwrap();
-        }
     }
 }
 

@@ -166,7 +166,12 @@ const ENTRIES: u64 = 60;
 
 /// A cache directory holding `ENTRIES` entries, flushed and closed.
 async fn filled(dir: &Path) {
-    let cache = Cache::open(dir, 1 << 20, 1 << 30).await.unwrap();
+    filled_under(dir, 1 << 30).await;
+}
+
+/// As [`filled`], under the disk bound `disk_bytes` (which sets the number of shards).
+async fn filled_under(dir: &Path, disk_bytes: u64) {
+    let cache = Cache::open(dir, 1 << 20, disk_bytes).await.unwrap();
     let now = now_millis();
     for n in 0..ENTRIES {
         cache
@@ -174,19 +179,6 @@ async fn filled(dir: &Path) {
             .await;
     }
     cache.flush().await.unwrap();
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for item in std::fs::read_dir(from).unwrap() {
-        let item = item.unwrap();
-        let target = to.join(item.file_name());
-        if item.file_type().unwrap().is_dir() {
-            copy_dir(&item.path(), &target);
-        } else {
-            std::fs::copy(item.path(), target).unwrap();
-        }
-    }
 }
 
 fn files(dir: &Path) -> Vec<PathBuf> {
@@ -252,7 +244,7 @@ async fn a_damaged_database_never_stops_the_start_nor_serves_a_corrupt_answer() 
     let mut fresh = |damage: &dyn Fn(&Path)| {
         trial += 1;
         let dir = work.path().join(format!("trial-{trial}"));
-        copy_dir(&template, &dir);
+        support::copy_dir(&template, &dir);
         damage(&dir.join("db"));
         dir
     };
@@ -326,16 +318,7 @@ async fn a_damaged_shard_is_moved_aside_alone_and_the_others_keep_their_entries(
     const SHARDS: u64 = 16;
     let shard_of = |n: u64| u64::from_le_bytes(key(n).0[..8].try_into().unwrap()) % SHARDS;
     let dir = tempfile::tempdir().unwrap();
-    {
-        let cache = Cache::open(dir.path(), 1 << 20, SHARDED).await.unwrap();
-        let now = now_millis();
-        for n in 0..ENTRIES {
-            cache
-                .insert(key(n), Entry::new(body(n), "m", now, HOUR, HOUR), now)
-                .await;
-        }
-        cache.flush().await.unwrap();
-    }
+    filled_under(dir.path(), SHARDED).await;
     let damaged = shard_of(0);
     let shard_dir = |i: u64| dir.path().join(format!("shard-{i}-of-{SHARDS}"));
     std::fs::write(
@@ -449,7 +432,7 @@ async fn a_disk_full_at_the_start_is_used_once_space_is_back() {
 async fn two_damaged_generations_are_moved_aside_and_the_tier_opens() {
     let dir = tempfile::tempdir().unwrap();
     filled(dir.path()).await;
-    copy_dir(&dir.path().join("db"), &dir.path().join("db-1"));
+    support::copy_dir(&dir.path().join("db"), &dir.path().join("db-1"));
     for generation in ["db", "db-1"] {
         std::fs::write(dir.path().join(generation).join("conf"), b"garbage\x00\xff").unwrap();
     }

@@ -48,6 +48,20 @@ pub fn refusing_address() -> (tokio::net::TcpSocket, std::net::SocketAddr) {
     (socket, addr)
 }
 
+/// Copies the directory `from` to `to`, recursively (a cache directory, closed).
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for item in std::fs::read_dir(from).unwrap() {
+        let item = item.unwrap();
+        let target = to.join(item.file_name());
+        if item.file_type().unwrap().is_dir() {
+            copy_dir(&item.path(), &target);
+        } else {
+            std::fs::copy(item.path(), target).unwrap();
+        }
+    }
+}
+
 /// Polls `done` every 10 ms until it holds, for at most a minute (a bound only a wedged
 /// process reaches), then panics with `what`. For events a test cannot await directly.
 pub async fn eventually(what: &str, mut done: impl FnMut() -> bool) {
