@@ -243,6 +243,15 @@ async fn slow_senders_are_cut_and_everyone_else_is_served() {
     assert!(answer.contains("\"type\":\"error\""), "{answer}");
     assert!(answer.contains("body_timeout"), "{answer}");
     assert_eq!(p.mock.stats().requests, before);
+
+    // The admin purge's body too: a busy connection has no other timer.
+    let mut tcp = TcpStream::connect(addr(&p)).await.unwrap();
+    tcp.write_all(b"POST /fallthrough/purge HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"all\":")
+        .await
+        .unwrap();
+    let answer = String::from_utf8(read_to_close(&mut tcp).await).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("body_timeout"), "{answer}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

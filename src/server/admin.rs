@@ -17,7 +17,6 @@ use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response as HttpResponse};
-use bytes::Bytes;
 use serde::Deserialize;
 
 use super::access::Caller;
@@ -104,7 +103,13 @@ struct PurgeBody {
     namespace: Option<String>,
 }
 
-pub(super) async fn purge(State(app): State<Arc<App>>, body: Bytes) -> HttpResponse {
+pub(super) async fn purge(State(app): State<Arc<App>>, body: axum::body::Body) -> HttpResponse {
+    // Read as any request's body: within `server.body_timeout` (a busy connection has no
+    // other timer) and `max_body_bytes`.
+    let body = match super::read_body(&app, body).await {
+        Ok(body) => body,
+        Err(refusal) => return refusal,
+    };
     let asked: PurgeBody = match serde_json::from_slice(&body) {
         Ok(asked) => asked,
         Err(e) => {
