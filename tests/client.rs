@@ -1333,3 +1333,48 @@ async fn a_deadline_spent_on_the_primary_charges_no_fallback() {
         client.breaker_states()
     );
 }
+
+#[tokio::test]
+async fn a_cancelled_streamed_probe_lets_the_next_request_probe() {
+    let cooldown = Duration::from_secs(600);
+    let (mock, client) = start(overloaded(&[MODEL]), |b| {
+        b.breaker(1, cooldown)
+            .breaker_rescue_interval(Duration::ZERO)
+            .retries(0, ms(1), ms(1))
+    })
+    .await;
+    upstream_error(client.send(&body(MODEL, "opens it")).await);
+    assert_eq!(
+        client.breaker_states(),
+        [(MODEL.to_owned(), BreakerState::Blocking)]
+    );
+    skip(cooldown).await;
+
+    // The probe is a stream whose head is slow; its caller goes away before it comes.
+    mock.set_config(MockConfig {
+        latency_ms: 5_000,
+        ..MockConfig::default()
+    });
+    let probe = tokio::spawn({
+        let client = client.clone();
+        async move {
+            let question = Request::json(&body(MODEL, "the probe, abandoned"));
+            client.stream(question).await.map(drop)
+        }
+    });
+    support::eventually("the request is let through as the probe", || {
+        client.breaker_states() == [(MODEL.to_owned(), BreakerState::Probing)]
+    })
+    .await;
+    probe.abort();
+    assert!(probe.await.unwrap_err().is_cancelled());
+
+    // Nothing was learnt: the next request probes at once, not after another cooldown.
+    mock.set_config(MockConfig::default());
+    let r = client.send(&body(MODEL, "the next probe")).await.unwrap();
+    assert_eq!((r.outcome, r.attempts), (Outcome::Miss, 1));
+    assert_eq!(
+        client.breaker_states(),
+        [(MODEL.to_owned(), BreakerState::Passing)]
+    );
+}

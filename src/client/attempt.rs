@@ -51,9 +51,15 @@ impl Engine {
                 self.budget.deposit(self.clock.instant());
             }
             *attempts += 1;
+            let probing = ProbeWatch {
+                engine: self,
+                model,
+                armed: admission == Admission::Probe,
+            };
             let result = self
                 .attempt::<F>(p, model, body.clone(), deadline, permit)
                 .await;
+            probing.ended();
             let error = match result {
                 Ok(mut fetched) => {
                     if F::answered_now(&mut fetched, admission) {
@@ -151,6 +157,31 @@ impl Engine {
         };
         self.metrics.attempt(model, status);
         result
+    }
+}
+
+/// A probe's attempt in progress: dropped before it ended (the request was cancelled, its
+/// caller gone), it gives the probe back ([`crate::upstream::breaker::Breakers::abandon_probe`]).
+struct ProbeWatch<'a> {
+    engine: &'a Engine,
+    model: &'a str,
+    armed: bool,
+}
+
+impl ProbeWatch<'_> {
+    /// The attempt ended: what it found is recorded by the caller (or, for a stream, by
+    /// its relay).
+    fn ended(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for ProbeWatch<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let now = self.engine.clock.instant();
+            self.engine.breakers.abandon_probe(self.model, now);
+        }
     }
 }
 

@@ -258,6 +258,18 @@ impl Breakers {
         self
     }
 
+    /// A probe whose caller went away before the attempt ended (a cancelled request): nothing
+    /// was learnt, so the next request may probe at once, instead of every request being
+    /// refused until the abandoned probe's cooldown ends.
+    pub fn abandon_probe(&self, model: &str, now: Instant) {
+        let mut models = self.models.lock().expect("breaker lock");
+        if let Some(b) = models.get_mut(model) {
+            if b.state == BreakerState::Probing {
+                b.until = now;
+            }
+        }
+    }
+
     /// Whether a request for `model` may go upstream at `now`.
     pub fn admit(&self, model: &str, now: Instant) -> Admission {
         let mut models = self.models.lock().expect("breaker lock");
