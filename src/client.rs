@@ -102,6 +102,10 @@ pub struct Request {
     pub controls: Controls,
 }
 
+/// How many flights that ended without a result a plain miss joins or leads again before
+/// it fetches on its own ([`Engine::fetch_whole`]).
+const REJOINS: usize = 3;
+
 impl Request {
     /// A `POST /v1/messages` with `body`.
     pub fn messages(body: impl Into<Bytes>) -> Self {
@@ -459,15 +463,19 @@ impl Engine {
 
     /// A plain miss through single flight: it waits for the flight it joins, or leads one.
     async fn fetch_whole(self: &Arc<Self>, p: &Arc<Prepared>, has_stale: bool) -> FlightResult {
-        let rx = match self.join_or_lead(p) {
-            Flight::Joined(rx) => rx,
-            Flight::Lead(lead) => self.spawn_fly(p, has_stale, lead),
-        };
-        if let Some(result) = wait(rx).await {
-            return result;
+        // A flight can end without a word: a streamed lead whose caller went away before the
+        // first byte, or whose stream broke off. Its joiners then join or lead a new flight
+        // together (one upstream call for all of them again, not one each, on a model that is
+        // likely overloaded); after a few such ends, each fetches for itself.
+        for _ in 0..REJOINS {
+            let rx = match self.join_or_lead(p) {
+                Flight::Joined(rx) => rx,
+                Flight::Lead(lead) => self.spawn_fly(p, has_stale, lead),
+            };
+            if let Some(result) = wait(rx).await {
+                return result;
+            }
         }
-        // The flight ended without a word (a streamed lead whose caller went away before the
-        // first byte): fetch for ourselves.
         let rx = self.spawn_fly(p, has_stale, Lead::solo());
         wait(rx).await.unwrap_or_else(|| {
             // Only if the spawned task panicked.

@@ -1378,3 +1378,45 @@ async fn a_cancelled_streamed_probe_lets_the_next_request_probe() {
         [(MODEL.to_owned(), BreakerState::Passing)]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joiners_of_a_streamed_lead_that_ends_without_an_answer_fetch_together() {
+    // Heads take 500 ms: time for plain requests to join the streamed lead's flight.
+    let slow = MockConfig {
+        latency_ms: 500,
+        ..MockConfig::default()
+    };
+    let (mock, client) = start(slow, |b| b).await;
+    let question = body(MODEL, "asked by a stream, then by four");
+    let lead = tokio::spawn({
+        let client = client.clone();
+        let mut streamed = question.clone();
+        streamed["stream"] = json!(true);
+        async move { client.stream(Request::json(&streamed)).await.map(drop) }
+    });
+    // The lead's attempt holds an upstream slot: its flight is open to joiners.
+    support::eventually_async("the streamed lead's attempt is in flight", || async {
+        client
+            .render_metrics()
+            .await
+            .contains("fallthrough_upstream_in_flight 1")
+    })
+    .await;
+    let joiners: Vec<_> = (0..4)
+        .map(|_| {
+            let (client, question) = (client.clone(), question.clone());
+            tokio::spawn(async move { client.send(&question).await })
+        })
+        .collect();
+    tokio::task::yield_now().await;
+    // The stream's caller goes away before the first byte: the flight ends without a word.
+    lead.abort();
+    for joiner in joiners {
+        let r = joiner.await.unwrap().expect("every joiner is answered");
+        assert_eq!(r.outcome, Outcome::Miss);
+    }
+    client.settled().await;
+    // The abandoned stream's call, perhaps, and one for the four: not one each.
+    let answered = calls(&mock, MODEL, 200);
+    assert!(answered <= 2, "{answered} upstream calls");
+}

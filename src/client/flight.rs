@@ -83,9 +83,11 @@ pub(super) enum Flight {
 /// entry without a try of their own), however it ends: a lead dropped without a word tells
 /// the waiters nothing, and they fetch for themselves.
 pub(super) struct Lead {
-    tx: watch::Sender<Progress>,
-    /// `None` for a lead nobody can join (a fetch for one request alone).
+    /// `None` for a lead nobody can join (a fetch for one request alone). Declared first, so
+    /// dropped first: the flight leaves the map before its joiners are woken by the sender's
+    /// end, and a joiner that finds no result joins or leads a new flight, never this one.
     _entry: Option<FlightEntry>,
+    tx: watch::Sender<Progress>,
 }
 
 impl Lead {
