@@ -1309,9 +1309,9 @@ async fn mid_stream_errors_open_the_breaker() {
 
 #[tokio::test]
 async fn a_deadline_spent_on_the_primary_charges_no_fallback() {
-    // The primary answers in 5 s; the request's deadline is 1 s.
+    // The primary answers in a minute; the request's deadline is 1 s.
     let slow = MockConfig {
-        latency_ms: 5_000,
+        latency_ms: 60_000,
         ..MockConfig::default()
     };
     let (mock, client) = start(slow, |b| {
@@ -1350,9 +1350,9 @@ async fn a_cancelled_streamed_probe_lets_the_next_request_probe() {
     );
     skip(cooldown).await;
 
-    // The probe is a stream whose head is slow; its caller goes away before it comes.
+    // The probe is a stream whose head takes a minute; its caller goes away before it comes.
     mock.set_config(MockConfig {
-        latency_ms: 5_000,
+        latency_ms: 60_000,
         ..MockConfig::default()
     });
     let probe = tokio::spawn({

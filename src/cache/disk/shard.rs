@@ -210,10 +210,7 @@ impl Shard {
         entry: &Entry,
         now: UnixMillis,
     ) -> Result<(), DiskError> {
-        let generations = self.generations();
-        generations.newer.insert(key, entry, now)?;
-        self.rotate_when_full(&generations);
-        Ok(())
+        self.write_newer(|newer| newer.insert(key, entry, now))
     }
 
     /// Stores bytes as they are. Bytes that do not decode are indexed as already expired, so
@@ -224,8 +221,16 @@ impl Shard {
         bytes: &[u8],
         now: UnixMillis,
     ) -> Result<(), DiskError> {
+        self.write_newer(|newer| newer.insert_raw(key, bytes, now))
+    }
+
+    /// Runs `write` on the newer generation, then starts a new one if that filled it.
+    fn write_newer(
+        &self,
+        write: impl FnOnce(&Generation) -> Result<(), DiskError>,
+    ) -> Result<(), DiskError> {
         let generations = self.generations();
-        generations.newer.insert_raw(key, bytes, now)?;
+        write(&generations.newer)?;
         self.rotate_when_full(&generations);
         Ok(())
     }
